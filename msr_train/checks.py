@@ -1,0 +1,126 @@
+"""Up-front validation: every problem is reported, with its fix, before any work starts."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .optim import LR_SCALINGS
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(cfg) -> None:
+    _require(_is_int(cfg.batch_size) and cfg.batch_size >= 1,
+             f"batch_size={cfg.batch_size!r} must be an integer >= 1, e.g. batch_size=128")
+    _require(_is_int(cfg.epochs) and cfg.epochs >= 1,
+             f"epochs={cfg.epochs!r} must be an integer >= 1 (use trainer.max_steps to stop earlier)")
+    _require(_is_int(cfg.seed), f"seed={cfg.seed!r} must be an integer")
+    t = cfg.trainer
+    _require(t.accelerator in ("auto", "cpu", "cuda"),
+             f"trainer.accelerator={t.accelerator!r} must be one of auto, cpu, cuda")
+    _require(_is_int(t.accumulate) and t.accumulate >= 1,
+             f"trainer.accumulate={t.accumulate!r} must be an integer >= 1")
+    _require(cfg.batch_size % t.accumulate == 0,
+             f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate={t.accumulate}: "
+             "each step splits the batch into that many equal micro-batches")
+    for key in ("max_steps", "eval_every"):
+        v = t[key]
+        _require(v is None or (_is_int(v) and v >= 1), f"trainer.{key}={v!r} must be null or an integer >= 1")
+    _require(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1,
+             f"trainer.eval_batch_size={t.eval_batch_size!r} must be an integer >= 1")
+    _require(_is_int(t.log_every) and t.log_every >= 1, f"trainer.log_every={t.log_every!r} must be an integer >= 1")
+    o = cfg.optimizer
+    _require(_is_number(o.lr) and o.lr > 0, f"optimizer.lr={o.lr!r} must be a positive number, e.g. optimizer.lr=0.1")
+    _require(_is_number(o.weight_decay) and o.weight_decay >= 0,
+             f"optimizer.weight_decay={o.weight_decay!r} must be a number >= 0")
+    if "momentum" in o:
+        _require(_is_number(o.momentum) and 0 <= o.momentum < 1,
+                 f"optimizer.momentum={o.momentum!r} must be in [0, 1)")
+    _require(o.lr_scaling in LR_SCALINGS,
+             f"optimizer.lr_scaling={o.lr_scaling!r} must be one of {', '.join(LR_SCALINGS)}")
+    _require(_is_int(o.base_batch_size) and o.base_batch_size >= 1,
+             f"optimizer.base_batch_size={o.base_batch_size!r} must be an integer >= 1")
+    w = cfg.scheduler.get("warmup_epochs", 0)
+    _require(_is_number(w) and w >= 0, f"scheduler.warmup_epochs={w!r} must be a number >= 0")
+    for key in ("train_size", "test_size"):
+        v = cfg.dataset.get(key)
+        _require(v is None or (_is_int(v) and v >= 1), f"dataset.{key}={v!r} must be null (all) or an integer >= 1")
+
+
+def select_device(trainer_cfg) -> torch.device:
+    """The one device this process trains on, checked against what the machine has."""
+    acc, devices = trainer_cfg.accelerator, trainer_cfg.devices
+    if acc == "auto":
+        acc = "cuda" if torch.cuda.is_available() else "cpu"
+    if acc == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible here; "
+                          "use trainer.accelerator=cpu (or auto)")
+    if devices == "auto":
+        ids = [0]
+    elif _is_int(devices):
+        ids = list(range(devices))
+    else:
+        ids = list(devices)
+    have = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
+    for i in ids:
+        _require(_is_int(i) and 0 <= i < count,
+                 f"trainer.devices={list(ids)}: CUDA device {i} does not exist; this machine has {have}")
+    _require(len(ids) == 1, f"trainer.devices={list(ids)}: this version trains on one device; pick one of {have}")
+    return torch.device("cuda", ids[0])
+
+
+def check_writable(out_dir: Path, need_mb: int = 10) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _require(os.access(out_dir, os.W_OK), f"output dir {out_dir} is not writable; set hydra.run.dir to a writable folder")
+    free_mb = os.statvfs(out_dir).f_bavail * os.statvfs(out_dir).f_frsize / 2**20
+    _require(free_mb >= need_mb, f"output dir {out_dir} has {free_mb:.0f} MB free, need at least {need_mb} MB; "
+             "free some space or set hydra.run.dir elsewhere")
+
+
+def check_batchnorm_trainable(model: nn.Module, micro_batch: int, input_shape: tuple) -> None:
+    """A BatchNorm layer that sees one value per channel cannot train ("Expected more
+    than 1 value per channel"). Find such layers with a dry run and say so now, instead
+    of crashing mid-run."""
+    if micro_batch > 1:
+        return
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, inp, name=name: seen.__setitem__(name, inp[0].shape))
+             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not hooks:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            param = next(model.parameters())
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    single = [name for name, shape in seen.items() if math.prod(shape[2:]) == 1]
+    _require(not single,
+             f"BatchNorm cannot train with {micro_batch} example per micro-batch: layer(s) "
+             f"{', '.join(single[:3])}{' ...' if len(single) > 3 else ''} see a single value per channel "
+             "(1x1 feature maps or logits). Use batch_size/trainer.accumulate >= 2, larger images, or a "
+             "normalization-free method such as method=msr.")

@@ -1,0 +1,258 @@
+"""Datasets through torchvision, held in memory as uint8 tensors where they fit.
+
+Small datasets (MNIST, Fashion-MNIST, CIFAR, synthetic) live as one uint8 tensor on the
+training device; batches are cut by index, augmented on tensors (4-px pad-crop and
+horizontal flip, batched) and normalised there, so the data path never starves the
+model and needs no worker processes. ImageNet (ImageFolder layout) streams from disk
+through a DataLoader with ``num_workers`` workers.
+
+The training order of epoch e is a permutation drawn from a generator seeded with
+(seed, e): it does not depend on what ran before, so a resumed run sees the same order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+    train_size: int
+    test_size: int
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ConfigError(f"{path} is not an unsigned-byte IDX file (the MNIST format)")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def _find_idx(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):
+    """MNIST-format data from dataset.root (flat or torchvision's layout), Debian's copy,
+    or a torchvision download, in that order."""
+    root = Path(os.path.expanduser(cfg.root))
+    folders = [root, root / torchvision_class / "raw"] + ([debian_dir] if debian_dir else [])
+    stems = {"train": "train", "test": "t10k"}
+    found = {split: (_find_idx(folders, f"{s}-images-idx3-ubyte"), _find_idx(folders, f"{s}-labels-idx1-ubyte"))
+             for split, s in stems.items()}
+    if not all(p for pair in found.values() for p in pair):
+        if not cfg.download:
+            hint = " or install Debian's copy (apt-get install dataset-fashion-mnist)" if debian_dir else ""
+            raise ConfigError(
+                f"dataset={cfg.name}: the IDX files are not under dataset.root={root}"
+                + (f" or {debian_dir}" if debian_dir else "")
+                + f". Set dataset.download=true to fetch them through torchvision{hint},"
+                " or point dataset.root at a folder holding train-images-idx3-ubyte(.gz) and friends.")
+        import torchvision.datasets as tvd
+        root.mkdir(parents=True, exist_ok=True)
+        for split in found:
+            ds = getattr(tvd, torchvision_class)(str(root), train=split == "train", download=True)
+            found[split] = (ds.data.numpy(), ds.targets.numpy())
+        return {s: (x[:, None], y) for s, (x, y) in found.items()}
+    return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}
+
+
+def _load_cifar(cfg, torchvision_class: str):
+    import torchvision.datasets as tvd
+    out = {}
+    for split in ("train", "test"):
+        try:
+            ds = getattr(tvd, torchvision_class)(os.path.expanduser(cfg.root), train=split == "train",
+                                                 download=cfg.download)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"dataset={cfg.name}: not found under dataset.root={cfg.root} ({e}). Set "
+                "dataset.download=true to fetch it through torchvision, or point dataset.root at "
+                f"the folder that holds {'cifar-10-batches-py' if torchvision_class == 'CIFAR10' else 'cifar-100-python'}/."
+            ) from None
+        out[split] = (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets))
+    return out
+
+
+def _make_synthetic(cfg):
+    """Learnable random data: each class is a fixed random template plus pixel noise."""
+    g = torch.Generator().manual_seed(cfg.synthetic_seed)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    templates = torch.rand((cfg.num_classes, *shape), generator=g) * 255
+    out = {}
+    for split, n in (("train", cfg.synthetic_train), ("test", cfg.synthetic_test)):
+        y = torch.randint(cfg.num_classes, (n,), generator=g)
+        x = templates[y] + cfg.synthetic_noise * 255 * torch.randn((n, *shape), generator=g)
+        out[split] = (x.clamp(0, 255).to(torch.uint8).numpy(), y.numpy())
+    return out
+
+
+IN_MEMORY_LOADERS = {
+    "fashion_mnist": lambda cfg: _load_mnist_like(cfg, "FashionMNIST", DEBIAN_FASHION_MNIST),
+    "mnist": lambda cfg: _load_mnist_like(cfg, "MNIST", None),
+    "cifar10": lambda cfg: _load_cifar(cfg, "CIFAR10"),
+    "cifar100": lambda cfg: _load_cifar(cfg, "CIFAR100"),
+    "synthetic": _make_synthetic,
+}
+DATASETS = [*IN_MEMORY_LOADERS, "imagenet"]
+
+
+# ----------------------------------------------------------------------------- batches
+class TensorBatches:
+    """Batches of an in-memory uint8 dataset, augmented and normalised on its device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, *, batch_size: int,
+                 train: bool, augment: str, seed: int):
+        self.x, self.y = x, y
+        self.mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.epoch = 0
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        n = len(self.y)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.x.device)
+            aug_g = torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + self.epoch + 1)
+        for i in range(len(self)):
+            if self.train:
+                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                x, y = self.x[idx], self.y[idx]
+                if self.augment == "crop_flip":
+                    x = crop_flip(x, aug_g)
+            else:
+                x, y = self.x[i * self.batch_size:(i + 1) * self.batch_size], self.y[i * self.batch_size:(i + 1) * self.batch_size]
+            yield (x.float() - self.mean) / self.std, y
+
+
+def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random 4-px pad-and-crop plus horizontal flip for a whole batch at once."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=x.device)
+    flip = torch.rand(b, 1, generator=g, device=x.device) < 0.5
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx
+    rows = torch.arange(h, device=x.device).expand(b, h) + dy
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _subset(x, y, size, seed):
+    if size is None or size >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size]
+    return x[idx], y[idx]
+
+
+def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device):
+    """Returns (info, train_batches, test_batches)."""
+    if cfg.name == "imagenet":
+        return _build_imagefolder(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed)
+    if cfg.name not in IN_MEMORY_LOADERS:
+        raise ConfigError(f"dataset={cfg.name} is unknown; choose one of: {', '.join(DATASETS)}")
+    splits = IN_MEMORY_LOADERS[cfg.name](cfg)
+    tensors = {}
+    for split, (x, y) in splits.items():
+        x, y = torch.as_tensor(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long)
+        x, y = _subset(x, y, cfg.get(f"{split}_size"), seed)
+        tensors[split] = (x.to(device), y.to(device))
+    (xtr, ytr), (xte, yte) = tensors["train"], tensors["test"]
+    if batch_size > len(ytr):
+        raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(ytr)} images);"
+                          " lower batch_size or raise dataset.train_size")
+    info = DatasetInfo(cfg.name, xtr.shape[1], xtr.shape[-1], cfg.num_classes, len(ytr), len(yte))
+    train = TensorBatches(xtr, ytr, cfg.mean, cfg.std, batch_size=batch_size, train=True,
+                          augment=cfg.augment, seed=seed)
+    test = TensorBatches(xte, yte, cfg.mean, cfg.std, batch_size=eval_batch_size, train=False,
+                         augment="none", seed=seed)
+    return info, train, test
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Random order drawn from (seed, epoch), like TensorBatches."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class _Loader:
+    def __init__(self, loader, sampler=None):
+        self.loader, self.sampler = loader, sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        if self.sampler is not None:
+            self.sampler.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed):
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+    root = Path(os.path.expanduser(cfg.root))
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"dataset=imagenet needs {root / split}/ in ImageFolder layout "
+                              "(one folder per class); set dataset.root to the folder holding train/ and val/")
+    norm = T.Normalize(cfg.mean, cfg.std)
+    size = cfg.image_size
+    train_ds = tvd.ImageFolder(str(root / "train"), T.Compose([
+        T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+    test_ds = tvd.ImageFolder(str(root / "val"), T.Compose([
+        T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm]))
+    if cfg.get("train_size"):
+        train_ds = torch.utils.data.Subset(train_ds, list(range(min(cfg.train_size, len(train_ds)))))
+    if cfg.get("test_size"):
+        test_ds = torch.utils.data.Subset(test_ds, list(range(min(cfg.test_size, len(test_ds)))))
+    sampler = _EpochSampler(len(train_ds), seed)
+    kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+              persistent_workers=cfg.num_workers > 0)
+    train = _Loader(torch.utils.data.DataLoader(train_ds, batch_size, sampler=sampler, drop_last=True, **kw), sampler)
+    test = _Loader(torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
+    info = DatasetInfo("imagenet", 3, size, cfg.num_classes, len(train_ds), len(test_ds))
+    return info, train, test

@@ -1,0 +1,19 @@
+"""Method registry. A method supplies layers and step hooks (see base.Method)."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Method
+from .bn import BatchNorm
+from .none import NoNorm
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (BatchNorm, NoNorm)}
+
+
+def build_method(cfg) -> Method:
+    name = cfg.name
+    if name not in METHODS:
+        raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(METHODS)}")
+    method = METHODS[name](cfg)
+    method.check(cfg)
+    return method

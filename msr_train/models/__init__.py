@@ -1,0 +1,26 @@
+"""Model registry: every architecture is built from a method (see methods.base)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..methods.base import Method
+from . import resnet, vgg
+
+ARCHITECTURES = {**resnet.ARCHITECTURES, **vgg.ARCHITECTURES}
+
+#: Inputs up to this size get the small-image stem / classifier.
+SMALL_INPUT_MAX_PX = 64
+
+
+def build_model(name: str, method: Method, *, in_channels: int, num_classes: int,
+                image_size: int, small_input: bool | str = "auto") -> nn.Module:
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"model={name} is unknown; choose one of: {', '.join(ARCHITECTURES)}")
+    if small_input == "auto":
+        small_input = image_size <= SMALL_INPUT_MAX_PX
+    model = ARCHITECTURES[name](method, in_channels=in_channels, num_classes=num_classes,
+                                small_input=bool(small_input))
+    method.finalize(model)
+    return model
