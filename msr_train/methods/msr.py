@@ -1,0 +1,165 @@
+"""Mean Shift Rejection (Ruff, Beck, Bach 2019, arXiv 1911.13173).
+
+BatchNorm's real service is to cancel a spatial common-mode signal (the mean shift).
+MSR cancels it at the source instead: every spatial kernel is zero-mean, so it passes no
+spatially constant input; the gradients are projected so the kernels stay zero-mean; a
+learnable per-filter scale takes BN's gamma role; multiplicative and additive noise per
+(sample, channel) replaces the minibatch noise BN injects. There are no minibatch
+statistics anywhere, so the training graph is the test graph and any batch size works.
+
+Follows ../shared/METHODS.md ("msr") and the authors' code (taylorkangbeck/
+mean-shift-rejection, pytorch_resnet_cifar10). Choices made here where the sources leave
+room, each configurable in conf/method/msr.yaml:
+
+- Order at a conv output: noise, then the filter scale exp(theta). Both are per-channel
+  products, so only the shift's units depend on the order; "noise at the raw conv output"
+  puts it first.
+- Adaptive optimizers (Adam, AdamW) rescale the gradient elementwise, so a zero-mean
+  gradient no longer gives a zero-mean update. For them the projected weights are
+  re-centred after every step: W <- W - alpha * mean(W). With alpha = 1 and weights that
+  were zero-mean before the step this *is* the projection of the update onto the
+  zero-mean subspace, without keeping a copy of the old weights. With plain SGD (momentum
+  and weight decay are linear in projected quantities) the gradient projection alone
+  keeps the invariant, as in the authors' code.
+- The soft norm anchors pull each filter of every non-stem conv and each classifier row
+  towards norm ``init_magnitude`` (1 by default, the authors' value).
+- Only the stem conv may have a bias (``stem_bias``); architectures that ask for conv
+  biases (VGG) get none elsewhere: a bias is a mean shift.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Method
+
+
+class MeanShiftNoise(nn.Module):
+    """y = (x - s) * n with n ~ U(1-delta, 1+delta) clamped to [0, 2] and s ~ U(-shift, shift),
+    one draw per (sample, channel) broadcast over H x W; identity in eval mode."""
+
+    def __init__(self, delta: float, shift: float):
+        super().__init__()
+        self.delta, self.shift = delta, shift
+
+    def forward(self, x):
+        if not self.training or (self.delta == 0 and self.shift == 0):
+            return x
+        r = torch.rand(2, x.shape[0], x.shape[1], 1, 1, device=x.device, dtype=x.dtype)
+        n = (r[0] * (2 * self.delta) + (1 - self.delta)).clamp_(0, 2)
+        s = r[1] * (2 * self.shift) - self.shift
+        return (x - s) * n
+
+    def extra_repr(self):
+        return f"delta={self.delta}, shift={self.shift}"
+
+
+class FilterScale(nn.Module):
+    """Learnable per-channel output scale exp(theta) (BN's gamma role in MSR)."""
+
+    def __init__(self, channels: int, init: float):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.full((channels,), math.log(init)))
+
+    def forward(self, x):
+        return x * self.log_scale.exp().view(1, -1, 1, 1)
+
+
+class ZeroMeanConv2d(nn.Conv2d):
+    """A Conv2d that remembers its role (stem, body, shortcut) for the MSR hooks."""
+
+    def __init__(self, *args, role: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.role = role
+
+
+def zero_mean_axes(weight: torch.Tensor) -> tuple[int, ...]:
+    """Slice mean (over kh, kw) for spatial kernels, the mean over `in` for 1x1 kernels
+    and linear layers."""
+    return (2, 3) if weight.dim() == 4 and weight.shape[-1] * weight.shape[-2] > 1 else (1,)
+
+
+@torch.no_grad()
+def zero_mean_init_(weight: torch.Tensor, magnitude: float) -> None:
+    """ZMI: U(-1, 1), made zero-mean along ``zero_mean_axes``, filters scaled to L2 norm
+    ``magnitude`` over (in, kh, kw)."""
+    weight.uniform_(-1, 1)
+    weight.sub_(weight.mean(zero_mean_axes(weight), keepdim=True))
+    norms = weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+    weight.mul_((magnitude / norms).view(-1, *[1] * (weight.dim() - 1)))
+
+
+class MeanShiftRejection(Method):
+    name = "msr"
+
+    def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
+        return ZeroMeanConv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
+                              bias=role == "stem" and self.cfg.stem_bias, role=role)
+
+    def norm(self, channels):
+        return nn.Sequential(MeanShiftNoise(self.cfg.noise_delta, self.cfg.noise_shift),
+                             FilterScale(channels, self.cfg.scale_init))
+
+    def finalize(self, model):
+        self._projected = []  # weights kept zero-mean by ZMG
+        self._anchored = []   # weights whose filters / rows the soft anchors pull to norm 1
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                zero_mean_init_(m.weight, self.cfg.init_magnitude)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+                if m.kernel_size != (1, 1) or self.cfg.zmg_cross_channel:
+                    self._projected.append(m.weight)
+                if getattr(m, "role", "body") != "stem":
+                    self._anchored.append(m.weight)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+                if self.cfg.zmg_cross_channel:
+                    self._projected.append(m.weight)
+        self._anchored.append(_classifier(model).weight)
+
+    def param_groups(self, model):
+        """The authors' two learning rates: conv weights and filter scales at the base lr,
+        biases and linear layers (the classifier) at ``lr_mult.other`` times it."""
+        conv, other = [], []
+        for m in model.modules():
+            params = list(m.parameters(recurse=False))
+            if isinstance(m, (nn.Conv2d, FilterScale)):
+                conv.append(m.weight if isinstance(m, nn.Conv2d) else m.log_scale)
+                other += [p for p in params if p is not conv[-1]]
+            else:
+                other += params
+        return [{"params": conv, "lr_mult": self.cfg.lr_mult.conv},
+                {"params": other, "lr_mult": self.cfg.lr_mult.other}]
+
+    def regularization(self, model):
+        if not self.cfg.anchor_weight:
+            return None
+        target = self.cfg.init_magnitude
+        penalty = sum(((w.flatten(1).norm(dim=1) - target) ** 2).sum() for w in self._anchored)
+        return self.cfg.anchor_weight * penalty
+
+    @torch.no_grad()
+    def before_step(self, model, optimizer):
+        """ZMG: g <- g - alpha * mean(g) along each weight's zero-mean axes."""
+        alpha = self.cfg.zmg_alpha
+        for w in self._projected:
+            if w.grad is not None:
+                w.grad.sub_(w.grad.mean(zero_mean_axes(w), keepdim=True), alpha=alpha)
+
+    @torch.no_grad()
+    def after_step(self, model, optimizer):
+        if isinstance(optimizer, torch.optim.SGD):
+            return
+        alpha = self.cfg.zmg_alpha
+        for w in self._projected:
+            w.sub_(w.mean(zero_mean_axes(w), keepdim=True), alpha=alpha)
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    """The last Linear layer of the model: the one producing logits."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]

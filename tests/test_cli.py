@@ -1,0 +1,104 @@
+"""`msr-train` end to end on real Fashion-MNIST, and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+
+
+def msr_train(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "msr_train.cli", *args, "trainer.progress_bar=false"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@needs_fashion
+def test_cli_trains_fashion_mnist_and_writes_every_record(tmp_path):
+    run_dir = tmp_path / "run"
+    res = msr_train("model=resnet8", "method=bn", "dataset=fashion_mnist", "dataset.train_size=1024",
+                    "dataset.test_size=512", "batch_size=64", "epochs=2", "trainer.eval_every=10",
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # 16 steps per epoch: every 10 global steps plus each epoch end.
+    assert [r["step"] for r in records] == [10, 16, 20, 30, 32]
+    assert [r["examples_seen"] for r in records] == [640, 1024, 1280, 1920, 2048]
+    for r in records:
+        assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch", "img_per_s",
+                "wall_time_s", "best_test_acc"} <= r.keys()
+        assert 0 <= r["test_acc"] <= 1 and r["train_loss"] > 0
+    assert records[-1]["test_acc"] > 0.5  # ten classes: chance is 0.1
+    assert "test_top5" not in records[-1]  # only for more than 10 classes
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["final_test_acc"] == records[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in records)
+    assert summary["params"] > 0 and summary["peak_memory_mb"] > 0 and summary["total_time_s"] > 0
+    assert (summary["model"], summary["method"], summary["dataset"]) == ("resnet8", "bn", "fashion_mnist")
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "throughput/img_per_s"} <= tags
+    assert [e.step for e in events.Scalars("test/acc")] == [640, 1024, 1280, 1920, 2048]
+    assert [e.value for e in events.Scalars("test/acc")] == pytest.approx([r["test_acc"] for r in records])
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} \
+        <= set(events.PluginTagToContent("hparams"))
+    # The hyperparameters live in the run itself: no extra sub-run folder.
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == [".hydra", "checkpoints"]
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "step", "epoch", "config"} <= ckpt.keys()
+    assert ckpt["step"] == 32 and ckpt["config"]["model"]["name"] == "resnet8"
+
+
+@pytest.mark.parametrize("override,words", [
+    ("batch_size=0", ["batch_size=0", ">= 1"]),
+    ("epochs=0", ["epochs=0", ">= 1"]),
+    ("trainer.accumulate=3", ["not divisible", "trainer.accumulate=3"]),
+    ("optimizer.lr=-1", ["optimizer.lr=-1", "positive"]),
+    ("dataset.train_size=10", ["batch_size=128", "larger than the training set"]),
+])
+def test_bad_values_fail_early_with_the_key_and_the_fix(tmp_path, override, words):
+    res = msr_train("dataset=synthetic", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert w in res.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_unknown_choice_lists_the_options(tmp_path):
+    res = msr_train("model=resnet999", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "resnet999" in res.stderr and "resnet20" in res.stderr and "vgg16" in res.stderr
+
+
+def test_missing_dataset_offline_says_how_to_get_it(tmp_path):
+    res = msr_train("dataset=mnist", f"dataset.root={tmp_path / 'empty'}", "dataset.download=false",
+                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "dataset.download=true" in res.stderr and "dataset.root" in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_missing_cuda_device_is_reported(tmp_path):
+    res = msr_train("dataset=synthetic", "trainer.accelerator=cuda", f"hydra.run.dir={tmp_path / 'run'}",
+                    cwd=tmp_path)
+    assert res.returncode == 2 and "trainer.accelerator=cuda" in res.stderr
+
+
+def test_bn_at_batch_one_explains_instead_of_crashing(tmp_path):
+    # VGG on 16-px images ends on 1x1 maps: BN there sees one value per channel.
+    res = msr_train("model=vgg11", "method=bn", "dataset=synthetic", "dataset.image_size=16",
+                    "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "BatchNorm cannot train" in res.stderr and "method=msr" in res.stderr

@@ -1,0 +1,81 @@
+"""The loop itself, in-process: determinism, accumulation, schedules, lr scaling."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from msr_train.optim import build_scheduler, scaled_lr
+from msr_train.train import train
+
+QUICK = ["dataset=synthetic", "dataset.synthetic_train=256", "dataset.synthetic_test=128", "dataset.image_size=16",
+         "model=resnet8", "batch_size=32", "epochs=2", "trainer.progress_bar=false", "trainer.tensorboard=false"]
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_time_s")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["bn", "msr"])
+def test_same_seed_same_metrics_on_cpu(tmp_path, method):
+    cfg = make_cfg(*QUICK, f"method={method}")
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    train(make_cfg(*QUICK, f"method={method}", "seed=1"), tmp_path / "c")
+    assert metrics(tmp_path / "a") != metrics(tmp_path / "c")
+
+
+def test_accumulation_equals_the_full_batch_without_batch_statistics(tmp_path):
+    # With no batch statistics (method=none), K micro-batches of B/K give the same step as one batch of B.
+    common = [*QUICK, "method=none", "trainer.max_steps=5", "epochs=1"]
+    train(make_cfg(*common), tmp_path / "full")
+    train(make_cfg(*common, "trainer.accumulate=4"), tmp_path / "acc")
+    a, b = metrics(tmp_path / "full")[-1], metrics(tmp_path / "acc")[-1]
+    assert a["step"] == b["step"] == 5
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+
+
+def test_max_steps_caps_training(tmp_path):
+    summary = train(make_cfg(*QUICK, "trainer.max_steps=3"), tmp_path / "r")
+    assert summary["step"] == 3 and summary["examples_seen"] == 96
+
+
+def test_divergence_is_recorded(tmp_path):
+    summary = train(make_cfg(*QUICK, "method=none", "optimizer.lr=1e6", "trainer.log_every=1"), tmp_path / "r")
+    assert summary["status"] == "diverged" and summary["step"] >= 1
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize("scaling,expected", [("none", 0.1), ("linear", 0.1 / 128), ("sqrt", 0.1 / math.sqrt(128))])
+def test_lr_scaling(scaling, expected):
+    cfg = make_cfg(f"optimizer.lr_scaling={scaling}").optimizer
+    assert scaled_lr(cfg, 1) == pytest.approx(expected)
+    assert scaled_lr(cfg, 128) == pytest.approx(0.1)
+
+
+def test_warmup_then_cosine_and_multistep():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(make_cfg("scheduler=cosine", "scheduler.warmup_epochs=1").scheduler, opt,
+                            steps_per_epoch=10, total_steps=30)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.5) and lrs[-1] < 0.01
+
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(make_cfg("scheduler=multistep", "scheduler.milestones=[1,2]").scheduler, opt,
+                            steps_per_epoch=10, total_steps=30)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[9] == 1.0 and lrs[10] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.01)
