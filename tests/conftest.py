@@ -15,3 +15,25 @@ def make_cfg(*overrides: str):
 @pytest.fixture
 def cfg_factory():
     return make_cfg
+
+
+def method_cfg(name: str, **overrides):
+    """A method's config from conf/method/<name>.yaml with some keys overridden."""
+    return make_cfg(f"method={name}", *(f"method.{k}={v}" for k, v in overrides.items())).method
+
+
+def train_steps(model, method, optimizer, batches):
+    """The loop's step (msr_train.train), without logging: returns the losses."""
+    import torch.nn.functional as F
+    losses = []
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        reg = method.regularization(model)
+        (loss if reg is None else loss + reg).backward()
+        method.before_step(model, optimizer)
+        optimizer.step()
+        method.after_step(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

@@ -23,6 +23,10 @@ room, each configurable in conf/method/msr.yaml:
   keeps the invariant, as in the authors' code.
 - The soft norm anchors pull each filter of every non-stem conv and each classifier row
   towards norm ``init_magnitude`` (1 by default, the authors' value).
+- The cross-channel option (``zmg_cross_channel``) centres and projects 1x1 convs and
+  hidden linear layers over their inputs, never the classifier: its rows start
+  Xavier-normal, not zero-mean, as in the authors' recipe, and a class's logit may rely on
+  the mean of the features.
 - Only the stem conv may have a bias (``stem_bias``); architectures that ask for conv
   biases (VGG) get none elsewhere: a bias is a mean shift.
 """
@@ -115,12 +119,16 @@ class MeanShiftRejection(Method):
                     self._projected.append(m.weight)
                 if getattr(m, "role", "body") != "stem":
                     self._anchored.append(m.weight)
-            elif isinstance(m, nn.Linear):
+        classifier = _classifier(model)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-                if self.cfg.zmg_cross_channel:
+                if self.cfg.zmg_cross_channel and m is not classifier:
+                    with torch.no_grad():
+                        m.weight.sub_(m.weight.mean(1, keepdim=True))
                     self._projected.append(m.weight)
-        self._anchored.append(_classifier(model).weight)
+        self._anchored.append(classifier.weight)
 
     def param_groups(self, model):
         """The authors' two learning rates: conv weights and filter scales at the base lr,

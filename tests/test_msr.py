@@ -1,0 +1,164 @@
+"""Mean Shift Rejection: each invariant of METHODS.md ("msr"), checked directly."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import method_cfg, train_steps
+from msr_train.methods import build_method
+from msr_train.methods.msr import FilterScale, MeanShiftNoise
+from msr_train.models import build_model
+from msr_train.models.resnet import Bottleneck, ResNet
+from msr_train.optim import build_optimizer
+
+
+def build(model="resnet8", size=16, channels=3, **cfg):
+    method = build_method(method_cfg("msr", **cfg))
+    net = build_model(model, method, in_channels=channels, num_classes=5, image_size=size)
+    return net, method
+
+
+def slice_stats(weight):
+    """(|mean|, norm) of every zero-mean slice: (kh, kw) slices, or rows over `in` for 1x1."""
+    if weight.dim() == 4 and weight.shape[-1] * weight.shape[-2] > 1:
+        s = weight.detach().flatten(2)
+    else:
+        s = weight.detach().flatten(1)[:, None, :] if weight.dim() == 4 else weight.detach()[:, None, :]
+    return s.mean(-1).abs(), s.norm(dim=-1)
+
+
+def batches(n, batch=8, size=16, channels=3, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, channels, size, size, generator=g), torch.randint(classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def test_zero_mean_init_slices_and_magnitude():
+    net, _ = build("resnet50", size=16, init_magnitude=0.7)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            mean, norm = slice_stats(m.weight)
+            assert (mean <= 1e-6 * norm.clamp_min(1e-3)).all(), m
+            assert torch.allclose(m.weight.flatten(1).norm(dim=1), torch.tensor(0.7), atol=1e-5)
+            assert m.bias is None or getattr(m, "role") == "stem"
+
+
+def test_filter_scale_starts_at_0_8():
+    net, _ = build()
+    scales = [m for m in net.modules() if isinstance(m, FilterScale)]
+    assert scales and all(torch.allclose(s.log_scale.exp(), torch.tensor(0.8)) for s in scales)
+
+
+def test_zmg_is_the_exact_projection_and_alpha_is_partial():
+    for alpha in (1.0, 0.9):
+        net, method = build(zmg_alpha=alpha)
+        x, y = batches(1)[0]
+        nn.functional.cross_entropy(net(x), y).backward()
+        conv = net.stages[0][0].branch[0]
+        before = conv.weight.grad.clone()
+        method.before_step(net, None)
+        expected = before - alpha * before.mean((2, 3), keepdim=True)  # independent formula
+        assert torch.allclose(conv.weight.grad, expected, atol=1e-7)
+        assert torch.allclose(conv.weight.grad.mean((2, 3)), (1 - alpha) * before.mean((2, 3)), atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", [
+    ["optimizer=sgd", "optimizer.momentum=0.9", "optimizer.weight_decay=5e-4", "optimizer.lr=0.1"],
+    ["optimizer=adamw", "optimizer.weight_decay=0.05", "optimizer.lr=1e-3"],
+])
+@pytest.mark.parametrize("model,cross", [("resnet8", False), ("bottleneck", True)])
+def test_zero_mean_invariant_holds_after_200_steps(optimizer, model, cross):
+    from conftest import make_cfg
+    if model == "bottleneck":  # a narrow ResNet-50-style net: 1x1 convs and projection shortcuts
+        method = build_method(method_cfg("msr", zmg_cross_channel=True))
+        net = ResNet(method, Bottleneck, [1, 1, 1, 1], [8, 8, 16, 16], stem="small", in_channels=3,
+                     num_classes=5, zero_pad_shortcuts=False)
+        method.finalize(net)
+    else:
+        net, method = build(model, size=8)
+    opt = build_optimizer(make_cfg(*optimizer).optimizer, method.param_groups(net), 4)
+    initial = [w.detach().clone() for w in method._projected]
+    losses = train_steps(net, method, opt, batches(200, batch=4, size=8))
+    assert all(math.isfinite(v) for v in losses)
+    projected = list(method._projected)
+    assert len(projected) == sum(1 for m in net.modules() if isinstance(m, nn.Conv2d)
+                                 and (cross or m.kernel_size != (1, 1)))
+    for w, w0 in zip(projected, initial):
+        assert not torch.equal(w, w0)  # it trained
+        mean, norm = slice_stats(w)
+        assert (mean < 1e-5 * norm).all(), (w.shape, float((mean / norm).max()))
+
+
+def test_noise_is_per_sample_and_channel_and_train_only():
+    noise = MeanShiftNoise(delta=0.1, shift=0.1)
+    x = torch.ones(512, 4, 5, 5)
+    y = noise(x)
+    flat = y.flatten(2)
+    assert torch.equal(flat.min(-1).values, flat.max(-1).values)  # one draw per (sample, channel)
+    per_map = flat[..., 0]
+    assert per_map.std() > 0.01  # it does vary across samples and channels
+    # (1 - s) * n with n in [0.9, 1.1] and s in [-0.1, 0.1]
+    assert per_map.min() >= 0.9 * 0.9 - 1e-6 and per_map.max() <= 1.1 * 1.1 + 1e-6
+    assert abs(float(per_map.mean()) - 1.0) < 0.01  # E[(1 - s) n] = 1
+    noise.eval()
+    assert torch.equal(noise(x), x)
+
+
+def test_multiplier_is_clamped_to_0_2():
+    torch.manual_seed(0)
+    y = MeanShiftNoise(delta=3.0, shift=0.0)(torch.ones(4096, 1, 1, 1))
+    assert y.min() >= 0 and y.max() <= 2 and (y == 0).any() and (y == 2).any()
+
+
+def test_eval_is_deterministic_and_noise_free_training_graph_is_the_test_graph():
+    net, _ = build()
+    x = torch.randn(4, 3, 16, 16)
+    net.train()
+    assert not torch.equal(net(x), net(x))  # noise is on in training
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+    quiet, _ = build(noise_delta=0, noise_shift=0)
+    quiet.train()
+    train_out = quiet(x)
+    quiet.eval()
+    assert torch.equal(train_out, quiet(x))  # no batch statistics anywhere
+
+
+def test_soft_anchors_match_a_direct_computation():
+    net, method = build(anchor_weight=0.01)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(1.5)
+    expected = 0.0
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d) and m.role != "stem":
+            expected += sum((float(f.norm()) - 1) ** 2 for f in m.weight)
+    expected += sum((float(r.norm()) - 1) ** 2 for r in net.head.weight)
+    assert float(method.regularization(net)) == pytest.approx(0.01 * expected, rel=1e-5)
+    assert build(anchor_weight=0)[1].regularization(net) is None
+
+
+def test_learning_rate_groups():
+    from conftest import make_cfg
+    net, method = build()
+    opt = build_optimizer(make_cfg("optimizer.lr=0.4").optimizer, method.param_groups(net), 128)
+    conv_group, other_group = opt.param_groups
+    assert conv_group["lr"] == pytest.approx(0.4) and other_group["lr"] == pytest.approx(0.1)
+    conv_ids = {id(p) for p in conv_group["params"]}
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            assert id(m.weight) in conv_ids and (m.bias is None or id(m.bias) not in conv_ids)
+        if isinstance(m, FilterScale):
+            assert id(m.log_scale) in conv_ids
+    assert id(net.head.weight) not in conv_ids
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in net.parameters())
+
+
+def test_vgg_gets_no_conv_bias_but_the_stem():
+    net, _ = build("vgg11", size=16)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].bias is not None and all(c.bias is None for c in convs[1:])
