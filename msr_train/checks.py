@@ -45,6 +45,8 @@ def validate_config(cfg) -> None:
         _require(v is None or (_is_int(v) and v >= 1), f"trainer.{key}={v!r} must be null or an integer >= 1")
     _require(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1,
              f"trainer.eval_batch_size={t.eval_batch_size!r} must be an integer >= 1")
+    _require(t.cpu_threads is None or (_is_int(t.cpu_threads) and t.cpu_threads >= 1),
+             f"trainer.cpu_threads={t.cpu_threads!r} must be null (PyTorch's default) or an integer >= 1")
     _require(_is_int(t.log_every) and t.log_every >= 1, f"trainer.log_every={t.log_every!r} must be an integer >= 1")
     o = cfg.optimizer
     _require(_is_number(o.lr) and o.lr > 0, f"optimizer.lr={o.lr!r} must be a positive number, e.g. optimizer.lr=0.1")

@@ -55,8 +55,11 @@ def train(cfg, out_dir: Path) -> dict:
     validate_config(cfg)
     check_writable(out_dir)
     device = select_device(cfg.trainer)
-    torch.manual_seed(cfg.seed)
     t = cfg.trainer
+    if device.type == "cpu" and t.cpu_threads:
+        # Small batches run fastest on one thread, and parallel jobs must not oversubscribe cores.
+        torch.set_num_threads(t.cpu_threads)
+    torch.manual_seed(cfg.seed)
     accumulate = t.accumulate
     method = build_method(cfg.method)
     info, train_batches, test_batches = build_data(

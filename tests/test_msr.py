@@ -145,7 +145,7 @@ def test_soft_anchors_match_a_direct_computation():
 def test_learning_rate_groups():
     from conftest import make_cfg
     net, method = build()
-    opt = build_optimizer(make_cfg("optimizer.lr=0.4").optimizer, method.param_groups(net), 128)
+    opt = build_optimizer(make_cfg("optimizer.lr=0.1").optimizer, method.param_groups(net), 128)
     conv_group, other_group = opt.param_groups
     assert conv_group["lr"] == pytest.approx(0.4) and other_group["lr"] == pytest.approx(0.1)
     conv_ids = {id(p) for p in conv_group["params"]}
