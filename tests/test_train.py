@@ -79,3 +79,9 @@ def test_warmup_then_cosine_and_multistep():
         opt.step()
         sched.step()
     assert lrs[9] == 1.0 and lrs[10] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.01)
+
+
+def test_top5_is_reported_for_more_than_ten_classes(tmp_path):
+    train(make_cfg(*QUICK, "dataset.num_classes=20", "trainer.max_steps=2"), tmp_path / "r")
+    record = metrics(tmp_path / "r")[-1]
+    assert 0 <= record["test_acc"] <= record["test_top5"] <= 1
