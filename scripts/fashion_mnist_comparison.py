@@ -36,7 +36,8 @@ def run(cmd: list[str], run_dir: Path) -> dict:
         return json.loads(summary.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "stdout.log", "w") as log:
-        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # The `msr-train` console script of this interpreter's environment.
+        res = subprocess.run([sys.executable, "-m", "msr_train.cli", *cmd[1:]], stdout=log, stderr=subprocess.STDOUT)
     if summary.exists():
         return json.loads(summary.read_text())
     return {"status": f"failed (exit {res.returncode}, see {run_dir / 'stdout.log'})"}
