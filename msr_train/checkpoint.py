@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .errors import ConfigError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -24,8 +27,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path`` and rename it into place."""
+def atomic_write(path: Path, write, *, keep_previous_as: Path | None = None) -> None:
+    """Call ``write(file)`` on a temp file beside ``path`` and rename it into place. With
+    ``keep_previous_as``, the file being replaced is kept under that name, and only once
+    the new one is complete on disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,6 +40,8 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        if keep_previous_as is not None and path.exists():
+            os.replace(path, keep_previous_as)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -46,9 +53,42 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+LAST, PREVIOUS = "last.pt", "prev.pt"
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """Write ``folder/last.pt``; the one it replaces stays as ``prev.pt``."""
+    folder = Path(folder)
+    try:
+        atomic_write(folder / LAST, lambda f: torch.save(state, f), keep_previous_as=folder / PREVIOUS)
+    except OSError as e:
+        raise OSError(f"could not write a checkpoint to {folder} ({e}); the previous checkpoint is intact: "
+                      "free some space and re-run the same command to continue from it") from e
+
+
+def remove_torn_writes(folder: Path) -> None:
+    """Delete temp files of checkpoint writes that a kill interrupted."""
+    for stale in Path(folder).glob(f".{LAST}.*.tmp"):
+        stale.unlink()
+
+
+def find_checkpoint(folder: Path) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint in ``folder`` as (state, path), None if there is none.
+    An unreadable one (torn by a crash, or carrying code) is reported and skipped."""
+    folder = Path(folder)
+    problems = []
+    for path in (folder / LAST, folder / PREVIOUS):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a torn or foreign file
+            problems.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"msr-train: checkpoint {path} is unreadable ({problems[-1]}); trying the previous one",
+                  file=sys.stderr)
+            continue
+        return state, path
+    if problems:
+        raise ConfigError(f"no readable checkpoint in {folder}: {'; '.join(problems)}. Move the folder "
+                          "away to start afresh, or set trainer.resume=never with another hydra.run.dir")
+    return None

@@ -22,7 +22,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -31,10 +31,11 @@ def validate_config(cfg) -> None:
              f"batch_size={cfg.batch_size!r} must be an integer >= 1, e.g. batch_size=128")
     _require(_is_int(cfg.epochs) and cfg.epochs >= 1,
              f"epochs={cfg.epochs!r} must be an integer >= 1 (use trainer.max_steps to stop earlier)")
-    _require(_is_int(cfg.seed), f"seed={cfg.seed!r} must be an integer")
+    _require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**31, f"seed={cfg.seed!r} must be an integer in [0, 2^31)")
     t = cfg.trainer
     _require(t.accelerator in ("auto", "cpu", "cuda"),
              f"trainer.accelerator={t.accelerator!r} must be one of auto, cpu, cuda")
+    _require(t.resume in ("auto", "never"), f"trainer.resume={t.resume!r} must be one of auto, never")
     _require(_is_int(t.accumulate) and t.accumulate >= 1,
              f"trainer.accumulate={t.accumulate!r} must be an integer >= 1")
     _require(cfg.batch_size % t.accumulate == 0,
@@ -45,22 +46,23 @@ def validate_config(cfg) -> None:
         _require(v is None or (_is_int(v) and v >= 1), f"trainer.{key}={v!r} must be null or an integer >= 1")
     _require(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1,
              f"trainer.eval_batch_size={t.eval_batch_size!r} must be an integer >= 1")
-    _require(t.cpu_threads is None or (_is_int(t.cpu_threads) and t.cpu_threads >= 1),
-             f"trainer.cpu_threads={t.cpu_threads!r} must be null (PyTorch's default) or an integer >= 1")
+    _require(t.cpu_threads is None or (_is_int(t.cpu_threads) and 1 <= t.cpu_threads <= os.cpu_count()),
+             f"trainer.cpu_threads={t.cpu_threads!r} must be null (PyTorch's default) or an integer from 1 to "
+             f"{os.cpu_count()} (this machine's cores)")
     _require(_is_int(t.log_every) and t.log_every >= 1, f"trainer.log_every={t.log_every!r} must be an integer >= 1")
     o = cfg.optimizer
-    _require(_is_number(o.lr) and o.lr > 0, f"optimizer.lr={o.lr!r} must be a positive number, e.g. optimizer.lr=0.1")
-    _require(_is_number(o.weight_decay) and o.weight_decay >= 0,
+    _require(is_number(o.lr) and o.lr > 0, f"optimizer.lr={o.lr!r} must be a positive number, e.g. optimizer.lr=0.1")
+    _require(is_number(o.weight_decay) and o.weight_decay >= 0,
              f"optimizer.weight_decay={o.weight_decay!r} must be a number >= 0")
     if "momentum" in o:
-        _require(_is_number(o.momentum) and 0 <= o.momentum < 1,
+        _require(is_number(o.momentum) and 0 <= o.momentum < 1,
                  f"optimizer.momentum={o.momentum!r} must be in [0, 1)")
     _require(o.lr_scaling in LR_SCALINGS,
              f"optimizer.lr_scaling={o.lr_scaling!r} must be one of {', '.join(LR_SCALINGS)}")
     _require(_is_int(o.base_batch_size) and o.base_batch_size >= 1,
              f"optimizer.base_batch_size={o.base_batch_size!r} must be an integer >= 1")
     w = cfg.scheduler.get("warmup_epochs", 0)
-    _require(_is_number(w) and w >= 0, f"scheduler.warmup_epochs={w!r} must be a number >= 0")
+    _require(is_number(w) and w >= 0, f"scheduler.warmup_epochs={w!r} must be a number >= 0")
     for key in ("train_size", "test_size"):
         v = cfg.dataset.get(key)
         _require(v is None or (_is_int(v) and v >= 1), f"dataset.{key}={v!r} must be null (all) or an integer >= 1")
@@ -92,9 +94,17 @@ def select_device(trainer_cfg) -> torch.device:
 
 
 def check_writable(out_dir: Path, need_mb: int = 10) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _require(os.access(out_dir, os.W_OK), f"output dir {out_dir} is not writable; set hydra.run.dir to a writable folder")
-    free_mb = os.statvfs(out_dir).f_bavail * os.statvfs(out_dir).f_frsize / 2**20
+    """The output dir must take files and have room for them, before any work is done."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output dir {out_dir} is not writable ({e.strerror}); "
+                          "set hydra.run.dir to a writable folder") from None
+    stat = os.statvfs(out_dir)
+    free_mb = stat.f_bavail * stat.f_frsize / 2**20
     _require(free_mb >= need_mb, f"output dir {out_dir} has {free_mb:.0f} MB free, need at least {need_mb} MB; "
              "free some space or set hydra.run.dir elsewhere")
 

@@ -10,17 +10,23 @@ from hydra.core.hydra_config import HydraConfig
 
 from .errors import ConfigError
 
+#: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
+EXIT_CODES = {"diverged": 1, "interrupted": 130}
+
 
 @hydra.main(version_base="1.3", config_path="pkg://msr_train.conf", config_name="config")
 def _run(cfg) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
+    sweep = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            raise  # let the sweep record this job as failed and go on
+        if sweep:
+            raise  # Hydra records the job as failed; the sweep's other jobs still run
         sys.exit(2)
+    if not sweep and summary["status"] in EXIT_CODES:
+        sys.exit(EXIT_CODES[summary["status"]])
     # Returned to Hydra's sweepers (e.g. Optuna) as the objective.
     return summary["final_test_acc"]
 

@@ -131,29 +131,33 @@ class TensorBatches:
         self.mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
-        self.epoch = 0
+        self.epoch = self.start_batch = 0
 
     def __len__(self):
         n = len(self.y)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Iterate epoch ``epoch`` from batch ``start_batch`` on (a resumed run skips the
+        batches it has already trained on)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self):
         n = len(self.y)
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g).to(self.x.device)
-            aug_g = torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + self.epoch + 1)
-        for i in range(len(self)):
-            if self.train:
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                x, y = self.x[idx], self.y[idx]
-                if self.augment == "crop_flip":
-                    x = crop_flip(x, aug_g)
+        for i in range(self.start_batch if self.train else 0, len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if not self.train:
+                x, y = self.x[sl], self.y[sl]
             else:
-                x, y = self.x[i * self.batch_size:(i + 1) * self.batch_size], self.y[i * self.batch_size:(i + 1) * self.batch_size]
+                x, y = self.x[order[sl]], self.y[order[sl]]
+                if self.augment == "crop_flip":
+                    # Seeded per batch, so a resumed run draws the same crops without saved state.
+                    g = torch.Generator(device=self.x.device).manual_seed(
+                        (self.seed * 100_003 + self.epoch) * 1_000_003 + i)
+                    x = crop_flip(x, g)
             yield (x.float() - self.mean) / self.std, y
 
 
@@ -206,26 +210,27 @@ class _EpochSampler(torch.utils.data.Sampler):
     """Random order drawn from (seed, epoch), like TensorBatches."""
 
     def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
 
     def __len__(self):
-        return self.n
+        return self.n - self.start
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
 
 
 class _Loader:
     def __init__(self, loader, sampler=None):
         self.loader, self.sampler = loader, sampler
+        self.steps_per_epoch = len(loader)  # the full epoch, whatever batch a resumed run starts at
 
     def __len__(self):
-        return len(self.loader)
+        return self.steps_per_epoch
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
         if self.sampler is not None:
-            self.sampler.epoch = epoch
+            self.sampler.epoch, self.sampler.start = epoch, start_batch * self.loader.batch_size
 
     def __iter__(self):
         return iter(self.loader)

@@ -1,13 +1,18 @@
 """The training loop: build everything from the config, train, evaluate, log, checkpoint.
 
 Read it top to bottom; the method hooks (see methods.base) are the only places where
-training methods differ.
+training methods differ. A run is resumable at every checkpoint: re-running the same
+command into the same output dir continues where it stopped, with the same data order,
+random numbers and logs as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import math
 import resource
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,13 +21,19 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import find_checkpoint, remove_torn_writes, save_checkpoint
 from .checks import check_batchnorm_trainable, check_writable, select_device, validate_config
 from .data import build_data
+from .errors import ConfigError
 from .methods import build_method
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
-from .run_log import RunLog
+from .run_log import RunLog, flat_hparams, truncate_jsonl
+from .signal_prop import FILENAME as SIGNAL_PROP_FILE
+from .signal_prop import conv_mean_shift, record_signal_prop
+
+#: Settings a resumed run may change: where things are and how the run is watched.
+RESUMABLE_CHANGES = ("trainer.", "dataset.root", "dataset.download", "dataset.num_workers")
 
 
 @torch.no_grad()
@@ -43,15 +54,77 @@ def evaluate(model, batches, num_classes: int) -> dict:
     return out
 
 
+def note(message: str) -> None:
+    """A message for the person watching, on stderr and clear of the progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class StopSignal:
+    """SIGTERM and SIGINT ask the loop to finish its step, checkpoint and exit cleanly. The
+    first signal puts the previous handler back, so a second one acts at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_state(cfg, ckpt_dir: Path) -> dict | None:
+    """The checkpoint to continue from, or None to start afresh."""
+    remove_torn_writes(ckpt_dir)
+    found = find_checkpoint(ckpt_dir)
+    if found is None:
+        return None
+    state, path = found
+    if cfg.trainer.resume == "never":
+        raise ConfigError(f"{ckpt_dir.parent} already holds a run ({path.name}); continue it with "
+                          "trainer.resume=auto or choose another hydra.run.dir")
+    saved, now = flat_hparams(OmegaConf.create(state["config"])), flat_hparams(cfg)
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if not k.startswith(RESUMABLE_CHANGES) and saved.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in changed[:5])
+        raise ConfigError(f"{path} belongs to a run with other settings ({diff}); re-run it with its "
+                          "own settings to resume, or choose another hydra.run.dir")
+    return state
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def train(cfg, out_dir: Path) -> dict:
-    """Train one run into ``out_dir``; returns the summary that is also written there."""
+    """Train one run into ``out_dir`` (or continue it); returns the summary written there."""
     out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
     validate_config(cfg)
     check_writable(out_dir)
     device = select_device(cfg.trainer)
@@ -74,93 +147,133 @@ def train(cfg, out_dir: Path) -> dict:
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    log = RunLog(out_dir, cfg, tensorboard=t.tensorboard)
 
-    step, status, best_acc, record = 0, "completed", 0.0, {}
-    start = time.perf_counter()
-    train_time = 0.0  # seconds spent in training steps, excluding evaluation
-    window = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device), "n": 0}
+    loop = {"step": 0, "best_acc": 0.0, "train_time": 0.0, "wall_time": 0.0,
+            "window_loss": 0.0, "window_correct": 0.0, "window_n": 0}
+    resumed = resume_state(cfg, ckpt_dir)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        loop.update(resumed["loop"])
+        set_rng_state(resumed["rng"], device)
+        note(f"Resuming {out_dir} at step {loop['step']} of {total_steps}")
+    log = RunLog(out_dir, cfg, tensorboard=t.tensorboard, resume_step=None if resumed is None else loop["step"])
+    input_shape = (info.in_channels, info.image_size, info.image_size)
+    if t.signal_prop:
+        # Records of epochs the resumed run will redo are dropped, like metrics.jsonl's.
+        truncate_jsonl(out_dir / SIGNAL_PROP_FILE, lambda r: r["epoch"] * steps_per_epoch <= loop["step"])
+        if resumed is None:
+            record_signal_prop(model, out_dir, 0, log.writer, input_shape, device)
+    probe = next(iter(test_batches))[0][:64]  # a fixed test batch for the per-layer mean shift
 
-    def evaluate_and_log(epoch: float) -> None:
-        nonlocal best_acc, record
+    step, status = loop["step"], "completed"
+    started, earlier_wall_time = time.perf_counter(), loop["wall_time"]
+
+    def wall_time() -> float:  # across resumptions
+        return earlier_wall_time + time.perf_counter() - started
+    # Training loss and accuracy since the last evaluation, summed on the device.
+    window_loss = torch.tensor(loop["window_loss"], device=device)
+    window_correct = torch.tensor(loop["window_correct"], device=device)
+
+    def checkpoint() -> None:
+        if not t.checkpoint:
+            return
+        loop.update(step=step, wall_time=wall_time(), window_loss=float(window_loss),
+                    window_correct=float(window_correct))
+        save_checkpoint(ckpt_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "epoch": step / steps_per_epoch,
+            "config": OmegaConf.to_container(cfg, resolve=True), "loop": dict(loop), "rng": rng_state(device),
+        })
+
+    def evaluate_and_log() -> None:
         metrics = evaluate(model, test_batches, info.num_classes)
-        best_acc = max(best_acc, metrics["test_acc"])
-        n = max(window["n"], 1)
-        record = {
-            "step": step, "epoch": epoch, "examples_seen": step * cfg.batch_size,
-            "train_loss": float(window["loss"]) / n, "train_acc": float(window["correct"]) / n,
-            **metrics, "best_test_acc": best_acc, "lr": optimizer.param_groups[0]["lr"],
-            "img_per_s": step * cfg.batch_size / max(train_time, 1e-9),
-            "wall_time_s": time.perf_counter() - start,
-        }
-        log.log(record)
-        window.update(loss=torch.zeros((), device=device), correct=torch.zeros((), device=device), n=0)
+        loop["best_acc"] = max(loop["best_acc"], metrics["test_acc"])
+        n = max(loop["window_n"], 1)
+        log.log({
+            "step": step, "epoch": step / steps_per_epoch, "examples_seen": step * cfg.batch_size,
+            "train_loss": float(window_loss) / n, "train_acc": float(window_correct) / n,
+            **metrics, "best_test_acc": loop["best_acc"], "lr": optimizer.param_groups[0]["lr"],
+            "img_per_s": step * cfg.batch_size / max(loop["train_time"], 1e-9),
+            "wall_time_s": wall_time(),
+        })
+        window_loss.zero_()
+        window_correct.zero_()
+        loop["window_n"] = 0
+        if log.writer is not None:
+            shift = conv_mean_shift(model, probe)
+            log.scalars({f"mean_shift/{name}": v for name, v in shift.items()}, step * cfg.batch_size)
+        if t.signal_prop and step % steps_per_epoch == 0:
+            record_signal_prop(model, out_dir, step // steps_per_epoch, log.writer, input_shape, device)
 
     model.train()
-    epoch = 0
-    while step < total_steps and status == "completed":
-        train_batches.set_epoch(epoch)
-        bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not t.progress_bar, dynamic_ncols=True, leave=False)
-        tick = time.perf_counter()
-        for x, y in train_batches:
-            # One optimizer step over `accumulate` equal micro-batches. With BatchNorm each
-            # micro-batch is normalised with its own statistics.
-            for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
-                logits = model(xm)
-                loss = F.cross_entropy(logits, ym)
-                reg = method.regularization(model)
-                ((loss if reg is None else loss + reg) / accumulate).backward()
-                window["loss"] += loss.detach() * len(ym)
-                window["correct"] += (logits.argmax(1) == ym).sum()
-            window["n"] += len(y)
-            method.before_step(model, optimizer)
-            optimizer.step()
-            method.after_step(model, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            bar.update()
-            if step % t.log_every == 0 or step == total_steps:
-                # Reading the loss syncs with the device: done every log_every steps only.
-                running = float(window["loss"]) / window["n"]
-                train_time += time.perf_counter() - tick
-                tick = time.perf_counter()
-                bar.set_postfix(loss=f"{running:.3f}", acc=f"{float(window['correct']) / window['n']:.3f}",
-                                img_s=f"{step * cfg.batch_size / train_time:.0f}")
-                if not math.isfinite(running):
-                    status = "diverged"
-                    tqdm.write(f"Training diverged at step {step}: the loss is {running}. "
-                               "Lower optimizer.lr or add warmup (scheduler.warmup_epochs).")
-                    break
-            if t.eval_every and step % t.eval_every == 0 and step % steps_per_epoch:
-                train_time += time.perf_counter() - tick
-                evaluate_and_log(epoch + (step % steps_per_epoch) / steps_per_epoch)
-                tick = time.perf_counter()
-            if step >= total_steps:
-                break
-        train_time += time.perf_counter() - tick
-        bar.close()
-        epoch += 1
-        if status != "completed":
-            break
-        evaluate_and_log(step / steps_per_epoch)
-        if t.checkpoint:
-            save_checkpoint(out_dir / "checkpoints" / "last.pt", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            })
+    with StopSignal() as stop:
+        while step < total_steps and status == "completed":
+            epoch, first_batch = divmod(step, steps_per_epoch)
+            train_batches.set_epoch(epoch, first_batch)
+            bar = tqdm(total=min(steps_per_epoch, total_steps - epoch * steps_per_epoch), initial=first_batch,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not t.progress_bar, dynamic_ncols=True,
+                       leave=False)
+            tick = time.perf_counter()
+            for x, y in train_batches:
+                # One optimizer step over `accumulate` equal micro-batches. With BatchNorm each
+                # micro-batch is normalised with its own statistics.
+                for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
+                    logits = model(xm)
+                    loss = F.cross_entropy(logits, ym)
+                    reg = method.regularization(model)
+                    ((loss if reg is None else loss + reg) / accumulate).backward()
+                    window_loss += loss.detach() * len(ym)
+                    window_correct += (logits.argmax(1) == ym).sum()
+                loop["window_n"] += len(y)
+                method.before_step(model, optimizer)
+                optimizer.step()
+                method.after_step(model, optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                bar.update()
 
+                evaluate_now = step % steps_per_epoch == 0 or step == total_steps or bool(
+                    t.eval_every and step % t.eval_every == 0)
+                if step % t.log_every == 0 or evaluate_now or stop.received:
+                    # Reading the loss syncs with the device: done every log_every steps only,
+                    # and always before a checkpoint, so diverged weights are never saved.
+                    running = float(window_loss) / loop["window_n"]
+                    loop["train_time"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    bar.set_postfix(loss=f"{running:.3f}", acc=f"{float(window_correct) / loop['window_n']:.3f}",
+                                    img_s=f"{step * cfg.batch_size / loop['train_time']:.0f}")
+                    if not math.isfinite(running):
+                        status = "diverged"
+                        note(f"Training diverged at step {step}: the loss is {running}. "
+                                   "Lower optimizer.lr or add warmup (scheduler.warmup_epochs).")
+                        break
+                if evaluate_now:
+                    evaluate_and_log()
+                if evaluate_now or stop.received:
+                    checkpoint()
+                    tick = time.perf_counter()
+                if stop.received:
+                    status = "interrupted"
+                    note(f"{stop.received}: stopped at step {step} with a checkpoint; "
+                               "re-run the same command to continue.")
+                    break
+                if step >= total_steps:
+                    break
+            bar.close()
+
+    record = log.records[-1] if log.records else {}
     summary = {
         "status": status, "model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name,
         "optimizer": cfg.optimizer.name, "scheduler": cfg.scheduler.name, "batch_size": cfg.batch_size,
         "lr": cfg.optimizer.lr, "epochs": cfg.epochs, "seed": cfg.seed, "step": step,
         "examples_seen": step * cfg.batch_size, "final_test_acc": record.get("test_acc"),
-        "best_test_acc": best_acc if record else None, "final_train_loss": record.get("train_loss"),
-        "total_time_s": time.perf_counter() - start, "train_time_s": train_time,
-        "img_per_s": step * cfg.batch_size / max(train_time, 1e-9), "params": n_params,
+        "best_test_acc": loop["best_acc"] if record else None, "final_train_loss": record.get("train_loss"),
+        "total_time_s": wall_time(), "train_time_s": loop["train_time"],
+        "img_per_s": step * cfg.batch_size / max(loop["train_time"], 1e-9),
+        "params": sum(p.numel() for p in model.parameters()),
         "peak_memory_mb": peak_memory_mb(device), "device": str(device),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -1,0 +1,435 @@
+"""`msr-compare`: curves, tables and signal propagation plots that compare runs.
+
+    msr-compare outputs/sweeps/2025-06-01_10-00-00 --by method --x batch_size
+    msr-compare outputs/runs --by optimizer.lr --out compare/lr
+    msr-compare --signal-prop outputs/runs --epoch 0
+
+Three layers, each usable and testable on its own:
+
+- reading: ``find_runs`` finds run folders (any folder holding metrics.jsonl, summary.json
+  or signal_prop.jsonl) and loads them as ``Run``; ``Run.get`` looks a key up;
+- tabulating: ``group_runs`` and ``table_rows``, written by ``write_markdown`` and
+  ``write_csv``;
+- plotting: ``curve_figures``, ``sweep_figure`` and ``signal_prop_figure`` return
+  matplotlib Figures drawn by the Agg canvas. Pyplot is not used: nothing needs a
+  display, and no figure stays registered once saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from .errors import ConfigError
+from .run_log import read_jsonl
+from .signal_prop import FILENAME as SIGNAL_PROP_FILE
+
+# ---------------------------------------------------------------------------- reading
+
+#: Files of a run folder (as msr-train writes them); any of them marks a folder as a run.
+METRICS, SUMMARY = "metrics.jsonl", "summary.json"
+RUN_FILES = (METRICS, SUMMARY, SIGNAL_PROP_FILE)
+#: Hydra's copy of the run's config: the only config of a run that has no summary yet.
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+#: The status of a run without summary.json: still running, or killed.
+INCOMPLETE = "incomplete"
+_MISSING = object()
+
+
+class MissingKey(KeyError):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    records: list[dict]      # metrics.jsonl
+    summary: dict            # summary.json; {} until the run ends
+    config: dict             # the run's config as nested dicts
+    signal_prop: list[dict]  # signal_prop.jsonl
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        path = Path(path)
+        summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).exists() else {}
+        config = summary.get("config")
+        if config is None and (path / HYDRA_CONFIG).exists():
+            # Unresolved: interpolations stay as written, which is enough to look keys up.
+            config = OmegaConf.to_container(OmegaConf.load(path / HYDRA_CONFIG))
+        return cls(path, read_jsonl(path / METRICS) if (path / METRICS).exists() else [], summary,
+                   config or {},
+                   read_jsonl(path / SIGNAL_PROP_FILE) if (path / SIGNAL_PROP_FILE).exists() else [])
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", INCOMPLETE)
+
+    def get(self, key: str, default=_MISSING):
+        """A summary field (method, batch_size, model, status, ...) or a dotted config path
+        (optimizer.lr, method.zmg_alpha). A config group stands for its name (method ->
+        method.name), so runs without summary.json yet group like finished ones. Without
+        the key: ``default`` if given, else MissingKey."""
+        if key == "status":
+            return self.status
+        if key in self.summary and not isinstance(self.summary[key], (dict, list)):
+            return self.summary[key]
+        node = self.config
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if isinstance(node, dict):
+            node = node.get("name", _MISSING)
+        if node is _MISSING:
+            if default is _MISSING:
+                raise MissingKey(key)
+            return default
+        # Lists (e.g. dataset.mean) must be hashable to group on.
+        return tuple(node) if isinstance(node, list) else node
+
+    def keys(self) -> set[str]:
+        """Every key ``get`` answers."""
+        out = {"status"} | {k for k, v in self.summary.items() if not isinstance(v, (dict, list))}
+
+        def walk(prefix, node):
+            for k, v in node.items():
+                if not isinstance(v, dict) or "name" in v:
+                    out.add(prefix + k)
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+        walk("", self.config)
+        return out
+
+
+def find_runs(paths) -> list[Run]:
+    """The runs in ``paths``: each a run folder or a folder with run folders anywhere
+    below it (a sweep, outputs/). Raises ConfigError for a path without runs."""
+    folders = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a folder; pass run folders or folders that contain them")
+        found = sorted({f.parent.resolve() for f in path.rglob("*") if f.name in RUN_FILES})
+        if not found:
+            raise ConfigError(
+                f"no runs under {path}: a run folder holds {', '.join(RUN_FILES)}. Pass the output "
+                "folder of msr-train runs (outputs/runs/..., a sweep's outputs/sweeps/...) or a folder above them")
+        folders += [f for f in found if f not in folders]
+    return [Run.load(f) for f in folders]
+
+
+def _values(runs: list[Run], key: str) -> list:
+    """Every run's value of ``key``; a ConfigError names the runs without it."""
+    values, missing = [], []
+    for run in runs:
+        try:
+            values.append(run.get(key))
+        except MissingKey:
+            missing.append(run)
+    if missing:
+        shown = ", ".join(str(r.path) for r in missing[:5])
+        if len(missing) > 5:
+            shown += f" and {len(missing) - 5} more"
+        common = sorted(set.intersection(*(r.keys() for r in missing)))
+        raise ConfigError(
+            f"{len(missing)} of {len(runs)} runs have no key {key!r}: {shown}. "
+            f"Keys they have: {', '.join(common) or '(none)'}. Choose one of these keys, "
+            f"or pass only runs that have {key!r}.")
+    return values
+
+
+# ---------------------------------------------------------------------------- tabulating
+
+def _order(value):
+    """Sort key that puts numbers in numeric order, then strings, then None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1 if value is not None else 2, 0, str(value))
+
+
+def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
+    """Runs by their values of ``keys``, groups in sorted order. Raises ConfigError when a
+    run lacks one of the keys."""
+    columns = [_values(runs, key) for key in keys]
+    groups: dict[tuple, list[Run]] = {}
+    for run, values in zip(runs, zip(*columns)):
+        groups.setdefault(values, []).append(run)
+    return dict(sorted(groups.items(), key=lambda kv: [_order(v) for v in kv[0]]))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); NaN where undefined (no value, one value)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+#: table_rows' columns of numbers, after the group's key values and runs, seeds.
+STAT_COLUMNS = ("final_test_acc_pct", "final_test_acc_pct_std", "best_test_acc_pct", "best_test_acc_pct_std",
+                "train_time_s", "img_per_s")
+
+
+def completed_values(runs: list[Run], metric: str, scale: float = 1.0) -> list[float]:
+    """``metric`` from the summaries of the completed runs. Runs that diverged or have not
+    finished are left out: their last accuracy is not a final one."""
+    return [scale * r.summary[metric] for r in runs if r.status == "completed"]
+
+
+def table_rows(groups: dict[tuple, list[Run]], keys: list[str]) -> list[dict]:
+    """One row per group: its key values, then ``runs``, ``seeds``, accuracy statistics
+    (percent) and mean train time and throughput over the group's completed runs, and
+    ``status`` counts."""
+    rows = []
+    for values, runs in groups.items():
+        row = dict(zip(keys, values))
+        row["runs"] = len(runs)
+        row["seeds"] = ",".join(str(s) for s in sorted({r.get("seed", "?") for r in runs}, key=_order))
+        for metric in ("final_test_acc", "best_test_acc"):
+            row[f"{metric}_pct"], row[f"{metric}_pct_std"] = mean_std(completed_values(runs, metric, 100))
+        for metric in ("train_time_s", "img_per_s"):
+            row[metric] = mean_std(completed_values(runs, metric))[0]
+        row["status"] = ", ".join(f"{s}: {n}" for s, n in sorted(Counter(r.status for r in runs).items()))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float, std: float | None = None) -> str:
+    if math.isnan(value):
+        return ""
+    return f"{value:.2f}" if std is None or math.isnan(std) else f"{value:.2f} ± {std:.2f}"
+
+
+def write_markdown(path: Path, rows: list[dict], keys: list[str]) -> None:
+    header = [*keys, "runs", "seeds", "final test acc (%)", "best test acc (%)", "train time (s)", "img/s", "status"]
+    lines = [
+        "Test accuracy (%), train time and throughput: mean ± sample std over the completed runs of each group.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [*(str(row[k]) for k in keys), str(row["runs"]), row["seeds"],
+                 _fmt(row["final_test_acc_pct"], row["final_test_acc_pct_std"]),
+                 _fmt(row["best_test_acc_pct"], row["best_test_acc_pct_std"]),
+                 _fmt(row["train_time_s"]), _fmt(row["img_per_s"]), row["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """The rows as they are, statistics with 2 decimals (empty where undefined)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: _fmt(v) if k in STAT_COLUMNS else v for k, v in row.items()} for row in rows)
+
+
+# ---------------------------------------------------------------------------- plotting
+
+@dataclass(frozen=True)
+class Panel:
+    key: str           # record key on the y-axis
+    label: str
+    scale: float = 1.0  # multiplies the values (fractions -> percent)
+    log: bool = False
+
+
+CURVE_X = {"epoch": "epoch", "examples_seen": "examples seen", "wall_time_s": "wall time (s)"}
+CURVE_PANELS = (Panel("test_acc", "test accuracy (%)", 100), Panel("train_loss", "train loss", log=True))
+SIGNAL_PROP_PANELS = (Panel("avg_sq_mean", "average squared channel mean", log=True),
+                      Panel("avg_var", "average channel variance", log=True))
+
+
+def _figure(panels: int) -> tuple[Figure, list]:
+    fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+
+
+def _colours(labels) -> dict[str, tuple]:
+    """One colour per distinct label, in order of first appearance."""
+    distinct = list(dict.fromkeys(labels))
+    if len(distinct) <= 20:
+        cmap = colormaps["tab10" if len(distinct) <= 10 else "tab20"]
+        return {label: cmap(i) for i, label in enumerate(distinct)}
+    cmap = colormaps["viridis"]
+    return {label: cmap(i / (len(distinct) - 1)) for i, label in enumerate(distinct)}
+
+
+def lines_figure(series: list[tuple[str, list[dict]]], x: str, panels, *, xlabel: str,
+                 legend_title: str, title: str = "") -> Figure:
+    """One line per (label, records) in every panel, ``x`` against each panel's key; lines
+    with the same label (the runs of one group) share a colour and one legend entry."""
+    fig, axes = _figure(len(panels))
+    colours = _colours(label for label, _ in series)
+    for ax, panel in zip(axes, panels):
+        seen = set()
+        for label, records in series:
+            points = [(r[x], r[panel.key] * panel.scale) for r in records
+                      if r.get(x) is not None and r.get(panel.key) is not None]
+            xs, ys = zip(*points) if points else ((), ())
+            ax.plot(xs, ys, color=colours[label], label="_nolegend_" if label in seen else label)
+            seen.add(label)
+        ax.set(xlabel=xlabel, ylabel=panel.label, yscale="log" if panel.log else "linear")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(title=legend_title, fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def curve_figures(runs: list[Run], by: str) -> dict[str, Figure]:
+    """Test accuracy and train loss against each of CURVE_X: {x key: Figure}, one line
+    per run that has metrics, coloured by its value of ``by``."""
+    series = [(str(values[0]), run.records) for values, group in group_runs(runs, [by]).items()
+              for run in group if run.records]
+    return {x: lines_figure(series, x, CURVE_PANELS, xlabel=label, legend_title=by,
+                            title=f"test accuracy and train loss against {label}")
+            for x, label in CURVE_X.items()}
+
+
+def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
+    """Final and best test accuracy against ``x``, one line per value of ``by``: the mean
+    over completed runs (seeds) with a min-max band. A point without completed runs
+    (all diverged or unfinished) is left out, breaking the line. Log x-axis for positive
+    numbers spanning more than 10x; categories for non-numbers."""
+    groups = group_runs(runs, [by, x])
+    xs = sorted({key[1] for key in groups}, key=_order)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs)
+    position = {v: (v if numeric else i) for i, v in enumerate(xs)}
+    colours = _colours(str(key[0]) for key in groups)
+    fig, axes = _figure(2)
+    for ax, metric, label in zip(axes, ("final_test_acc", "best_test_acc"), ("final", "best")):
+        for by_value in dict.fromkeys(key[0] for key in groups):
+            cells = [(position[key[1]], completed_values(group, metric, 100))
+                     for key, group in groups.items() if key[0] == by_value]
+            pos = [p for p, _ in cells]
+            stats = [(statistics.fmean(a), min(a), max(a)) if a else (math.nan,) * 3 for _, a in cells]
+            mean, low, high = zip(*stats)
+            colour = colours[str(by_value)]
+            ax.plot(pos, mean, marker="o", color=colour, label=str(by_value))
+            ax.fill_between(pos, low, high, color=colour, alpha=0.2, linewidth=0)
+        if numeric and xs[0] > 0 and xs[-1] > 10 * xs[0]:
+            ax.set_xscale("log")
+        # Ticks at the swept values: a log axis would otherwise label only powers of 10.
+        ax.set_xticks(list(position.values()), [str(v) for v in xs])
+        ax.minorticks_off()
+        ax.set(xlabel=x, ylabel=f"{label} test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(title=by, fontsize="small")
+    fig.suptitle(f"test accuracy against {x}: mean over seeds, min-max band")
+    return fig
+
+
+def signal_prop_figure(series: list[tuple[str, list[dict]]], *, legend_title: str = "method",
+                       title: str = "signal propagation") -> Figure:
+    """Average squared channel mean and average channel variance against the block index
+    (records of ``signal_prop.signal_propagation``), log y-axes; one line per (label,
+    records), a colour per label."""
+    return lines_figure(series, "block", SIGNAL_PROP_PANELS, xlabel="residual block (0: stem output)",
+                        legend_title=legend_title, title=title)
+
+
+def _records_at(run: Run, epoch: int) -> list[dict]:
+    # A resumed run may have recorded an epoch twice: the later records win.
+    by_block = {rec["block"]: rec for rec in run.signal_prop if rec["epoch"] == epoch}
+    return [by_block[b] for b in sorted(by_block)]
+
+
+def signal_prop_series(runs: list[Run], by: str, epoch: int) -> tuple[list[tuple[str, list[dict]]], list[Run]]:
+    """(label, records at ``epoch``) for each run that recorded that epoch, labelled by its
+    value of ``by``; and the runs with signal propagation records but none at ``epoch``."""
+    recorded = [r for r in runs if r.signal_prop]
+    if not recorded:
+        raise ConfigError(f"none of the {len(runs)} runs has {SIGNAL_PROP_FILE}: train with trainer.signal_prop=true, "
+                          "or run scripts/signal_prop_init.py for networks at init")
+    present = [r for r in recorded if _records_at(r, epoch)]
+    if not present:
+        epochs = sorted({rec["epoch"] for r in recorded for rec in r.signal_prop})
+        raise ConfigError(f"no run has signal propagation records at --epoch {epoch}; "
+                          f"recorded epochs: {', '.join(map(str, epochs))}")
+    series = [(str(values[0]), _records_at(r, epoch)) for values, group in group_runs(present, [by]).items()
+              for r in group]
+    return series, [r for r in recorded if not _records_at(r, epoch)]
+
+
+# ---------------------------------------------------------------------------- command line
+
+def _filename(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", key)
+
+
+DPI = 120
+
+
+def compare(paths, out: Path, by: str, x: str | None) -> list[Path]:
+    """Curves, table and (with ``x``) the sweep figure into ``out``; returns the files."""
+    runs = find_runs(paths)
+    keys = [by] if x is None else [by, x]
+    rows = table_rows(group_runs(runs, keys), keys)
+    figures = {out / f"curves_{name}.png": fig for name, fig in curve_figures(runs, by).items()}
+    if x is not None:
+        figures[out / f"sweep_{_filename(x)}.png"] = sweep_figure(runs, by, x)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, fig in figures.items():
+        fig.savefig(path, dpi=DPI)
+    write_markdown(out / "table.md", rows, keys)
+    write_csv(out / "table.csv", rows)
+    return [*figures, out / "table.md", out / "table.csv"]
+
+
+def compare_signal_prop(paths, out: Path, by: str, epoch: int) -> list[Path]:
+    """The signal propagation figure at ``epoch`` into ``out``; returns the file."""
+    series, skipped = signal_prop_series(find_runs(paths), by, epoch)
+    for run in skipped:
+        print(f"msr-compare: note: {run.path} has no signal propagation records at epoch {epoch}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"signal_prop_epoch{epoch}.png"
+    signal_prop_figure(series, legend_title=by, title=f"signal propagation at epoch {epoch}").savefig(path, dpi=DPI)
+    return [path]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="msr-compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run folders, or folders with run folders below them")
+    p.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default: compare/)")
+    p.add_argument("--by", default="method", metavar="KEY",
+                   help="colour and group by this summary field or dotted config path (default: method)")
+    p.add_argument("--x", metavar="KEY", help="also plot final and best accuracy against this key, e.g. batch_size")
+    p.add_argument("--signal-prop", action="store_true",
+                   help="plot the signal propagation records (signal_prop.jsonl) instead")
+    p.add_argument("--epoch", type=int, metavar="N", help="with --signal-prop: the epoch to plot (default 0, init)")
+    args = p.parse_args(argv)
+    if args.signal_prop and args.x:
+        p.error("--x applies to curves and tables, not to --signal-prop")
+    if args.epoch is not None and not args.signal_prop:
+        p.error("--epoch applies to --signal-prop only")
+    if args.x is not None and args.x == args.by:
+        p.error(f"--x and --by are both {args.by!r}; group by another key, e.g. --by method --x {args.x}")
+    try:
+        if args.signal_prop:
+            written = compare_signal_prop(args.paths, args.out, args.by, args.epoch or 0)
+        else:
+            written = compare(args.paths, args.out, args.by, args.x)
+    except ConfigError as e:
+        print(f"msr-compare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not args.signal_prop:
+        print((args.out / "table.md").read_text())
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""`msr-compare` on hand-made run folders with known numbers, and the TensorBoard layout."""
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import make_cfg
+from msr_train import compare
+from msr_train.run_log import COMPARE_CHARTS, TB_TAGS, RunLog
+
+METHODS, BATCH_SIZES, SEEDS = ("bn", "msr"), (8, 128), (0, 1)
+
+
+def final_acc(method, bs, seed):
+    return {"bn": 0.80, "msr": 0.85}[method] + bs / 10_000 + 0.013 * seed
+
+
+def best_acc(method, bs, seed):
+    return final_acc(method, bs, seed) + 0.004 + 0.002 * seed
+
+
+def config(method, bs, seed):
+    cfg = {"batch_size": bs, "seed": seed, "model": {"name": "resnet8"},
+           "optimizer": {"name": "sgd", "lr": 0.1}, "method": {"name": method}}
+    if method == "msr":
+        cfg["method"]["zmg_alpha"] = 1.0
+    return cfg
+
+
+def write_run(folder, method, bs, seed, *, status="completed", epochs=3, summary=True):
+    """A run folder as msr-train writes it; ``summary=False``: still running."""
+    folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text(json.dumps(config(method, bs, seed)))  # JSON is YAML
+    records = [{"step": e * 100, "epoch": float(e), "examples_seen": e * 100 * bs, "train_loss": 2.0 / e,
+                "train_acc": 0.5, "test_loss": 1.0 / e, "test_acc": final_acc(method, bs, seed) - 0.1 / e,
+                "best_test_acc": final_acc(method, bs, seed), "lr": 0.1, "img_per_s": 1000.0,
+                "wall_time_s": 10.0 * e} for e in range(1, epochs + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if summary:
+        (folder / "summary.json").write_text(json.dumps({
+            "status": status, "model": "resnet8", "method": method, "dataset": "fashion_mnist",
+            "optimizer": "sgd", "scheduler": "cosine", "batch_size": bs, "lr": 0.1, "epochs": epochs,
+            "seed": seed, "final_test_acc": final_acc(method, bs, seed), "best_test_acc": best_acc(method, bs, seed),
+            "total_time_s": 100.0 + bs + seed, "train_time_s": 90.0 + bs + seed, "img_per_s": 1000.0 * bs + seed,
+            "params": 75002, "peak_memory_mb": 900.0, "config": config(method, bs, seed)}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """bn and msr at batch 8 and 128 with seeds 0 and 1; at batch 1024 bn seed 0 diverged,
+    bn seed 1 completed, msr seed 0 is still running (no summary.json)."""
+    root = tmp_path / "sweep"
+    for m in METHODS:
+        for bs in BATCH_SIZES:
+            for s in SEEDS:
+                write_run(root / f"method={m},batch_size={bs}" / f"seed={s}", m, bs, s)
+    write_run(root / "bn-1024-0", "bn", 1024, 0, status="diverged", epochs=1)
+    write_run(root / "bn-1024-1", "bn", 1024, 1)
+    write_run(root / "msr-1024-0", "msr", 1024, 0, summary=False)
+    (tmp_path / "empty").mkdir()
+    return root
+
+
+def hand_stats(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, std
+
+
+# ---------------------------------------------------------------------------- reading
+
+def test_finds_runs_in_nested_folders_and_single_run_folders(sweep):
+    assert len(compare.find_runs([sweep])) == 11
+    one = sweep / "method=bn,batch_size=8" / "seed=0"
+    runs = compare.find_runs([one, one.parent, one])  # a run given twice counts once
+    assert sorted(r.path.name for r in runs) == ["seed=0", "seed=1"]
+
+
+def test_key_lookup_from_summary_config_and_hydra_config(sweep):
+    runs = {r.path.name: r for r in compare.find_runs([sweep])}
+    done, running = runs["bn-1024-1"], runs["msr-1024-0"]
+    assert (done.get("method"), done.get("batch_size"), done.get("optimizer.lr"), done.get("status")) == \
+        ("bn", 1024, 0.1, "completed")
+    # Without summary.json the config group stands for its name.
+    assert (running.get("method"), running.get("batch_size"), running.get("status")) == ("msr", 1024, "incomplete")
+    assert running.get("method.zmg_alpha") == 1.0
+    with pytest.raises(compare.MissingKey):
+        done.get("method.zmg_alpha")
+    with pytest.raises(compare.MissingKey):
+        done.get("batch_size.x")
+    assert done.get("method.zmg_alpha", None) is None
+    assert {"method", "method.name", "optimizer.lr", "final_test_acc", "status"} <= done.keys()
+
+
+# ---------------------------------------------------------------------------- tables
+
+def test_table_numbers_equal_a_hand_computation(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out), "--x", "batch_size"])
+    rows = {(r["method"], int(r["batch_size"])): r for r in csv.DictReader(open(out / "table.csv"))}
+    assert sorted(rows) == [("bn", 8), ("bn", 128), ("bn", 1024), ("msr", 8), ("msr", 128), ("msr", 1024)]
+    for m in METHODS:
+        for bs in BATCH_SIZES:
+            row = rows[(m, bs)]
+            assert (row["runs"], row["seeds"], row["status"]) == ("2", "0,1", "completed: 2")
+            for metric, fn in (("final_test_acc", final_acc), ("best_test_acc", best_acc)):
+                mean, std = hand_stats([100 * fn(m, bs, s) for s in SEEDS])
+                assert row[f"{metric}_pct"] == f"{mean:.2f}"
+                assert row[f"{metric}_pct_std"] == f"{std:.2f}"
+            assert float(row["train_time_s"]) == pytest.approx(90 + bs + 0.5, abs=0.005)
+            assert float(row["img_per_s"]) == pytest.approx(1000 * bs + 0.5, abs=0.005)
+
+    # The diverged run counts, but only the completed one enters the accuracy.
+    bn1024 = rows[("bn", 1024)]
+    assert (bn1024["runs"], bn1024["seeds"], bn1024["status"]) == ("2", "0,1", "completed: 1, diverged: 1")
+    assert bn1024["final_test_acc_pct"] == f"{100 * final_acc('bn', 1024, 1):.2f}"
+    assert bn1024["final_test_acc_pct_std"] == ""
+    msr1024 = rows[("msr", 1024)]
+    assert (msr1024["runs"], msr1024["status"], msr1024["final_test_acc_pct"]) == ("1", "incomplete: 1", "")
+
+    md = (out / "table.md").read_text()
+    mean, std = hand_stats([100 * final_acc("msr", 128, s) for s in SEEDS])
+    assert f"| msr | 128 | 2 | 0,1 | {mean:.2f} ± {std:.2f} |" in md
+    assert md in capsys.readouterr().out
+
+
+def test_rows_group_by_a_config_path(sweep):
+    runs = [r for r in compare.find_runs([sweep]) if r.get("method") == "msr"]
+    rows = compare.table_rows(compare.group_runs(runs, ["method.zmg_alpha"]), ["method.zmg_alpha"])
+    assert [(r["method.zmg_alpha"], r["runs"]) for r in rows] == [(1.0, 5)]
+
+
+# ---------------------------------------------------------------------------- plots
+
+def lines(ax):
+    return list(ax.get_lines())
+
+
+def test_curve_figures_have_one_line_per_run_coloured_by_group(sweep, tmp_path):
+    runs = compare.find_runs([sweep])
+    figs = compare.curve_figures(runs, "method")
+    assert set(figs) == {"epoch", "examples_seen", "wall_time_s"}
+    for x, fig in figs.items():
+        acc_ax, loss_ax = fig.axes[:2]
+        for ax in (acc_ax, loss_ax):
+            assert len(lines(ax)) == 11
+            assert len({line.get_color() for line in lines(ax)}) == 2
+        assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["bn", "msr"]
+        assert loss_ax.get_yscale() == "log"
+    # Every run's curve, as written: x in examples seen, y in percent.
+    drawn = sorted((tuple(line.get_xdata()), tuple(round(y, 9) for y in line.get_ydata()))
+                   for line in lines(figs["examples_seen"].axes[0]))
+    runs_grid = [(m, bs, s, 3) for m in METHODS for bs in BATCH_SIZES for s in SEEDS] + \
+        [("bn", 1024, 0, 1), ("bn", 1024, 1, 3), ("msr", 1024, 0, 3)]
+    expected = sorted((tuple(e * 100 * bs for e in range(1, n + 1)),
+                       tuple(round(100 * (final_acc(m, bs, s) - 0.1 / e), 9) for e in range(1, n + 1)))
+                      for m, bs, s, n in runs_grid)
+    assert drawn == expected
+
+    out = tmp_path / "out"
+    compare.main([str(sweep), "--out", str(out)])
+    assert {p.name for p in out.iterdir()} == {"curves_epoch.png", "curves_examples_seen.png",
+                                               "curves_wall_time_s.png", "table.md", "table.csv"}
+    assert all((out / p).stat().st_size > 10_000 for p in ("curves_epoch.png", "curves_wall_time_s.png"))
+
+
+def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
+    fig = compare.sweep_figure(compare.find_runs([sweep]), "method", "batch_size")
+    final_ax, best_ax = fig.axes[:2]
+    for ax, fn in ((final_ax, final_acc), (best_ax, best_acc)):
+        bn, msr = lines(ax)
+        assert ax.get_xscale() == "log"  # 8 to 1024
+        assert list(bn.get_xdata()) == [8, 128, 1024]
+        expected = [hand_stats([100 * fn("bn", bs, s) for s in SEEDS])[0] for bs in BATCH_SIZES]
+        assert list(bn.get_ydata()) == pytest.approx(expected + [100 * fn("bn", 1024, 1)])
+        # msr at 1024 has no completed run: a gap, not a point.
+        assert list(msr.get_xdata()) == [8, 128, 1024] and math.isnan(msr.get_ydata()[-1])
+        assert len(ax.collections) == 2  # one min-max band per method
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "128", "1024"]
+    compare.main([str(sweep), "--out", str(tmp_path / "out"), "--x", "batch_size"])
+    assert (tmp_path / "out" / "sweep_batch_size.png").stat().st_size > 10_000
+
+
+def test_sweep_figure_over_a_non_numeric_key_uses_categories(sweep):
+    fig = compare.sweep_figure(compare.find_runs([sweep]), "batch_size", "method")
+    ax = fig.axes[0]
+    assert len(lines(ax)) == 3 and ax.get_xscale() == "linear"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bn", "msr"]
+
+
+def test_signal_prop_series_and_figure(tmp_path):
+    for m in ("bn", "msr"):
+        for s in SEEDS:
+            folder = tmp_path / f"{m}-{s}"
+            write_run(folder, m, 128, s)
+            (folder / "signal_prop.jsonl").write_text("".join(
+                json.dumps({"epoch": e, "block": b, "name": f"b{b}", "depth": 1 + 2 * b,
+                            "avg_sq_mean": (1 + e) * 0.1 * (b + 1), "avg_var": 1.0, "branch_var": None}) + "\n"
+                for e in (0, 1) for b in range(4)))
+    write_run(tmp_path / "no-signal-prop", "bn", 8, 0)
+    runs = compare.find_runs([tmp_path])
+    series, skipped = compare.signal_prop_series(runs, "method", 1)
+    assert [label for label, _ in series] == ["bn", "bn", "msr", "msr"] and skipped == []
+    assert [r["avg_sq_mean"] for r in series[0][1]] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    fig = compare.signal_prop_figure(series)
+    for ax in fig.axes[:2]:
+        assert len(lines(ax)) == 4 and len({line.get_color() for line in lines(ax)}) == 2
+        assert ax.get_yscale() == "log"
+    compare.main(["--signal-prop", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "signal_prop_epoch0.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------- errors
+
+def error_of(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(a) for a in argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_clear_errors(sweep, tmp_path, capsys):
+    err = error_of(capsys, tmp_path / "empty", "--out", tmp_path / "out")
+    assert "no runs under" in err and str(tmp_path / "empty") in err and "Traceback" not in err
+    assert "not a folder" in error_of(capsys, tmp_path / "nowhere")
+
+    err = error_of(capsys, sweep, "--by", "method.zmg_alpha", "--out", tmp_path / "out")
+    # The 6 bn runs lack it: named (5 of them, then a count), with the keys they do have.
+    assert "6 of 11 runs have no key 'method.zmg_alpha'" in err and "and 1 more" in err
+    assert str(sweep / "bn-1024-0") in err and "optimizer.lr" in err and "batch_size" in err
+    assert "have no key 'lr_typo'" in error_of(capsys, sweep, "--x", "lr_typo", "--out", tmp_path / "out")
+
+    err = error_of(capsys, "--signal-prop", sweep, "--out", tmp_path / "out")
+    assert "none of the 11 runs has signal_prop.jsonl" in err and "trainer.signal_prop=true" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "msr_train.compare", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.startswith("msr-compare: error: no runs under") and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------- TensorBoard
+
+def test_tensorboard_layout_overlays_runs_and_hparams_show_final_and_best(tmp_path):
+    log = RunLog(tmp_path, make_cfg("method=bn"))
+    log.log({"examples_seen": 128, "test_acc": 0.5, "best_test_acc": 0.5})
+    log.close({"status": "completed"})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert list(charts) == list(COMPARE_CHARTS)
+    # Each chart's regex picks its own tag (in every run) and no other.
+    tags = [*TB_TAGS.values(), "test/acc_old", "signal_prop/avg_var/block_000"]
+    for title, (regex,) in charts.items():
+        assert [t for t in tags if re.search(regex, t)] == [title]
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    metrics = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos]
+    assert metrics == ["test/acc", "test/best_acc"]

@@ -1,0 +1,171 @@
+"""Nothing lost: kills, signals, torn checkpoints, divergence, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from msr_train.checkpoint import find_checkpoint, save_checkpoint
+from msr_train.errors import ConfigError
+
+# Augmentation and MSR noise both draw random numbers: resuming must restore them exactly.
+RUN = ["dataset=synthetic", "dataset.synthetic_train=512", "dataset.synthetic_test=128", "dataset.image_size=12",
+       "dataset.augment=crop_flip", "model=resnet8", "method=msr", "batch_size=32", "epochs=2",
+       "trainer.eval_every=5", "trainer.progress_bar=false"]
+
+
+def cli(*args, cwd):
+    return [sys.executable, "-m", "msr_train.cli", *args], dict(cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def run(*args, cwd):
+    cmd, kw = cli(*args, cwd=cwd)
+    return subprocess.run(cmd, **kw)
+
+
+def records(run_dir):
+    """metrics.jsonl without the timing fields, which differ between any two runs."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_time_s")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_run(a, b):
+    assert records(a) == records(b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uninterrupted")
+    res = run(*RUN, f"hydra.run.dir={d / 'run'}", cwd=d)
+    assert res.returncode == 0, res.stderr
+    assert [r["step"] for r in records(d / "run")] == [5, 10, 15, 16, 20, 25, 30, 32]
+    return d / "run"
+
+
+def wait_for_checkpoint(proc, run_dir, min_step):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        try:
+            if torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] >= min_step:
+                return
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    cmd, kw = cli(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, run_dir, min_step=16)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = run(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Resuming" in res.stderr
+    assert_same_run(run_dir, uninterrupted)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    cmd, kw = cli(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, run_dir, min_step=5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "SIGTERM" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert find_checkpoint(run_dir / "checkpoints")[0]["step"] == summary["step"]  # saved where it stopped
+    res = run(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    # The third checkpoint write (step 15) tears its file and kills the process mid-write.
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        calls, real_save = [0], torch.save
+        def dying_save(obj, f, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:
+                f.write(b"PK\\x03\\x04 torn")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *args, **kwargs)
+        torch.save = dying_save
+        sys.argv = ["msr-train", *{RUN + [f"hydra.run.dir={run_dir}"]!r}]
+        from msr_train.cli import main
+        main()
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL
+    assert list((run_dir / "checkpoints").glob(".last.pt.*.tmp"))  # the torn write is there...
+    state, path = find_checkpoint(run_dir / "checkpoints")
+    assert state["step"] == 10 and path.name == "last.pt"  # ...but last.pt is the previous one, intact
+    res = run(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0 and "Resuming" in res.stderr and "at step 10" in res.stderr
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    save_checkpoint(tmp_path, {"step": 1})
+    save_checkpoint(tmp_path, {"step": 2})
+    assert find_checkpoint(tmp_path)[0]["step"] == 2
+    full = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(full[: len(full) // 2])  # truncated
+    state, path = find_checkpoint(tmp_path)
+    assert state["step"] == 1 and path.name == "prev.pt"
+    assert "last.pt is unreadable" in capsys.readouterr().err
+    (tmp_path / "prev.pt").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        find_checkpoint(tmp_path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_checkpoint_cannot_carry_code(tmp_path):
+    torch.save({"step": 1, "evil": Payload()}, tmp_path / "last.pt")
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        find_checkpoint(tmp_path)
+
+
+def test_resuming_with_other_settings_or_never_is_refused(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    res = run(*RUN, "trainer.max_steps=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = run(*RUN, "trainer.max_steps=5", "method.noise_delta=0.2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 2 and "method.noise_delta: 0.1 -> 0.2" in res.stderr
+    res = run(*RUN, "trainer.max_steps=5", "trainer.resume=never", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 2 and "trainer.resume=auto" in res.stderr
+
+
+def test_divergence_stops_one_run_and_a_sweep_goes_on(tmp_path):
+    res = run("-m", "dataset=synthetic", "dataset.synthetic_train=256", "dataset.image_size=12", "model=resnet8",
+              "method=none", "batch_size=32", "epochs=1", "trainer.log_every=1", "trainer.progress_bar=false",
+              "optimizer.lr=1e6,0.05", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summaries = {s["lr"]: s for s in (json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json"))}
+    assert summaries[1e6]["status"] == "diverged" and summaries[1e6]["step"] >= 1
+    assert summaries[0.05]["status"] == "completed" and summaries[0.05]["final_test_acc"] is not None
+    assert "diverged at step" in res.stderr
