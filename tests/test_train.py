@@ -57,29 +57,26 @@ def test_lr_scaling(scaling, expected):
     assert scaled_lr(cfg, 128) == pytest.approx(0.1)
 
 
-def test_warmup_then_cosine_and_multistep():
+def lr_trace(scheduler_overrides, steps_per_epoch=10, total_steps=30):
+    """The lr at every step of a 3-epoch run under the scheduler these overrides make."""
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = build_scheduler(make_cfg("scheduler=cosine", "scheduler.warmup_epochs=1").scheduler, opt,
-                            steps_per_epoch=10, total_steps=30)
+    sched = build_scheduler(make_cfg(*scheduler_overrides).scheduler, opt, steps_per_epoch=steps_per_epoch,
+                            total_steps=total_steps)
     lrs = []
-    for _ in range(30):
+    for _ in range(total_steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_warmup_then_cosine_and_multistep():
+    lrs = lr_trace(["scheduler=cosine", "scheduler.warmup_epochs=1"])
     assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
     assert lrs[10] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.5) and lrs[-1] < 0.01
-
-    opt = torch.optim.SGD([p], lr=1.0)
-    sched = build_scheduler(make_cfg("scheduler=multistep", "scheduler.milestones=[1,2]").scheduler, opt,
-                            steps_per_epoch=10, total_steps=30)
-    lrs = []
-    for _ in range(30):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = lr_trace(["scheduler=multistep", "scheduler.milestones=[1,2]"])
     assert lrs[9] == 1.0 and lrs[10] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.01)
-
 
 def test_top5_is_reported_for_more_than_ten_classes(tmp_path):
     train(make_cfg(*QUICK, "dataset.num_classes=20", "trainer.max_steps=2"), tmp_path / "r")
