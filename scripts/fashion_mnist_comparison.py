@@ -44,8 +44,8 @@ def run(cmd: list[str], run_dir: Path) -> dict:
 
 
 def cell(summaries: list[dict]) -> str:
-    accs = [s["final_test_acc"] * 100 for s in summaries if s.get("final_test_acc") is not None]
-    if len(accs) < len(summaries) or not accs:
+    accs = [s["final_test_acc"] * 100 for s in summaries if s["status"] == "completed"]
+    if len(accs) < len(summaries):
         return " / ".join(sorted({s["status"].split(" (")[0] for s in summaries}))
     mean = sum(accs) / len(accs)
     if len(accs) == 1:
