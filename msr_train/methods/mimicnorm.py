@@ -1,0 +1,91 @@
+"""MimicNorm (Fei et al., AAAI 2021, arXiv 2010.09278): weight mean and one last
+BatchNorm in place of BatchNorm layers.
+
+MimicNorm keeps two of BN's effects with two light operations: zero-mean filters, which
+(by the paper's neural-tangent-kernel argument) whiten the activations and put the
+network in BN's chaotic regime, and one BatchNorm on the logits, which autotunes the
+effective learning rate. The network is otherwise unnormalised, which saves the memory of
+the per-layer BN activations.
+
+Follows ../shared/METHODS.md ("mimicnorm") and the authors' code (Kid-key/MimicNorm,
+Cifar100/main.py ``meanweigh``, Cifar100/models/resnet_nobn.py, vgg_nobn.py). Choices
+made here where the sources leave room, each configurable in conf/method/mimicnorm.yaml:
+
+- Weight mean W <- W - mean_(in,kh,kw) W per output channel, once at init and after every
+  optimizer step, for convs with groups = 1 and fan-in in*kh*kw > ``min_fan_in`` = 50,
+  as the authors' CIFAR code (its ``meanweigh``): a stem conv on 1-3 input channels is
+  left alone (the code does not say why; a zero-mean stem filter would be blind to the
+  image's brightness and colour level). 0 projects every conv. Linear layers are never
+  projected (the authors' line for them is commented out).
+- Conv init N(0, (``init_gain`` * sqrt(2 / fan_in))^2) with ``init_gain`` = 1.2
+  (~ 1/sqrt(1 - 1/pi)); the authors' ResNet code instead draws N(0, 2/fan_in) and
+  multiplies the projection shortcut by a learnable 1.2, which is the same shortcut at
+  init. Linear layers: N(0, 2/fan_in) (the authors' code). All biases start at 0.
+- Convs have a bias (``conv_bias``), as in the authors' code: with BN gone nothing else
+  offsets a channel.
+- Residual branch l (1-based, counted over the whole network in forward order) ends in
+  a learnable scalar initialised to ``branch_gain`` ** (convs in the branch) / l: 1.2^2/l
+  for basic blocks as METHODS.md states, 1.2^3/l for bottlenecks as the authors' code.
+- The last BN (BatchNorm1d on the logits, affine=False) uses batch statistics in
+  training and running statistics in evaluation, like any BN; it cannot train on one
+  example per micro-batch, which checks.check_batchnorm_trainable reports up front.
+- The paper recommends 1-2 epochs of learning-rate warmup: set scheduler.warmup_epochs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import BranchGain, Method
+
+
+class MimicNorm(Method):
+    name = "mimicnorm"
+
+    def check(self, cfg):
+        if not (cfg.init_gain > 0 and cfg.branch_gain > 0 and cfg.min_fan_in >= 0):
+            raise ConfigError(f"method.init_gain={cfg.init_gain!r} and method.branch_gain={cfg.branch_gain!r} "
+                              f"must be > 0 and method.min_fan_in={cfg.min_fan_in!r} >= 0 "
+                              "(defaults 1.2, 1.2, 50)")
+
+    def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
+        return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=self.cfg.conv_bias)
+
+    def head(self, in_features, num_classes):
+        return nn.Sequential(nn.Linear(in_features, num_classes), nn.BatchNorm1d(num_classes, affine=False))
+
+    def branch_end(self):
+        return BranchGain()
+
+    def finalize(self, model):
+        self._centred = []
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                nn.init.normal_(m.weight, std=self.cfg.init_gain * math.sqrt(2.0 / fan_in))
+                if m.groups == 1 and fan_in > self.cfg.min_fan_in:
+                    self._centred.append(m.weight)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        # Branches are registered in forward order; a branch is the Sequential its gain ends.
+        branches = [m for m in model.modules()
+                    if isinstance(m, nn.Sequential) and any(isinstance(c, BranchGain) for c in m.children())]
+        for index, branch in enumerate(branches, start=1):
+            convs = sum(isinstance(c, nn.Conv2d) for c in branch.modules())
+            gain = next(c for c in branch.children() if isinstance(c, BranchGain))
+            nn.init.constant_(gain.gain, self.cfg.branch_gain ** convs / index)
+        self._centre_weights()
+
+    @torch.no_grad()
+    def _centre_weights(self):
+        for w in self._centred:
+            w.sub_(w.mean(dim=(1, 2, 3), keepdim=True))
+
+    def after_step(self, model, optimizer):
+        self._centre_weights()

@@ -1,0 +1,208 @@
+"""Normalizer-Free ResNets (Brock, De, Smith, ICLR 2021, arXiv 2101.08692) with Adaptive
+Gradient Clipping from NFNets (Brock, De, Smith, Simonyan, ICML 2021, arXiv 2102.06171).
+
+BatchNorm keeps the residual stream's variance in check and removes the mean shift that
+ReLUs create. NF-ResNets do both analytically: every residual block computes
+h + alpha * f(h / beta) with beta = sqrt(the stream's expected variance), so each branch
+sees unit-variance input and the variance grows by a known alpha^2 per block; Scaled
+Weight Standardization makes every conv variance-preserving and zero-mean, which removes
+the mean shift. AGC clips each output unit's gradient relative to its weight norm, which
+replaces BN's tolerance of large learning rates and batches.
+
+Follows ../shared/METHODS.md ("nf") and the authors' code (google-deepmind/
+deepmind-research, nfnets/: base.py WSConv2D and StochDepth, nf_resnet.py NFResBlock,
+agc_optax.py, experiment_nfnets.py). Choices made here where the sources leave room (the
+knobs are in conf/method/nf.yaml):
+
+- gamma (the activation's variance-restoring constant) multiplies the standardized
+  weight of every conv that reads an activation, i.e. every conv but the stem (which
+  reads the image, gamma = 1). The authors bake gamma into the activation instead; the
+  network is the same, except that the activation before global pooling is unscaled
+  here (the classifier absorbs the constant).
+- Transition blocks (stride or width change) take their shortcut through a Scaled WS
+  1x1 conv applied to h / beta, as NF prescribes, also in CIFAR ResNets whose recipe uses
+  option-A shortcuts: the variance reset at a transition assumes the shortcut starts a
+  fresh, unit-variance stream, which a zero-padded shortcut does not.
+- Expected variance: 1 before the first block, += alpha^2 after every block, reset to
+  1 + alpha^2 after a transition block. The authors reset at every stage's first block,
+  which is always a transition in their networks; here a stage whose first block keeps
+  stride and width (ResNet-18/34 stage 1) does not reset, since its shortcut is h itself.
+- SkipInit: a learnable scalar, initialised to 0, ends every residual branch
+  (``skipinit``; off gives no scalar, used to check signal propagation at init).
+- AGC (``agc_clip`` = lambda; 0 or null disables) covers every parameter except the
+  classifier's (weight and bias). Units as in agc_optax.unitwise_norm: a conv filter over
+  its whole fan-in, a linear row, and a vector or scalar parameter (WS gains, biases,
+  SkipInit scalars) as one unit; the 1e-3 floor on the weight norm lets zero-initialised
+  parameters move. Default lambda = 0.16, the largest value of the paper's ablation:
+  lambda = 0.01 is for batches of 1024-4096, small batches tolerate larger thresholds,
+  and this project trains at batch 1-256, where a tight threshold mostly slows the
+  zero-initialised SkipInit scalars and biases (at most lambda * 1e-3 per step at first).
+- Weight decay is off for vector and scalar parameters (gains, biases, SkipInit), as in
+  experiment_nfnets.py.
+- Stochastic depth (``stochastic_depth`` = the rate of a notional block past the last;
+  block i of n drops with rate * i / n, as nf_resnet.py) drops the whole residual branch
+  per sample in training. The kept branches are scaled by 1 / keep so evaluation needs no
+  rescaling (the authors' StochDepth leaves them unscaled, which makes evaluation see a
+  slightly larger residual than training did).
+- ``dropout`` before the classifier defaults to 0, for the short small-data runs this
+  project makes; the authors' ImageNet models use 0.2-0.5 (nfnets/base.py).
+- Init: conv weights N(0, 1/fan_in) (the authors' VarianceScaling; WS makes the scale
+  irrelevant), WS gains 1, conv biases 0; classifier N(0, 0.01^2) with zero bias
+  (nf_resnet.py's default).
+- VGG has no residual blocks: it gets the Scaled WS convs (and AGC), nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import BranchGain, Method
+
+#: The activations METHODS.md lists, with gamma = 1 / sqrt(Var[act(z)]) for z ~ N(0, 1).
+ACTIVATIONS = {
+    "relu": (nn.ReLU, 1.7139588594436646),
+    "silu": (nn.SiLU, 1.7881293296813965),
+    "gelu": (nn.GELU, 1.7015043497085571),
+    "identity": (nn.Identity, 1.0),
+}
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv with Scaled Weight Standardization, a learnable gain and a bias:
+    W_hat = gain * gamma * (W - mean) / sqrt(max(N * var, eps)), per output channel over
+    the fan-in N."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
+                 gamma: float, eps: float = 1e-4):
+        super().__init__(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
+        self.gamma, self.eps = gamma, eps
+        self.gain = nn.Parameter(torch.ones(out_ch))
+        nn.init.normal_(self.weight, std=self.weight[0].numel() ** -0.5)
+        nn.init.zeros_(self.bias)
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
+        scale = torch.rsqrt(torch.clamp(var * w[0].numel(), min=self.eps))
+        return (w - mean) * scale * (self.gain * self.gamma).view(-1, 1, 1, 1)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, gamma={self.gamma}"
+
+
+class NFJoin(nn.Module):
+    """h + alpha * branch(act(h) / beta); at a transition the shortcut reads act(h) / beta
+    too. ``beta`` and ``drop_rate`` (stochastic depth) depend on the block's position and
+    are set by ``NormalizerFree.finalize``."""
+
+    def __init__(self, act: nn.Module, alpha: float, transition: bool):
+        super().__init__()
+        self.act, self.alpha, self.transition = act, alpha, transition
+        self.beta = 1.0
+        self.drop_rate = 0.0
+
+    def forward(self, x, branch: nn.Module, shortcut: nn.Module):
+        pre = self.act(x) / self.beta
+        out = branch(pre)
+        if self.training and self.drop_rate > 0:
+            keep = 1.0 - self.drop_rate
+            mask = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(keep)
+            out = out * mask / keep
+        return (shortcut(pre) if self.transition else x) + self.alpha * out
+
+    def extra_repr(self):
+        return (f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.transition}, "
+                f"drop_rate={self.drop_rate:.4f}")
+
+
+class Classifier(nn.Sequential):
+    """Dropout, then the linear layer producing logits; marks the parameters AGC skips."""
+
+
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm per output unit, broadcastable against ``x``: over each row's fan-in for
+    matrices and conv kernels (dim 0 indexes the units), over the whole tensor for vectors
+    and scalars."""
+    if x.dim() <= 1:
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_(grad: torch.Tensor, param: torch.Tensor, clip: float, eps: float = 1e-3) -> None:
+    """AGC in place: where ||G|| > clip * max(||W||, eps) for a unit, rescale that unit's
+    G to exactly that norm."""
+    max_norm = unitwise_norm(param).clamp_min(eps) * clip
+    # A zero gradient gives a huge ratio, clamped to 1: left as is.
+    grad.mul_((max_norm / unitwise_norm(grad).clamp_min(1e-12)).clamp_max(1.0))
+
+
+class NormalizerFree(Method):
+    name = "nf"
+    preactivation = True
+    needs_projection_shortcut = True
+
+    def check(self, cfg):
+        problems = []
+        if cfg.activation not in ACTIVATIONS:
+            problems.append(f"method.activation={cfg.activation!r} must be one of {', '.join(ACTIVATIONS)}")
+        if not cfg.alpha > 0:
+            problems.append(f"method.alpha={cfg.alpha!r} must be > 0 (NF-ResNets use 0.2)")
+        for key in ("stochastic_depth", "dropout"):
+            if not 0 <= cfg[key] < 1:
+                problems.append(f"method.{key}={cfg[key]!r} must be in [0, 1); 0 disables it")
+        if cfg.agc_clip is not None and not cfg.agc_clip >= 0:
+            problems.append(f"method.agc_clip={cfg.agc_clip!r} must be >= 0; 0 or null disables AGC")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
+        gamma = 1.0 if role == "stem" else ACTIVATIONS[self.cfg.activation][1]
+        return WSConv2d(in_ch, out_ch, kernel_size, stride, gamma=gamma)
+
+    def act(self):
+        # Not in place: the join needs h itself after computing act(h).
+        return ACTIVATIONS[self.cfg.activation][0]()
+
+    def head(self, in_features, num_classes):
+        linear = nn.Linear(in_features, num_classes)
+        nn.init.normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        return Classifier(nn.Dropout(self.cfg.dropout), linear)
+
+    def branch_end(self):
+        return BranchGain(0.0) if self.cfg.skipinit else nn.Identity()
+
+    def residual_join(self, transition):
+        return NFJoin(self.act(), self.cfg.alpha, transition)
+
+    def finalize(self, model):
+        # Joins are registered in forward order, so the expected variance can be walked.
+        joins = [m for m in model.modules() if isinstance(m, NFJoin)]
+        var = 1.0
+        for i, join in enumerate(joins):
+            join.beta = math.sqrt(var)
+            join.drop_rate = self.cfg.stochastic_depth * i / len(joins)
+            var = (1.0 if join.transition else var) + self.cfg.alpha ** 2
+        unclipped = {id(p) for m in model.modules() if isinstance(m, Classifier) for p in m.parameters()}
+        self._clipped = [p for p in model.parameters() if id(p) not in unclipped]
+
+    def param_groups(self, model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() > 1]},
+                {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def before_step(self, model, optimizer):
+        if not self.cfg.agc_clip:
+            return
+        for p in self._clipped:
+            if p.grad is not None:
+                adaptive_clip_(p.grad, p, self.cfg.agc_clip)

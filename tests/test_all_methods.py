@@ -1,0 +1,104 @@
+"""Every architecture with every registered method, built from the shipped configs:
+builds, takes three optimizer steps at batch 1 and at batch 32 with a finite loss (the
+steps are train.py's, hooks included), and evaluates. Where BatchNorm cannot train on a
+batch of one, the up-front check must say so instead.
+
+ResNet-34 repeats ResNet-18's basic blocks and ResNet-101 / -152 repeat ResNet-50's
+bottlenecks: they exercise no code their smaller siblings do not, at several times the
+cost, and run only with MSR_TRAIN_SLOW_TESTS=1.
+"""
+
+import copy
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from msr_train.checks import check_batchnorm_trainable
+from msr_train.errors import ConfigError
+from msr_train.methods import METHODS, build_method
+from msr_train.models import ARCHITECTURES, build_model
+from msr_train.optim import build_optimizer
+from msr_train.train import evaluate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+METHOD_CFGS = {name: OmegaConf.load(CONF / "method" / f"{name}.yaml") for name in METHODS}
+OPTIMIZER_CFG = OmegaConf.load(CONF / "optimizer" / "sgd.yaml")
+# The shipped lr is for batch 128; scale it down as a run at batch 1 or 32 would.
+OPTIMIZER_CFG.lr_scaling = "linear"
+SHAPE = (1, 16, 16)
+NUM_CLASSES = 3
+STEPS = 3
+SLOW = pytest.mark.skipif(os.environ.get("MSR_TRAIN_SLOW_TESTS") != "1",
+                          reason="a smaller sibling's blocks, repeated; set MSR_TRAIN_SLOW_TESTS=1")
+MODELS = [pytest.param(name, marks=SLOW) if name in ("resnet34", "resnet101", "resnet152") else name
+          for name in ARCHITECTURES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from more threads, and a second thread makes the
+    run many times slower when other processes compete for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batchnorm_fails_on_one_example(model, x1) -> bool:
+    """PyTorch's own verdict, on a copy: does a training-mode forward on one example
+    raise BatchNorm's "Expected more than 1 value per channel"?"""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(x1)
+    except ValueError as e:
+        assert "Expected more than 1 value per channel" in str(e)
+        return True
+    return False
+
+
+def batch(size):
+    return torch.randn(size, *SHAPE), torch.randint(0, NUM_CLASSES, (size,))
+
+
+def train_steps(method, model, optimizer, batch_size) -> list[float]:
+    losses = []
+    for _ in range(STEPS):
+        x, y = batch(batch_size)
+        loss = F.cross_entropy(model(x), y)
+        reg = method.regularization(model)
+        (loss if reg is None else loss + reg).backward()
+        method.before_step(model, optimizer)
+        optimizer.step()
+        method.after_step(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method_name", list(METHODS))
+@pytest.mark.parametrize("model_name", MODELS)
+def test_every_model_trains_with_every_method(model_name, method_name):
+    torch.manual_seed(0)
+    method = build_method(METHOD_CFGS[method_name])
+    model = build_model(model_name, method, in_channels=SHAPE[0], num_classes=NUM_CLASSES, image_size=SHAPE[1])
+    for batch_size in (1, 32):
+        if batch_size == 1 and batchnorm_fails_on_one_example(model, batch(1)[0]):
+            with pytest.raises(ConfigError, match="BatchNorm") as err:
+                check_batchnorm_trainable(model, batch_size, SHAPE)
+            assert "batch_size" in str(err.value) and "method=" in str(err.value)  # names the fixes
+            continue
+        check_batchnorm_trainable(model, batch_size, SHAPE)
+        optimizer = build_optimizer(OPTIMIZER_CFG, method.param_groups(model), batch_size)
+        losses = train_steps(method, model, optimizer, batch_size)
+        assert all(math.isfinite(v) for v in losses), losses
+    metrics = evaluate(model, [batch(32)], NUM_CLASSES)
+    assert math.isfinite(metrics["test_loss"]) and 0 <= metrics["test_acc"] <= 1
+    assert model.training  # evaluate hands the model back in training mode

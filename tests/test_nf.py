@@ -1,0 +1,208 @@
+"""NF-ResNets: Scaled WS, the variance budget of the residual stream, AGC, stochastic depth.
+Every expectation is computed here from the formulas in METHODS.md ("nf"), not by
+calling the code under test."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import make_cfg
+from msr_train.methods import build_method
+from msr_train.methods.nf import NFJoin, WSConv2d
+from msr_train.models import build_model
+from msr_train.models.resnet import ResidualBlock
+
+RELU_GAMMA = 1.7139588594436646
+
+
+def nf_method(*overrides):
+    return build_method(make_cfg("method=nf", *(f"method.{o}" for o in overrides)).method)
+
+
+def stem_conv(model):
+    return model.stem[0] if hasattr(model, "stem") else model.features[0]
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 224), ("vgg11", 32)])
+def test_scaled_weight_standardization(name, size):
+    torch.manual_seed(0)
+    model = build_model(name, nf_method(), in_channels=3, num_classes=10, image_size=size)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(c, WSConv2d) for c in convs)
+    for conv in convs:
+        with torch.no_grad():
+            conv.gain.uniform_(0.5, 2.0)
+            conv.bias.normal_()
+        gamma = 1.0 if conv is stem_conv(model) else RELU_GAMMA
+        n = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        w = conv.weight.detach().double()
+        gain = conv.gain.detach().double().view(-1, 1, 1, 1)
+        w_hat = conv.standardized_weight().detach().double()
+
+        filters = w_hat.flatten(1)
+        assert filters.mean(1).abs().max() < 1e-6
+        expected_var = (gamma * conv.gain.detach().double()) ** 2 / n
+        torch.testing.assert_close(filters.var(1, unbiased=False), expected_var, rtol=1e-4, atol=0)
+
+        # The layer's output equals a conv with the weight written out from the formula.
+        sigma = w.std((1, 2, 3), unbiased=False, keepdim=True)
+        ref = gain * gamma * (w - w.mean((1, 2, 3), keepdim=True)) / (sigma * math.sqrt(n))
+        xin = torch.randn(1, conv.in_channels, 5, 5)
+        expected = F.conv2d(xin.double(), ref, conv.bias.detach().double(), conv.stride, conv.padding)
+        torch.testing.assert_close(conv(xin).detach().double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_standardization_floor_keeps_a_constant_filter_finite():
+    conv = WSConv2d(4, 2, 3, gamma=RELU_GAMMA)
+    with torch.no_grad():
+        conv.weight.fill_(0.3)
+    w_hat = conv.standardized_weight()
+    assert torch.isfinite(w_hat).all() and w_hat.abs().max() == 0
+
+
+def test_transitions_get_projection_shortcuts_in_cifar_resnets():
+    model = build_model("resnet20", nf_method(), in_channels=3, num_classes=10, image_size=32)
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    transitions = [b for b in blocks if b.join.transition]
+    assert len(transitions) == 2
+    for b in transitions:
+        assert isinstance(b.shortcut[0], WSConv2d) and b.shortcut[0].kernel_size == (1, 1)
+        assert b.shortcut[0].gamma == RELU_GAMMA  # it reads act(h) / beta
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 32)])
+def test_residual_stream_variance_follows_the_expected_variance(name, size):
+    """At init on a unit Gaussian batch (SkipInit off), the stream's variance after block k
+    of a stage is 1 + k * alpha^2, reset to 1 + alpha^2 after each transition, and Scaled
+    WS keeps the channel means near 0 (no mean shift)."""
+    torch.manual_seed(0)
+    alpha = 0.2
+    model = build_model(name, nf_method("skipinit=false", "stochastic_depth=0", f"alpha={alpha}"),
+                        in_channels=3, num_classes=10, image_size=size, small_input=True).eval()
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    measured = []
+    for b in blocks:
+        b.register_forward_hook(lambda m, i, out: measured.append(
+            (out.var(dim=(0, 2, 3)).mean().item(), (out.mean(dim=(0, 2, 3)) ** 2).mean().item())))
+    with torch.no_grad():
+        model(torch.randn(16, 3, size, size))
+
+    expected, betas = [], []
+    var = 1.0
+    for b in blocks:
+        betas.append(math.sqrt(var))
+        transition = not isinstance(b.shortcut, nn.Identity)
+        var = (1.0 if transition else var) + alpha ** 2
+        expected.append(var)
+    assert [b.join.beta for b in blocks] == pytest.approx(betas)
+    for k, ((v, sq_mean), e) in enumerate(zip(measured, expected, strict=True)):
+        assert abs(v / e - 1) < 0.25, f"block {k}: variance {v:.3f}, expected {e:.3f}"
+        assert sq_mean < 0.05 * e, f"block {k}: squared channel mean {sq_mean:.4f}"
+
+
+def reference_agc(grad, weight, clip, eps=1e-3):
+    """AGC written out unit by unit: rows of a matrix / filters of a conv kernel, and a
+    vector or scalar as a single unit."""
+    out = grad.clone()
+    units = [...] if grad.dim() <= 1 else range(grad.shape[0])
+    for u in units:
+        g_norm = math.sqrt(float((grad[u] ** 2).sum()))
+        w_norm = max(math.sqrt(float((weight[u] ** 2).sum())), eps)
+        if g_norm > clip * w_norm:
+            out[u] = grad[u] * (clip * w_norm / g_norm)
+    return out
+
+
+def test_agc_equals_the_formula_and_spares_the_classifier():
+    torch.manual_seed(0)
+    clip = 0.05
+    method = nf_method(f"agc_clip={clip}")
+    model = build_model("resnet8", method, in_channels=3, num_classes=10, image_size=32)
+    head = {id(p) for p in model.head.parameters()}
+    assert len(head) == 2
+    for p in model.parameters():
+        with torch.no_grad():
+            p.normal_()
+        # Per unit, gradients from far below to far above the threshold; one all-zero unit.
+        units = (p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() > 1 else ()
+        p.grad = torch.randn_like(p) * 10 ** torch.empty(units).uniform_(-4, 1)
+        if p.dim() > 1:
+            p.grad[0] = 0
+    expected = {id(p): reference_agc(p.grad, p.detach(), clip) for p in model.parameters()}
+    before = {id(p): p.grad.clone() for p in model.parameters()}
+
+    method.before_step(model, optimizer=None)
+
+    clipped = kept = 0
+    for p in model.parameters():
+        if id(p) in head:
+            assert torch.equal(p.grad, before[id(p)])
+            continue
+        torch.testing.assert_close(p.grad, expected[id(p)], rtol=1e-5, atol=0)
+        changed = (p.grad != before[id(p)]).flatten(1).any(1) if p.dim() > 1 else (p.grad != before[id(p)]).any()
+        clipped += int(changed.sum())
+        kept += int((~changed).sum())
+    assert clipped > 10 and kept > 10  # both branches of the formula were exercised
+    # The head's gradients alone would have been clipped: sparing them is a real choice.
+    assert any(not torch.equal(reference_agc(p.grad, p.detach(), clip), p.grad) for p in model.head.parameters())
+
+
+def test_agc_disabled():
+    for clip in ("0", "null"):
+        method = nf_method(f"agc_clip={clip}")
+        model = build_model("resnet8", method, in_channels=3, num_classes=10, image_size=32)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e3)
+        method.before_step(model, optimizer=None)
+        assert all((p.grad == 1e3).all() for p in model.parameters())
+
+
+def test_stochastic_depth_drops_whole_branches_per_sample_in_training_only():
+    torch.manual_seed(0)
+    join = NFJoin(nn.ReLU(), alpha=0.5, transition=False)
+    join.drop_rate = 0.25
+    def branch(h):
+        return torch.ones_like(h)
+
+    x = torch.zeros(4000, 3, 2, 2)
+    out = join(x, branch, nn.Identity())
+    per_sample = out.flatten(1)
+    assert (per_sample == per_sample[:, :1]).all()  # one decision per sample
+    values = per_sample[:, 0]
+    kept = values != 0
+    torch.testing.assert_close(values[kept], torch.full_like(values[kept], 0.5 / 0.75))
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    join.eval()
+    assert (join(x, branch, nn.Identity()) == 0.5).all()
+
+
+def test_stochastic_depth_rate_grows_linearly_with_block_index():
+    model = build_model("resnet20", nf_method("stochastic_depth=0.3"), in_channels=3, num_classes=10, image_size=32)
+    rates = [m.drop_rate for m in model.modules() if isinstance(m, NFJoin)]
+    assert rates == pytest.approx([0.3 * i / 9 for i in range(9)])
+
+
+def test_skipinit_and_classifier():
+    model = build_model("resnet20", nf_method("dropout=0.3"), in_channels=3, num_classes=10, image_size=32)
+    gains = [b.branch[-1].gain for b in model.modules() if isinstance(b, ResidualBlock)]
+    assert len(gains) == 9 and all(g.item() == 0 and g.requires_grad for g in gains)
+    assert isinstance(model.head[0], nn.Dropout) and model.head[0].p == 0.3
+    assert isinstance(model.head[1], nn.Linear)
+    # SkipInit: every block is the identity at init.
+    block = next(b for b in model.modules() if isinstance(b, ResidualBlock) and not b.join.transition)
+    x = torch.randn(4, 16, 32, 32)
+    torch.testing.assert_close(block(x), x)
+
+
+def test_gains_biases_and_skipinit_scalars_get_no_weight_decay():
+    method = nf_method()
+    model = build_model("resnet8", method, in_channels=3, num_classes=10, image_size=32)
+    decayed, free = method.param_groups(model)
+    assert "weight_decay" not in decayed and free["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in free["params"]} == {n for n in names.values() if n.endswith(("gain", "bias"))}
+    assert {names[id(p)] for p in decayed["params"]} == {n for n in names.values() if n.endswith("weight")}
