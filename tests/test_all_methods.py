@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import train_steps
 from msr_train.checks import check_batchnorm_trainable
 from msr_train.errors import ConfigError
 from msr_train.methods import METHODS, build_method
@@ -68,21 +68,6 @@ def batch(size):
     return torch.randn(size, *SHAPE), torch.randint(0, NUM_CLASSES, (size,))
 
 
-def train_steps(method, model, optimizer, batch_size) -> list[float]:
-    losses = []
-    for _ in range(STEPS):
-        x, y = batch(batch_size)
-        loss = F.cross_entropy(model(x), y)
-        reg = method.regularization(model)
-        (loss if reg is None else loss + reg).backward()
-        method.before_step(model, optimizer)
-        optimizer.step()
-        method.after_step(model, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("method_name", list(METHODS))
 @pytest.mark.parametrize("model_name", MODELS)
 def test_every_model_trains_with_every_method(model_name, method_name):
@@ -97,7 +82,7 @@ def test_every_model_trains_with_every_method(model_name, method_name):
             continue
         check_batchnorm_trainable(model, batch_size, SHAPE)
         optimizer = build_optimizer(OPTIMIZER_CFG, method.param_groups(model), batch_size)
-        losses = train_steps(method, model, optimizer, batch_size)
+        losses = train_steps(model, method, optimizer, [batch(batch_size) for _ in range(STEPS)])
         assert all(math.isfinite(v) for v in losses), losses
     metrics = evaluate(model, [batch(32)], NUM_CLASSES)
     assert math.isfinite(metrics["test_loss"]) and 0 <= metrics["test_acc"] <= 1

@@ -65,7 +65,7 @@ def test_zmg_is_the_exact_projection_and_alpha_is_partial():
 
 
 @pytest.mark.parametrize("optimizer", [
-    ["optimizer=sgd", "optimizer.momentum=0.9", "optimizer.weight_decay=5e-4", "optimizer.lr=0.1"],
+    ["optimizer=sgd", "optimizer.momentum=0.9", "optimizer.weight_decay=5e-4", "optimizer.lr=0.02"],
     ["optimizer=adamw", "optimizer.weight_decay=0.05", "optimizer.lr=1e-3"],
 ])
 @pytest.mark.parametrize("model,cross", [("resnet8", False), ("bottleneck", True)])

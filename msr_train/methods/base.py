@@ -12,8 +12,6 @@ it changes.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -107,9 +105,3 @@ class Method:
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Parameters have just been updated by the optimizer."""
 
-
-def conv_weights(model: nn.Module, min_kernel: int = 1) -> Iterable[nn.Conv2d]:
-    """The model's Conv2d layers whose kernels are at least ``min_kernel`` wide."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and min(m.kernel_size) >= min_kernel:
-            yield m
