@@ -1,0 +1,65 @@
+"""Data loading from local files: IDX (MNIST format), ImageFolder, augmentation."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_cfg
+from msr_train.data import _read_idx, build_data, crop_flip
+from msr_train.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_local_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 28, 28)) for s, n in (("train", 40), ("t10k", 10))}
+    labels = {s: rng.integers(0, 10, len(images[s])) for s in images}
+    for s in images:
+        write_idx(tmp_path / f"{s}-images-idx3-ubyte.gz", images[s])
+        write_idx(tmp_path / f"{s}-labels-idx1-ubyte.gz", labels[s])
+    assert np.array_equal(_read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), images["t10k"])
+    cfg = make_cfg("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false").dataset
+    info, train, test = build_data(cfg, batch_size=8, eval_batch_size=4, seed=0, device=CPU)
+    assert (info.in_channels, info.image_size, info.train_size, info.test_size) == (1, 28, 40, 10)
+    assert len(train) == 5 and len(test) == 3
+    x, y = next(iter(test))
+    expected = (torch.tensor(images["t10k"][:4], dtype=torch.float32)[:, None] / 255 - 0.1307) / 0.3081
+    assert torch.allclose(x, expected, atol=1e-5) and y.tolist() == labels["t10k"][:4].tolist()
+
+
+def test_imagefolder_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    cfg = make_cfg("dataset=imagenet", f"dataset.root={tmp_path}", "dataset.image_size=32",
+                   "dataset.num_workers=0", "dataset.num_classes=2").dataset
+    info, train, test = build_data(cfg, batch_size=2, eval_batch_size=4, seed=0, device=CPU)
+    assert (info.train_size, info.test_size, info.image_size) == (6, 6, 32)
+    x, y = next(iter(train))
+    assert x.shape == (2, 3, 32, 32) and set(y.tolist()) <= {0, 1}
+    with pytest.raises(ConfigError, match="ImageFolder"):
+        build_data(make_cfg("dataset=imagenet", f"dataset.root={tmp_path / 'nowhere'}").dataset,
+                   batch_size=2, eval_batch_size=2, seed=0, device=CPU)
+
+
+def test_crop_flip_returns_shifted_or_mirrored_crops_of_the_padded_image():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    out = crop_flip(x, torch.Generator().manual_seed(3), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(2):
+        crops = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        candidates = crops + [c.flip(-1) for c in crops]
+        assert any(torch.equal(out[b], c) for c in candidates)
