@@ -36,6 +36,25 @@ from .signal_prop import conv_mean_shift, record_signal_prop
 RESUMABLE_CHANGES = ("trainer.", "dataset.root", "dataset.download", "dataset.num_workers")
 
 
+def train_step(model, method, optimizer, x, y, accumulate: int = 1):
+    """One optimizer step over ``accumulate`` equal micro-batches, with the method's hooks.
+    With BatchNorm each micro-batch is normalised with its own statistics. Returns the
+    summed data loss and the number of correct predictions, as tensors (no device sync)."""
+    loss_sum = correct = 0
+    for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
+        logits = model(xm)
+        loss = F.cross_entropy(logits, ym)
+        reg = method.regularization(model)
+        ((loss if reg is None else loss + reg) / accumulate).backward()
+        loss_sum = loss_sum + loss.detach() * len(ym)
+        correct = correct + (logits.argmax(1) == ym).sum()
+    method.before_step(model, optimizer)
+    optimizer.step()
+    method.after_step(model, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, correct
+
+
 @torch.no_grad()
 def evaluate(model, batches, num_classes: int) -> dict:
     model.eval()
@@ -217,20 +236,10 @@ def train(cfg, out_dir: Path) -> dict:
                        leave=False)
             tick = time.perf_counter()
             for x, y in train_batches:
-                # One optimizer step over `accumulate` equal micro-batches. With BatchNorm each
-                # micro-batch is normalised with its own statistics.
-                for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
-                    logits = model(xm)
-                    loss = F.cross_entropy(logits, ym)
-                    reg = method.regularization(model)
-                    ((loss if reg is None else loss + reg) / accumulate).backward()
-                    window_loss += loss.detach() * len(ym)
-                    window_correct += (logits.argmax(1) == ym).sum()
+                loss_sum, correct = train_step(model, method, optimizer, x, y, accumulate)
+                window_loss += loss_sum
+                window_correct += correct
                 loop["window_n"] += len(y)
-                method.before_step(model, optimizer)
-                optimizer.step()
-                method.after_step(model, optimizer)
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
                 bar.update()

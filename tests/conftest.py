@@ -23,17 +23,7 @@ def method_cfg(name: str, **overrides):
 
 
 def train_steps(model, method, optimizer, batches):
-    """The loop's step (msr_train.train), without logging: returns the losses."""
-    import torch.nn.functional as F
-    losses = []
+    """The loop's optimizer step (msr_train.train.train_step) on each batch: the losses."""
+    from msr_train.train import train_step
     model.train()
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        reg = method.regularization(model)
-        (loss if reg is None else loss + reg).backward()
-        method.before_step(model, optimizer)
-        optimizer.step()
-        method.after_step(model, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return [float(train_step(model, method, optimizer, x, y)[0]) / len(y) for x, y in batches]
