@@ -158,8 +158,8 @@ def train(cfg, out_dir: Path) -> dict:
         cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=t.eval_batch_size, seed=cfg.seed, device=device)
     model = build_model(cfg.model.name, method, in_channels=info.in_channels, num_classes=info.num_classes,
                         image_size=info.image_size, small_input=cfg.model.get("small_input", "auto")).to(device)
-    check_batchnorm_trainable(model, cfg.batch_size // accumulate,
-                              (info.in_channels, info.image_size, info.image_size))
+    input_shape = (info.in_channels, info.image_size, info.image_size)
+    check_batchnorm_trainable(model, cfg.batch_size // accumulate, input_shape)
     optimizer = build_optimizer(cfg.optimizer, method.param_groups(model), cfg.batch_size)
     steps_per_epoch = len(train_batches)
     total_steps = cfg.epochs * steps_per_epoch
@@ -178,19 +178,20 @@ def train(cfg, out_dir: Path) -> dict:
         set_rng_state(resumed["rng"], device)
         note(f"Resuming {out_dir} at step {loop['step']} of {total_steps}")
     log = RunLog(out_dir, cfg, tensorboard=t.tensorboard, resume_step=None if resumed is None else loop["step"])
-    input_shape = (info.in_channels, info.image_size, info.image_size)
     if t.signal_prop:
         # Records of epochs the resumed run will redo are dropped, like metrics.jsonl's.
         truncate_jsonl(out_dir / SIGNAL_PROP_FILE, lambda r: r["epoch"] * steps_per_epoch <= loop["step"])
         if resumed is None:
             record_signal_prop(model, out_dir, 0, log.writer, input_shape, device)
-    probe = next(iter(test_batches))[0][:64]  # a fixed test batch for the per-layer mean shift
+    # A fixed test batch on which each evaluation logs the per-layer mean shift.
+    probe = next(iter(test_batches))[0][:64] if log.writer is not None else None
 
     step, status = loop["step"], "completed"
     started, earlier_wall_time = time.perf_counter(), loop["wall_time"]
 
     def wall_time() -> float:  # across resumptions
         return earlier_wall_time + time.perf_counter() - started
+
     # Training loss and accuracy since the last evaluation, summed on the device.
     window_loss = torch.tensor(loop["window_loss"], device=device)
     window_correct = torch.tensor(loop["window_correct"], device=device)
