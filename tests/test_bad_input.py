@@ -9,19 +9,20 @@ from hypothesis import strategies as st
 from conftest import make_cfg
 from msr_train.checks import check_writable
 from msr_train.errors import ConfigError
+from msr_train.methods import METHODS
 from msr_train.train import train
 
 BASE = ["dataset=synthetic", "dataset.synthetic_train=64", "dataset.synthetic_test=16", "dataset.image_size=8",
-        "model=resnet8", "method=msr", "batch_size=8", "epochs=1", "trainer.max_steps=2",
+        "model=resnet8", "batch_size=8", "epochs=1", "trainer.max_steps=2",
         "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.checkpoint=false"]
 
 KEYS = ["batch_size", "epochs", "seed", "trainer.accumulate", "trainer.max_steps", "trainer.eval_every",
         "trainer.eval_batch_size", "trainer.log_every", "trainer.cpu_threads", "trainer.accelerator",
         "trainer.resume", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "optimizer.lr_scaling",
-        "optimizer.base_batch_size", "scheduler.warmup_epochs", "dataset.train_size", "dataset.test_size",
-        "method.noise_delta", "method.noise_shift", "method.zmg_alpha", "method.scale_init",
-        "method.init_magnitude", "method.anchor_weight", "method.lr_mult.conv", "method.stem_bias",
-        "method.zmg_cross_channel"]
+        "optimizer.base_batch_size", "scheduler.warmup_epochs", "dataset.train_size", "dataset.test_size"]
+# Each method's own keys, from the rules its check() applies.
+METHOD_KEYS = {name: [f"method.{k}" for k in (*cls.number_rules, *cls.flag_keys)] for name, cls in METHODS.items()}
+METHOD_KEYS["nf"] += ["method.activation", "method.agc_clip"]
 
 # Values as a user types them on the command line (Hydra's override grammar).
 VALUES = st.one_of(
@@ -32,10 +33,17 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(KEYS), value=VALUES)
-def test_any_value_trains_or_fails_clearly(tmp_path_factory, key, value):
-    cfg = make_cfg(*BASE, f"{key}={value}")
+@st.composite
+def method_and_key(draw):
+    method = draw(st.sampled_from(sorted(METHODS)))
+    return method, draw(st.sampled_from(KEYS + METHOD_KEYS[method]))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method_key=method_and_key(), value=VALUES)
+def test_any_value_trains_or_fails_clearly(tmp_path_factory, method_key, value):
+    method, key = method_key
+    cfg = make_cfg(*BASE, f"method={method}", f"{key}={value}")
     threads = torch.get_num_threads()
     try:
         summary = train(cfg, tmp_path_factory.mktemp("run"))

@@ -136,8 +136,8 @@ def test_soft_anchors_match_a_direct_computation():
     expected = 0.0
     for m in net.modules():
         if isinstance(m, nn.Conv2d) and m.role != "stem":
-            expected += sum((float(f.norm()) - 1) ** 2 for f in m.weight)
-    expected += sum((float(r.norm()) - 1) ** 2 for r in net.head.weight)
+            expected += sum((float(f.detach().norm()) - 1) ** 2 for f in m.weight)
+    expected += sum((float(r.detach().norm()) - 1) ** 2 for r in net.head.weight)
     assert float(method.regularization(net)) == pytest.approx(0.01 * expected, rel=1e-5)
     assert build(anchor_weight=0)[1].regularization(net) is None
 

@@ -12,8 +12,14 @@ it changes.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+
+from ..checks import is_number
+from ..errors import ConfigError
 
 
 class BranchGain(nn.Module):
@@ -48,6 +54,10 @@ class Method:
     #: Transitions need a (1x1 conv) projection shortcut even where the architecture
     #: would use a parameter-free one (CIFAR ResNets' option A).
     needs_projection_shortcut = False
+    #: method.<key> -> (test, what is allowed): numbers that check() validates.
+    number_rules: dict[str, tuple[Callable[[float], bool], str]] = {}
+    #: method.<key> that must be true or false.
+    flag_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -87,6 +97,13 @@ class Method:
     # ------------------------------------------------------------------ hooks
     def check(self, cfg) -> None:
         """Reject a configuration this method cannot train, before any work is done."""
+        for key, (ok, allowed) in self.number_rules.items():
+            value = OmegaConf.select(cfg, key)
+            if not (is_number(value) and ok(value)):
+                raise ConfigError(f"method.{key}={value!r} must be {allowed}")
+        for key in self.flag_keys:
+            if not isinstance(cfg[key], bool):
+                raise ConfigError(f"method.{key}={cfg[key]!r} must be true or false")
 
     def finalize(self, model: nn.Module) -> None:
         """Called once on the built model: initialisation and per-block constants."""

@@ -52,7 +52,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .base import Method
 
 
@@ -117,10 +116,10 @@ class BNPConv2d(Preconditioned, nn.Conv2d):
 class BNPreconditioning(Method):
     name = "bnp"
 
-    def check(self, cfg):
-        if not (0 < cfg.momentum <= 1 and cfg.eps > 0):
-            raise ConfigError(f"method.momentum={cfg.momentum!r} must be in (0, 1] and method.eps={cfg.eps!r} "
-                              "> 0 (defaults 0.1 and 1e-5, BatchNorm's)")
+    number_rules = {
+        "momentum": (lambda v: 0 < v <= 1, "in (0, 1] (default 0.1, BatchNorm's)"),
+        "eps": (lambda v: v > 0, "a number > 0 (default 1e-5, BatchNorm's)"),
+    }
 
     def _stats(self) -> dict:
         return {"momentum": self.cfg.momentum, "eps": self.cfg.eps}

@@ -39,18 +39,18 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .base import BranchGain, Method
 
 
 class MimicNorm(Method):
     name = "mimicnorm"
 
-    def check(self, cfg):
-        if not (cfg.init_gain > 0 and cfg.branch_gain > 0 and cfg.min_fan_in >= 0):
-            raise ConfigError(f"method.init_gain={cfg.init_gain!r} and method.branch_gain={cfg.branch_gain!r} "
-                              f"must be > 0 and method.min_fan_in={cfg.min_fan_in!r} >= 0 "
-                              "(defaults 1.2, 1.2, 50)")
+    number_rules = {
+        "init_gain": (lambda v: v > 0, "a number > 0 (default 1.2)"),
+        "branch_gain": (lambda v: v > 0, "a number > 0 (default 1.2)"),
+        "min_fan_in": (lambda v: v >= 0, "a number >= 0 (0 projects every conv; default 50)"),
+    }
+    flag_keys = ("conv_bias",)
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=self.cfg.conv_bias)

@@ -38,8 +38,6 @@ import math
 import torch
 from torch import nn
 
-from ..checks import is_number
-from ..errors import ConfigError
 from .base import Method
 
 
@@ -101,23 +99,17 @@ def zero_mean_init_(weight: torch.Tensor, magnitude: float) -> None:
 class MeanShiftRejection(Method):
     name = "msr"
 
-    def check(self, cfg):
-        rules = [
-            ("init_magnitude", cfg.init_magnitude, lambda v: v > 0, "a number > 0"),
-            ("scale_init", cfg.scale_init, lambda v: v > 0, "a number > 0 (exp(theta) at init)"),
-            ("zmg_alpha", cfg.zmg_alpha, lambda v: 0 <= v <= 1, "in [0, 1] (1 = exact projection)"),
-            ("noise_delta", cfg.noise_delta, lambda v: v >= 0, "a number >= 0 (0 = no multiplicative noise)"),
-            ("noise_shift", cfg.noise_shift, lambda v: v >= 0, "a number >= 0 (0 = no additive noise)"),
-            ("anchor_weight", cfg.anchor_weight, lambda v: v >= 0, "a number >= 0 (0 = no norm anchors)"),
-            ("lr_mult.conv", cfg.lr_mult.conv, lambda v: v >= 0, "a number >= 0"),
-            ("lr_mult.other", cfg.lr_mult.other, lambda v: v >= 0, "a number >= 0"),
-        ]
-        for key, value, ok, allowed in rules:
-            if not (is_number(value) and ok(value)):
-                raise ConfigError(f"method.{key}={value!r} must be {allowed}")
-        for key in ("stem_bias", "zmg_cross_channel"):
-            if not isinstance(cfg[key], bool):
-                raise ConfigError(f"method.{key}={cfg[key]!r} must be true or false")
+    number_rules = {
+        "init_magnitude": (lambda v: v > 0, "a number > 0"),
+        "scale_init": (lambda v: v > 0, "a number > 0 (exp(theta) at init)"),
+        "zmg_alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (1 = exact projection)"),
+        "noise_delta": (lambda v: v >= 0, "a number >= 0 (0 = no multiplicative noise)"),
+        "noise_shift": (lambda v: v >= 0, "a number >= 0 (0 = no additive noise)"),
+        "anchor_weight": (lambda v: v >= 0, "a number >= 0 (0 = no norm anchors)"),
+        "lr_mult.conv": (lambda v: v >= 0, "a number >= 0"),
+        "lr_mult.other": (lambda v: v >= 0, "a number >= 0"),
+    }
+    flag_keys = ("stem_bias", "zmg_cross_channel")
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         return ZeroMeanConv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,

@@ -59,6 +59,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import is_number
 from ..errors import ConfigError
 from .base import BranchGain, Method
 
@@ -149,19 +150,19 @@ class NormalizerFree(Method):
     preactivation = True
     needs_projection_shortcut = True
 
+    number_rules = {
+        "alpha": (lambda v: v > 0, "a number > 0 (NF-ResNets use 0.2)"),
+        "stochastic_depth": (lambda v: 0 <= v < 1, "in [0, 1); 0 disables it"),
+        "dropout": (lambda v: 0 <= v < 1, "in [0, 1); 0 disables it"),
+    }
+    flag_keys = ("skipinit",)
+
     def check(self, cfg):
-        problems = []
+        super().check(cfg)
         if cfg.activation not in ACTIVATIONS:
-            problems.append(f"method.activation={cfg.activation!r} must be one of {', '.join(ACTIVATIONS)}")
-        if not cfg.alpha > 0:
-            problems.append(f"method.alpha={cfg.alpha!r} must be > 0 (NF-ResNets use 0.2)")
-        for key in ("stochastic_depth", "dropout"):
-            if not 0 <= cfg[key] < 1:
-                problems.append(f"method.{key}={cfg[key]!r} must be in [0, 1); 0 disables it")
-        if cfg.agc_clip is not None and not cfg.agc_clip >= 0:
-            problems.append(f"method.agc_clip={cfg.agc_clip!r} must be >= 0; 0 or null disables AGC")
-        if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError(f"method.activation={cfg.activation!r} must be one of {', '.join(ACTIVATIONS)}")
+        if cfg.agc_clip is not None and not (is_number(cfg.agc_clip) and cfg.agc_clip >= 0):
+            raise ConfigError(f"method.agc_clip={cfg.agc_clip!r} must be a number >= 0; 0 or null disables AGC")
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         gamma = 1.0 if role == "stem" else ACTIVATIONS[self.cfg.activation][1]
