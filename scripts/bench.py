@@ -1,0 +1,490 @@
+#!/usr/bin/env python
+"""Speed and memory of the trainer on this machine: the runner, the methods, their hooks, the data.
+
+Everything is measured in one run and reported as ratios between things measured side by
+side, because absolute numbers on a shared CPU drift. Things that are compared are
+interleaved (A, B, C, A, B, C, ... with the order rotated every round) and each number is
+the median over ``--repeats`` rounds. Nothing is asserted: the script only reports.
+
+Sections (``--sections``):
+
+1. Runner overhead. ``train(cfg, out_dir)`` on a config composed like the CLI's
+   (``trainer.max_steps=N``, tensorboard, checkpoints and progress bar off, a 1000-image
+   test set so the closing evaluation stays short) against a bare hand-written loop: the
+   same model built the same way, the same batches from the same in-memory TensorBatches,
+   forward / cross-entropy (+ the method's regularization) / backward / before_step /
+   optimizer step / after_step / zero_grad, nothing else. Both start from a freshly built
+   model and time their first N steps, at ``optimizer.lr=0.01`` (at the default lr msr
+   diverges at batch 1 within 20 steps, and the runner stops on divergence). Startup (config, data loading, model building) and
+   the final evaluation would dominate a short run, so the runner's rate is N divided by
+   its own ``train_time_s`` (the loop from the first batch to the last step, evaluation and
+   checkpoints excluded); the bare loop is timed over the same span.
+2. Methods. For every (model, method): the optimizer step (``train.train_step``) on one
+   fixed Fashion-MNIST batch (1x28x28, 10 classes), repeated, all methods of a model
+   interleaved: img/s. Peak memory: a CPU has no allocator statistic, so each
+   (model, method) runs in a fresh subprocess that builds everything, resets the kernel's
+   peak-RSS counter (``/proc/self/clear_refs``), runs two steps and reports the rise of
+   VmHWM over the RSS before the steps: activations, gradients, optimizer state and the
+   allocator's slack, but not the weights or the data. At the small batch sizes the
+   steps/s of every method on the first model.
+3. Hook shares, on the first model at the largest batch size. Hooks that run between
+   backward and the optimizer step are timed in place (a wrapper around the method's
+   before_step / after_step inside the real train_step): ZMG (msr before_step), AGC (nf
+   before_step), BNP preconditioning (bnp before_step), weight mean (mimicnorm
+   after_step). Work spread through forward and backward is measured by difference
+   against an otherwise identical model (same seed, same weights) without it: MSR noise
+   (``method.noise_delta=0 method.noise_shift=0``), MSR norm anchors
+   (``method.anchor_weight=0``), BNP statistics tracking (tracking switched off on the
+   layers). Each share is a percentage of the full step of that method.
+4. Data path. Iterating TensorBatches over Fashion-MNIST at the largest batch size, with
+   ``augment=none`` and ``augment=crop_flip``: img/s of the batches alone.
+
+A Markdown summary (machine, command, tables) ends the output; ``--out FILE`` writes it.
+
+    python scripts/bench.py --out docs/benchmarks.md.tables
+    python scripts/bench.py --quick --sections 1,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+
+from msr_train.checks import check_batchnorm_trainable
+from msr_train.data import build_data
+from msr_train.errors import ConfigError
+from msr_train.methods import METHODS, build_method
+from msr_train.methods.bnp import Preconditioned
+from msr_train.models import build_model
+from msr_train.optim import build_optimizer
+from msr_train.train import train, train_step
+
+INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
+
+
+# ----------------------------------------------------------------------------- building
+def make_cfg(*overrides: str):
+    """The full run config for these command-line overrides, composed as the CLI does."""
+    with initialize_config_module("msr_train.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def build(model_name: str, method_name: str, batch_size: int, *overrides: str):
+    """(cfg, model, method, optimizer) built as train() builds them, in training mode."""
+    cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
+                   "dataset=fashion_mnist", *overrides)
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg.method)
+    model = build_model(cfg.model.name, method, in_channels=INPUT_SHAPE[0], num_classes=cfg.dataset.num_classes,
+                        image_size=INPUT_SHAPE[-1], small_input=cfg.model.get("small_input", "auto"))
+    check_batchnorm_trainable(model, batch_size, INPUT_SHAPE)
+    optimizer = build_optimizer(cfg.optimizer, method.param_groups(model), batch_size)
+    model.train()
+    return cfg, model, method, optimizer
+
+
+_batches: dict[tuple[int, str], object] = {}
+
+
+def train_batches(batch_size: int, augment: str = "none"):
+    """Fashion-MNIST training batches (TensorBatches, in memory), loaded once per setting."""
+    key = (batch_size, augment)
+    if key not in _batches:
+        cfg = make_cfg(f"batch_size={batch_size}", f"dataset.augment={augment}")
+        _batches[key] = build_data(cfg.dataset, batch_size=batch_size, eval_batch_size=1000, seed=cfg.seed,
+                                   device=torch.device("cpu"))[1]
+    return _batches[key]
+
+
+def fixed_batch(batch_size: int):
+    batches = train_batches(batch_size)
+    batches.set_epoch(0)
+    return next(iter(batches))
+
+
+# ----------------------------------------------------------------------------- timing
+def interleaved(runs: dict, repeats: int) -> dict[str, list]:
+    """Call every run once per round, rotating the order each round; returns each run's
+    results, one per round. A run is a callable returning its measurement."""
+    names = list(runs)
+    results = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(runs[name]())
+    return results
+
+
+def timed_steps(model, method, optimizer, x, y, steps: int) -> float:
+    """Seconds per train_step, over ``steps`` steps."""
+    tick = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, method, optimizer, x, y)
+    return (time.perf_counter() - tick) / steps
+
+
+class HookTimer:
+    """Replaces a method's hook by itself plus a stopwatch; ``take()`` returns the seconds
+    spent in the hook since the last call."""
+
+    def __init__(self, method, hook: str):
+        self.inner, self.spent = getattr(method, hook), 0.0
+        setattr(method, hook, self)
+
+    def __call__(self, *args):
+        tick = time.perf_counter()
+        self.inner(*args)
+        self.spent += time.perf_counter() - tick
+
+    def take(self) -> float:
+        spent, self.spent = self.spent, 0.0
+        return spent
+
+
+# ----------------------------------------------------------------------------- 1. runner
+#: At the default lr, msr at batch 1 diverges within ~20 steps and the runner stops there;
+#: a smaller lr keeps both loops on finite numbers (NaN arithmetic has its own speed).
+RUNNER_OVERRIDES = ("optimizer.lr=0.01",)
+
+
+def runner_rate(model_name: str, method_name: str, batch_size: int, steps: int, threads: int) -> float:
+    """Steps/s of train() over its own training time (see the module docstring)."""
+    cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
+                   "dataset=fashion_mnist", "dataset.test_size=1000", f"trainer.max_steps={steps}",
+                   "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}", "trainer.tensorboard=false",
+                   "trainer.checkpoint=false", "trainer.progress_bar=false", "trainer.resume=never", *RUNNER_OVERRIDES)
+    with tempfile.TemporaryDirectory() as out_dir:
+        summary = train(cfg, Path(out_dir))
+    return summary["step"] / summary["train_time_s"]
+
+
+def bare_rate(model_name: str, method_name: str, batch_size: int, steps: int) -> float:
+    """Steps/s of a hand-written loop over the same model, batches and hooks."""
+    _, model, method, optimizer = build(model_name, method_name, batch_size, *RUNNER_OVERRIDES)
+    batches = train_batches(batch_size)
+    batches.set_epoch(0)
+    tick = time.perf_counter()
+    for _, (x, y) in zip(range(steps), batches):
+        loss = F.cross_entropy(model(x), y)
+        reg = method.regularization(model)
+        (loss if reg is None else loss + reg).backward()
+        method.before_step(model, optimizer)
+        optimizer.step()
+        method.after_step(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return steps / (time.perf_counter() - tick)
+
+
+def section_runner(args) -> list[dict]:
+    rows = []
+    model_name, method_name = args.models[0], args.runner_method
+    for batch_size in args.batch_sizes:
+        steps = args.runner_steps_small if batch_size < 32 else args.runner_steps_large
+        train_batches(batch_size)  # load the data before timing anything
+        res = interleaved({
+            "runner": lambda: runner_rate(model_name, method_name, batch_size, steps, args.threads),
+            "bare": lambda: bare_rate(model_name, method_name, batch_size, steps),
+        }, args.repeats)
+        ratios = [r / b for r, b in zip(res["runner"], res["bare"])]
+        rows.append({"model": model_name, "method": method_name, "batch": batch_size, "steps": steps,
+                     "runner": statistics.median(res["runner"]), "bare": statistics.median(res["bare"]),
+                     "ratio": statistics.median(ratios)})
+        log(f"[1] {model_name}/{method_name} batch {batch_size}: runner {rows[-1]['runner']:.2f} steps/s, "
+            f"bare {rows[-1]['bare']:.2f} steps/s, ratio {rows[-1]['ratio']:.3f}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. methods
+def memory_probe(model_name: str, method_name: str, batch_size: int, threads: int) -> None:
+    """Run in a fresh subprocess: prints the peak RSS rise (MiB) over two training steps."""
+    torch.set_num_threads(threads)
+    _, model, method, optimizer = build(model_name, method_name, batch_size)
+    x, y = fixed_batch(batch_size)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = proc_status_kib("VmRSS")
+    for _ in range(2):
+        train_step(model, method, optimizer, x, y)
+    print(json.dumps({"peak_mib": (proc_status_kib("VmHWM") - before) / 1024}))
+
+
+def proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(model_name: str, method_name: str, batch_size: int, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", model_name, method_name, str(batch_size),
+                          "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])["peak_mib"]
+
+
+def method_steppers(model_name: str, methods: list[str], batch_size: int, steps: int) -> tuple[dict, dict]:
+    """Per method a run timing ``steps`` train_steps on one fixed batch (after one warm-up
+    step), and the methods that cannot train at this batch size, with the reason."""
+    x, y = fixed_batch(batch_size)
+    runs, skipped = {}, {}
+    for name in methods:
+        try:
+            _, model, method, optimizer = build(model_name, name, batch_size)
+        except ConfigError as e:
+            skipped[name] = str(e).split(";")[0]
+            continue
+        train_step(model, method, optimizer, x, y)
+        runs[name] = lambda m=model, me=method, o=optimizer: timed_steps(m, me, o, x, y, steps)
+    return runs, skipped
+
+
+def section_methods(args) -> tuple[list[dict], list[dict]]:
+    large = max(args.batch_sizes)
+    rows = []
+    for model_name in args.models:
+        steps = max(1, round(args.method_images / large / STEP_COST.get(model_name, 1)))
+        runs, skipped = method_steppers(model_name, args.methods, large, steps)
+        times = {k: statistics.median(v) for k, v in interleaved(runs, args.repeats).items()}
+        for name in args.methods:
+            row = {"model": model_name, "method": name, "batch": large}
+            if name in times:
+                row["img_s"] = large / times[name]
+                row["mem"] = peak_memory(model_name, name, large, args.threads)
+            else:
+                row["skipped"] = skipped[name]
+            rows.append(row)
+            log(f"[2] {model_name}/{name} batch {large}: " + (
+                f"{row['img_s']:.0f} img/s, peak +{row['mem']:.0f} MiB" if "img_s" in row else row["skipped"]))
+    small_rows = []
+    for batch_size in sorted(b for b in args.batch_sizes if b != large):
+        runs, skipped = method_steppers(args.models[0], args.methods, batch_size, args.small_batch_steps)
+        times = {k: statistics.median(v) for k, v in interleaved(runs, args.repeats).items()}
+        for name in args.methods:
+            row = {"model": args.models[0], "method": name, "batch": batch_size}
+            if name in times:
+                row["steps_s"] = 1 / times[name]
+            else:
+                row["skipped"] = skipped[name]
+            small_rows.append(row)
+            log(f"[2] {args.models[0]}/{name} batch {batch_size}: " + (
+                f"{row['steps_s']:.1f} steps/s" if "steps_s" in row else row["skipped"]))
+    return rows, small_rows
+
+
+#: Rough step time relative to resnet20, to give every model about the same timing budget.
+STEP_COST = {"resnet18": 8.0, "vgg11": 2.0}
+
+
+# ----------------------------------------------------------------------------- 3. hooks
+def _skip_tracking(h):
+    """Stands in for Preconditioned._track to switch BNP's statistics off."""
+
+
+def section_hooks(args) -> list[dict]:
+    model_name, batch_size = args.models[0], max(args.batch_sizes)
+    x, y = fixed_batch(batch_size)
+    variants = {  # name -> (method, overrides)
+        "msr": ("msr", ()),
+        "msr without noise": ("msr", ("method.noise_delta=0", "method.noise_shift=0")),
+        "msr without anchors": ("msr", ("method.anchor_weight=0",)),
+        "nf": ("nf", ()),
+        "bnp": ("bnp", ()),
+        "bnp without tracking": ("bnp", ()),
+        "mimicnorm": ("mimicnorm", ()),
+    }
+    timed_hooks = {"msr": "before_step", "nf": "before_step", "bnp": "before_step", "mimicnorm": "after_step"}
+    runs, timers = {}, {}
+    for name, (method_name, overrides) in variants.items():
+        _, model, method, optimizer = build(model_name, method_name, batch_size, *overrides)
+        if name == "bnp without tracking":
+            for layer in model.modules():
+                if isinstance(layer, Preconditioned):
+                    layer._track = _skip_tracking
+        if name in timed_hooks:
+            timers[name] = HookTimer(method, timed_hooks[name])
+        train_step(model, method, optimizer, x, y)
+
+        def run(name=name, model=model, method=method, optimizer=optimizer):
+            step = timed_steps(model, method, optimizer, x, y, args.hook_steps)
+            hook = timers[name].take() / args.hook_steps if name in timers else 0.0
+            return step, hook
+
+        if name in timers:
+            timers[name].take()  # drop the warm-up step's time
+        runs[name] = run
+    res = interleaved(runs, args.repeats)
+    step = {k: [s for s, _ in v] for k, v in res.items()}
+
+    def in_place(name, hook):
+        shares = [h / s for s, h in res[name]]
+        return {"hook": hook, "method": name, "how": f"timed in {timed_hooks[name]}",
+                "ms": 1e3 * statistics.median(h for _, h in res[name]),
+                "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
+
+    def by_difference(hook, name, without):
+        shares = [(a - b) / a for a, b in zip(step[name], step[without])]
+        return {"hook": hook, "method": name, "how": f"step minus '{without}' step",
+                "ms": 1e3 * statistics.median(a - b for a, b in zip(step[name], step[without])),
+                "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
+
+    rows = [in_place("msr", "ZMG (gradient projection)"),
+            by_difference("MeanShiftNoise (forward + backward)", "msr", "msr without noise"),
+            by_difference("norm anchors (regularization)", "msr", "msr without anchors"),
+            in_place("nf", "AGC"),
+            in_place("bnp", "BNP preconditioning"),
+            by_difference("BNP statistics tracking", "bnp", "bnp without tracking"),
+            in_place("mimicnorm", "weight mean")]
+    for row in rows:
+        log(f"[3] {row['hook']}: {row['ms']:.2f} ms of {row['step_ms']:.1f} ms ({100 * row['share']:.1f}%)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- 4. data
+def section_data(args) -> list[dict]:
+    batch_size = max(args.batch_sizes)
+
+    def run(batches):
+        batches.set_epoch(0)
+        tick = time.perf_counter()
+        n = sum(len(y) for _, (x, y) in zip(range(args.data_batches), batches))
+        return n / (time.perf_counter() - tick)
+
+    sources = {augment: train_batches(batch_size, augment) for augment in ("none", "crop_flip")}
+    res = interleaved({k: (lambda b=b: run(b)) for k, b in sources.items()}, args.repeats)
+    rows = [{"augment": k, "batch": batch_size, "img_s": statistics.median(v)} for k, v in res.items()]
+    for row in rows:
+        log(f"[4] TensorBatches augment={row['augment']} batch {batch_size}: {row['img_s']:.0f} img/s")
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(args, results: dict, command: str, elapsed: float) -> str:
+    out = [f"Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+           f"{args.threads} threads (torch.set_num_threads); Python {platform.python_version()}.",
+           f"Command: `{command}` ({elapsed / 60:.1f} min). Medians of {args.repeats} interleaved rounds.", ""]
+    if "runner" in results:
+        out += ["### 1. Runner overhead", "", table(
+            ["model", "method", "batch", "steps timed", "runner steps/s", "bare loop steps/s", "runner / bare"],
+            [[r["model"], r["method"], r["batch"], r["steps"], f"{r['runner']:.2f}", f"{r['bare']:.2f}",
+              f"{r['ratio']:.3f}"] for r in results["runner"]]), ""]
+    if "methods" in results:
+        rows, small_rows = results["methods"]
+        body = []
+        for r in rows:
+            base = next((b for b in rows if b["model"] == r["model"] and b["method"] == "bn" and "img_s" in b), None)
+            if "skipped" in r:
+                body.append([r["model"], r["method"], r["batch"], "n/a", "n/a", "", "", r["skipped"]])
+                continue
+            body.append([r["model"], r["method"], r["batch"], f"{r['img_s']:.0f}", f"{r['mem']:.0f}",
+                         f"{r['img_s'] / base['img_s']:.2f}" if base else "",
+                         f"{r['mem'] / base['mem']:.2f}" if base else "", ""])
+        out += ["### 2. Methods", "", table(
+            ["model", "method", "batch", "img/s", "peak memory (MiB, RSS rise)", "img/s / bn", "memory / bn",
+             "note"], body), ""]
+        if small_rows:
+            body = []
+            for r in small_rows:
+                base = next((b for b in small_rows if b["batch"] == r["batch"] and b["method"] == "bn"
+                             and "steps_s" in b), None)
+                body.append([r["model"], r["method"], r["batch"],
+                             f"{r['steps_s']:.1f}" if "steps_s" in r else "n/a",
+                             f"{r['steps_s'] / base['steps_s']:.2f}" if base and "steps_s" in r else "",
+                             r.get("skipped", "")])
+            out += [table(["model", "method", "batch", "steps/s", "steps/s / bn", "note"], body), ""]
+    if "hooks" in results:
+        out += ["### 3. Hook shares of the step", "", table(
+            ["hook", "method", "measured as", "ms per step", "full step (ms)", "share of step"],
+            [[r["hook"], r["method"], r["how"], f"{r['ms']:.2f}", f"{r['step_ms']:.1f}", f"{100 * r['share']:.1f}%"]
+             for r in results["hooks"]]), ""]
+    if "data" in results:
+        out += ["### 4. Data path (TensorBatches, Fashion-MNIST)", "", table(
+            ["augment", "batch", "img/s"], [[r["augment"], r["batch"], f"{r['img_s']:.0f}"] for r in results["data"]]),
+            ""]
+    return "\n".join(out)
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", type=int_list, default=[1, 2, 3, 4], help="which sections to run (default 1,2,3,4)")
+    p.add_argument("--models", default="resnet20,resnet18,vgg11",
+                   help="models for section 2; the first one is used by sections 1 and 3 (default %(default)s)")
+    p.add_argument("--methods", default=",".join(["bn", "msr", "nf", "mimicnorm", "bnp", "none"]),
+                   help="methods for section 2 (default: all six)")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 128],
+                   help="section 1 runs each; sections 2-4 use the largest, section 2 also gives steps/s of the "
+                        "others on the first model (default 1,128)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per measurement (default 3)")
+    p.add_argument("--runner-method", default="msr", help="method of section 1 (default: msr, the config default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: resnet20 only, 2 rounds, a few steps")
+    p.add_argument("--out", type=Path, help="also write the Markdown summary to this file")
+    p.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "METHOD", "BATCH"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.models, args.methods = args.models.split(","), args.methods.split(",")
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    # Step counts: per round, per timed run.
+    args.runner_steps_large, args.runner_steps_small = 12, 150
+    args.method_images, args.small_batch_steps, args.hook_steps, args.data_batches = 768, 30, 5, 100
+    if args.quick:
+        args.models, args.repeats = args.models[:1], 2
+        args.runner_steps_large, args.runner_steps_small = 4, 40
+        args.method_images, args.small_batch_steps, args.hook_steps, args.data_batches = 256, 10, 1, 20
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        model_name, method_name, batch_size = args.memory_probe
+        memory_probe(model_name, method_name, int(batch_size), args.threads)
+        return
+    command = shlex.join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
+    started = time.perf_counter()
+    sections = {1: ("runner", section_runner), 2: ("methods", section_methods), 3: ("hooks", section_hooks),
+                4: ("data", section_data)}
+    results = {}
+    for number in args.sections:
+        key, run = sections[number]
+        results[key] = run(args)
+    text = markdown(args, results, command, time.perf_counter() - started)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
