@@ -44,8 +44,7 @@ def train_step(model, method, optimizer, x, y, accumulate: int = 1):
     for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
         logits = model(xm)
         loss = F.cross_entropy(logits, ym)
-        reg = method.regularization(model)
-        ((loss if reg is None else loss + reg) / accumulate).backward()
+        (loss / accumulate).backward()
         loss_sum = loss_sum + loss.detach() * len(ym)
         correct = correct + (logits.argmax(1) == ym).sum()
     method.before_step(model, optimizer)

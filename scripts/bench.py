@@ -12,7 +12,7 @@ Sections (``--sections``):
    (``trainer.max_steps=N``, tensorboard, checkpoints and progress bar off, a 1000-image
    test set so the closing evaluation stays short) against a bare hand-written loop: the
    same model built the same way, the same batches from the same in-memory TensorBatches,
-   forward / cross-entropy (+ the method's regularization) / backward / before_step /
+   forward / cross-entropy / backward / before_step /
    optimizer step / after_step / zero_grad, nothing else. Both start from a freshly built
    model and time their first N steps, at ``optimizer.lr=0.01`` (at the default lr msr
    diverges at batch 1 within 20 steps, and the runner stops on divergence). Startup (config, data loading, model building) and
@@ -177,9 +177,7 @@ def bare_rate(model_name: str, method_name: str, batch_size: int, steps: int) ->
     batches.set_epoch(0)
     tick = time.perf_counter()
     for _, (x, y) in zip(range(steps), batches):
-        loss = F.cross_entropy(model(x), y)
-        reg = method.regularization(model)
-        (loss if reg is None else loss + reg).backward()
+        F.cross_entropy(model(x), y).backward()
         method.before_step(model, optimizer)
         optimizer.step()
         method.after_step(model, optimizer)
@@ -286,12 +284,19 @@ STEP_COST = {"resnet18": 8.0, "vgg11": 2.0}
 
 
 # ----------------------------------------------------------------------------- 3. hooks
-def _skip_tracking(h):
+def _skip_tracking(h, sample_dims):
     """Stands in for Preconditioned._track to switch BNP's statistics off."""
 
 
 def section_hooks(args) -> list[dict]:
-    model_name, batch_size = args.models[0], max(args.batch_sizes)
+    rows = []
+    for batch_size in args.batch_sizes:
+        steps = args.hook_steps if batch_size > 1 else args.small_batch_steps
+        rows += hook_shares(args.models[0], batch_size, steps, args.repeats)
+    return rows
+
+
+def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
     x, y = fixed_batch(batch_size)
     variants = {  # name -> (method, overrides)
         "msr": ("msr", ()),
@@ -302,10 +307,15 @@ def section_hooks(args) -> list[dict]:
         "bnp without tracking": ("bnp", ()),
         "mimicnorm": ("mimicnorm", ()),
     }
-    timed_hooks = {"msr": "before_step", "nf": "before_step", "bnp": "before_step", "mimicnorm": "after_step"}
+    timed_hooks = {"msr without anchors": "before_step", "nf": "before_step", "bnp": "before_step",
+                   "mimicnorm": "after_step"}
     runs, timers = {}, {}
     for name, (method_name, overrides) in variants.items():
-        _, model, method, optimizer = build(model_name, method_name, batch_size, *overrides)
+        try:
+            _, model, method, optimizer = build(model_name, method_name, batch_size, *overrides)
+        except ConfigError as e:  # BatchNorm-based methods at batch 1
+            log(f"[3] {name} at batch {batch_size}: skipped ({e})")
+            continue
         if name == "bnp without tracking":
             for layer in model.modules():
                 if isinstance(layer, Preconditioned):
@@ -315,37 +325,39 @@ def section_hooks(args) -> list[dict]:
         train_step(model, method, optimizer, x, y)
 
         def run(name=name, model=model, method=method, optimizer=optimizer):
-            step = timed_steps(model, method, optimizer, x, y, args.hook_steps)
-            hook = timers[name].take() / args.hook_steps if name in timers else 0.0
+            step = timed_steps(model, method, optimizer, x, y, steps)
+            hook = timers[name].take() / steps if name in timers else 0.0
             return step, hook
 
         if name in timers:
             timers[name].take()  # drop the warm-up step's time
         runs[name] = run
-    res = interleaved(runs, args.repeats)
+    res = interleaved(runs, repeats)
     step = {k: [s for s, _ in v] for k, v in res.items()}
 
     def in_place(name, hook):
         shares = [h / s for s, h in res[name]]
-        return {"hook": hook, "method": name, "how": f"timed in {timed_hooks[name]}",
+        return {"hook": hook, "method": name, "batch": batch_size, "how": f"timed in {timed_hooks[name]}",
                 "ms": 1e3 * statistics.median(h for _, h in res[name]),
                 "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
 
     def by_difference(hook, name, without):
         shares = [(a - b) / a for a, b in zip(step[name], step[without])]
-        return {"hook": hook, "method": name, "how": f"step minus '{without}' step",
+        return {"hook": hook, "method": name, "batch": batch_size, "how": f"step minus '{without}' step",
                 "ms": 1e3 * statistics.median(a - b for a, b in zip(step[name], step[without])),
                 "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
 
-    rows = [in_place("msr", "ZMG (gradient projection)"),
-            by_difference("MeanShiftNoise (forward + backward)", "msr", "msr without noise"),
-            by_difference("norm anchors (regularization)", "msr", "msr without anchors"),
+    rows = [in_place("msr without anchors", "ZMG (gradient projection)"),
+            by_difference("MSR noise (forward + backward)", "msr", "msr without noise"),
+            by_difference("norm anchors (in before_step)", "msr", "msr without anchors"),
             in_place("nf", "AGC"),
             in_place("bnp", "BNP preconditioning"),
-            by_difference("BNP statistics tracking", "bnp", "bnp without tracking"),
-            in_place("mimicnorm", "weight mean")]
+            by_difference("BNP statistics tracking", "bnp", "bnp without tracking")]
+    if "mimicnorm" in res:
+        rows.append(in_place("mimicnorm", "weight mean"))
     for row in rows:
-        log(f"[3] {row['hook']}: {row['ms']:.2f} ms of {row['step_ms']:.1f} ms ({100 * row['share']:.1f}%)")
+        log(f"[3] batch {batch_size} {row['hook']}: {row['ms']:.2f} ms of {row['step_ms']:.1f} ms "
+            f"({100 * row['share']:.1f}%)")
     return rows
 
 
@@ -420,8 +432,8 @@ def markdown(args, results: dict, command: str, elapsed: float) -> str:
             out += [table(["model", "method", "batch", "steps/s", "steps/s / bn", "note"], body), ""]
     if "hooks" in results:
         out += ["### 3. Hook shares of the step", "", table(
-            ["hook", "method", "measured as", "ms per step", "full step (ms)", "share of step"],
-            [[r["hook"], r["method"], r["how"], f"{r['ms']:.2f}", f"{r['step_ms']:.1f}", f"{100 * r['share']:.1f}%"]
+            ["hook", "method", "batch", "measured as", "ms per step", "full step (ms)", "share of step"],
+            [[r["hook"], r["method"], r["batch"], r["how"], f"{r['ms']:.2f}", f"{r['step_ms']:.1f}", f"{100 * r['share']:.1f}%"]
              for r in results["hooks"]]), ""]
     if "data" in results:
         out += ["### 4. Data path (TensorBatches, Fashion-MNIST)", "", table(

@@ -140,6 +140,27 @@ def test_running_statistics_estimate_the_input_distribution(kind, batch):
     assert torch.equal(before[0], layer.running_mean) and torch.equal(before[1], layer.running_var)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_one_statistics_update_matches_the_mixture_formula(kind):
+    """mean <- (1-m) mean + m bm, var <- (1-m) var + m bv + m (1-m) (bm - mean)^2, with the
+    batch moments from ``var_mean`` in float64; the input has a large mean and a small
+    spread, where a naive E[h^2] - E[h]^2 in float32 would cancel."""
+    torch.manual_seed(3)
+    if kind == "linear":
+        layer, h, dims = BNPLinear(8, 2, momentum=0.3, eps=1e-5), 5 + 0.01 * torch.randn(64, 8), (0,)
+    else:
+        layer, h, dims = BNPConv2d(8, 2, 3, momentum=0.3, eps=1e-5), 5 + 0.01 * torch.randn(16, 8, 5, 5), (0, 2, 3)
+    for _ in range(3):  # bring the running mean near the batch's, as in training
+        layer(h)
+    mean, var = layer.running_mean.double(), layer.running_var.double()
+    bv, bm = torch.var_mean(h.double(), dim=dims, correction=0)
+    layer(h)
+    m = 0.3
+    torch.testing.assert_close(layer.running_mean.double(), (1 - m) * mean + m * bm)
+    torch.testing.assert_close(layer.running_var.double(), (1 - m) * var + m * bv + m * (1 - m) * (bm - mean) ** 2,
+                               rtol=1e-4, atol=1e-9)
+
+
 def test_fresh_statistics_precondition_as_the_identity():
     layer = BNPConv2d(3, 4, 3, momentum=0.1, eps=1e-5)
     layer.weight.grad, layer.bias.grad = torch.randn_like(layer.weight), torch.randn_like(layer.bias)

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import method_cfg, train_steps
 from msr_train.methods import build_method
-from msr_train.methods.msr import FilterScale, MeanShiftNoise
+from msr_train.methods.msr import MSRConv2d, noise_factors
 from msr_train.models import build_model
 from msr_train.models.resnet import Bottleneck, ResNet
 from msr_train.optim import build_optimizer
@@ -47,8 +47,9 @@ def test_zero_mean_init_slices_and_magnitude():
 
 def test_filter_scale_starts_at_0_8():
     net, _ = build()
-    scales = [m for m in net.modules() if isinstance(m, FilterScale)]
-    assert scales and all(torch.allclose(s.log_scale.exp(), torch.tensor(0.8)) for s in scales)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(m, MSRConv2d) for m in convs)
+    assert all(torch.allclose(m.log_scale.exp(), torch.tensor(0.8)) for m in convs)
 
 
 def test_zmg_is_the_exact_projection_and_alpha_is_partial():
@@ -91,25 +92,60 @@ def test_zero_mean_invariant_holds_after_200_steps(optimizer, model, cross):
         assert (mean < 1e-5 * norm).all(), (w.shape, float((mean / norm).max()))
 
 
+def noisy_conv(delta=0.1, shift=0.1, bias=True):
+    torch.manual_seed(0)
+    conv = MSRConv2d(3, 4, 3, padding=1, bias=bias, role="stem", scale_init=0.8,
+                     noise_delta=delta, noise_shift=shift)
+    with torch.no_grad():
+        conv.log_scale.copy_(torch.randn(4))
+    return conv
+
+
 def test_noise_is_per_sample_and_channel_and_train_only():
-    noise = MeanShiftNoise(delta=0.1, shift=0.1)
-    x = torch.ones(512, 4, 5, 5)
-    y = noise(x)
-    flat = y.flatten(2)
-    assert torch.equal(flat.min(-1).values, flat.max(-1).values)  # one draw per (sample, channel)
-    per_map = flat[..., 0]
-    assert per_map.std() > 0.01  # it does vary across samples and channels
-    # (1 - s) * n with n in [0.9, 1.1] and s in [-0.1, 0.1]
-    assert per_map.min() >= 0.9 * 0.9 - 1e-6 and per_map.max() <= 1.1 * 1.1 + 1e-6
-    assert abs(float(per_map.mean()) - 1.0) < 0.01  # E[(1 - s) n] = 1
-    noise.eval()
-    assert torch.equal(noise(x), x)
+    n, s = noise_factors(512, 4, 0.1, 0.1)
+    assert n.shape == s.shape == (512, 4, 1, 1)
+    assert n.min() >= 0.9 and n.max() <= 1.1 and s.min() >= -0.1 and s.max() <= 0.1
+    assert n.std() > 0.01 and s.std() > 0.01  # it does vary across samples and channels
+    assert abs(float(n.mean()) - 1.0) < 0.01 and abs(float(s.mean())) < 0.01
+    conv = noisy_conv()
+    x = torch.randn(512, 3, 5, 5)
+    conv.eval()
+    clean = conv(x)
+    conv.train()
+    ratio = (conv(x) / clean).flatten(2)
+    spread = ratio.std(-1) / ratio.mean(-1).abs()
+    # A multiplier alone would make the ratio constant over H x W; the shift makes it vary.
+    assert spread.max() > 1e-3 and not torch.equal(conv(x), conv(x))
+
+
+def test_msr_conv_is_scale_times_noised_raw_conv_output():
+    """Folding exp(theta) into the weight must give exactly g * (conv(x) - s) * n, with
+    the same gradients for the weight, the bias and theta as the unfused formula (in float64,
+    where the two orders of the products agree to rounding)."""
+    x = torch.randn(6, 3, 7, 7, dtype=torch.float64)
+    for delta, shift in ((0.1, 0.1), (0.3, 0.0)):
+        conv = noisy_conv(delta, shift).double()
+        torch.manual_seed(1)
+        y = conv(x)
+        torch.manual_seed(1)
+        n, s = noise_factors(6, 4, delta, shift, dtype=torch.float64)
+        g = conv.log_scale.exp().view(1, -1, 1, 1)
+        ref = g * (nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) - s) * n
+        torch.testing.assert_close(y, ref)
+        up = torch.randn_like(y)
+        grads = torch.autograd.grad((y * up).sum(), [conv.weight, conv.bias, conv.log_scale])
+        ref_grads = torch.autograd.grad((ref * up).sum(), [conv.weight, conv.bias, conv.log_scale])
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b)
+    conv.eval()
+    torch.testing.assert_close(conv(x), conv.log_scale.exp().view(1, -1, 1, 1)
+                               * nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
 
 
 def test_multiplier_is_clamped_to_0_2():
     torch.manual_seed(0)
-    y = MeanShiftNoise(delta=3.0, shift=0.0)(torch.ones(4096, 1, 1, 1))
-    assert y.min() >= 0 and y.max() <= 2 and (y == 0).any() and (y == 2).any()
+    n, _ = noise_factors(4096, 1, 3.0, 0.0)
+    assert n.min() >= 0 and n.max() <= 2 and (n == 0).any() and (n == 2).any()
 
 
 def test_eval_is_deterministic_and_noise_free_training_graph_is_the_test_graph():
@@ -127,19 +163,30 @@ def test_eval_is_deterministic_and_noise_free_training_graph_is_the_test_graph()
     assert torch.equal(train_out, quiet(x))  # no batch statistics anywhere
 
 
-def test_soft_anchors_match_a_direct_computation():
-    net, method = build(anchor_weight=0.01)
+def test_soft_anchors_gradient_matches_autograd_of_the_penalty():
+    """before_step adds d/dW of 0.01 * sum over filters of non-stem convs and classifier
+    rows of (||w|| - 1)^2, computed here by autograd, one row at a time."""
+    net, method = build(anchor_weight=0.01, zmg_alpha=0.0)  # alpha 0: no projection
+    params = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.mul_(1.5)
-    expected = 0.0
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d) and m.role != "stem":
-            expected += sum((float(f.detach().norm()) - 1) ** 2 for f in m.weight)
-    expected += sum((float(r.detach().norm()) - 1) ** 2 for r in net.head.weight)
-    assert float(method.regularization(net)) == pytest.approx(0.01 * expected, rel=1e-5)
-    assert build(anchor_weight=0)[1].regularization(net) is None
+        for w in params:
+            w.mul_(1.5)
+    penalty = sum(0.01 * (row.norm() - 1) ** 2
+                  for m in net.modules() if isinstance(m, nn.Conv2d) and m.role != "stem"
+                  for row in m.weight)
+    penalty = penalty + sum(0.01 * (row.norm() - 1) ** 2 for row in net.head.weight)
+    expected = torch.autograd.grad(penalty, params, allow_unused=True)
+    for w in params:
+        w.grad = torch.ones_like(w)  # stands for the data gradient
+    method.before_step(net, None)
+    for w, e in zip(params, expected):
+        torch.testing.assert_close(w.grad, 1 + (torch.zeros_like(w) if e is None else e))
+    assert any(e is not None and e.abs().max() > 1e-3 for e in expected)
+    quiet_net, quiet = build(anchor_weight=0, zmg_alpha=0.0)
+    for w in quiet_net.parameters():
+        w.grad = torch.ones_like(w)
+    quiet.before_step(quiet_net, None)
+    assert all(torch.equal(w.grad, torch.ones_like(w)) for w in quiet_net.parameters())
 
 
 def test_learning_rate_groups():
@@ -152,7 +199,7 @@ def test_learning_rate_groups():
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             assert id(m.weight) in conv_ids and (m.bias is None or id(m.bias) not in conv_ids)
-        if isinstance(m, FilterScale):
+        if isinstance(m, MSRConv2d):
             assert id(m.log_scale) in conv_ids
     assert id(net.head.weight) not in conv_ids
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in net.parameters())

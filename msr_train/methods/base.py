@@ -112,10 +112,6 @@ class Method:
         """Optimizer parameter groups; a group may carry ``lr_mult`` (scales the lr)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
-    def regularization(self, model: nn.Module) -> torch.Tensor | None:
-        """An extra loss term added to the data loss, or None."""
-        return None
-
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Gradients are final here: accumulated, all-reduced and unscaled."""
 

@@ -68,11 +68,17 @@ class Preconditioned:
         self.register_buffer("running_var", torch.ones(features))
 
     @torch.no_grad()
-    def _track(self, h: torch.Tensor) -> None:
-        """Update the statistics with a batch ``h`` laid out as (features, samples)."""
-        batch_var, batch_mean = torch.var_mean(h.to(self.running_mean.dtype), dim=1, correction=0)
+    def _track(self, h: torch.Tensor, sample_dims: tuple[int, ...]) -> None:
+        """Update the statistics with a batch ``h`` whose ``sample_dims`` index samples (and
+        positions). Moments are taken about the running mean, d = h - mean: two plain sums
+        instead of ``var_mean`` (whose Welford reduction is ~10x slower on CPU), and no
+        cancellation because the running mean is close to the batch mean."""
+        feature_shape = [-1 if i not in sample_dims else 1 for i in range(h.dim())]
+        d = h - self.running_mean.view(feature_shape)
+        count = d.numel() // self.running_mean.numel()
+        delta = d.sum(sample_dims) / count          # batch_mean - mean
+        batch_var = (d * d).sum(sample_dims) / count - delta ** 2
         m = self.momentum
-        delta = batch_mean - self.running_mean
         self.running_var.mul_(1 - m).add_(m * batch_var + m * (1 - m) * delta ** 2)
         self.running_mean.add_(m * delta)
 
@@ -97,7 +103,7 @@ class BNPLinear(Preconditioned, nn.Linear):
 
     def forward(self, h):
         if self.training:
-            self._track(h.reshape(-1, h.shape[-1]).t())
+            self._track(h, tuple(range(h.dim() - 1)))
         return super().forward(h)
 
 
@@ -109,7 +115,7 @@ class BNPConv2d(Preconditioned, nn.Conv2d):
 
     def forward(self, h):
         if self.training:
-            self._track(h.transpose(0, 1).flatten(1))
+            self._track(h, (0, 2, 3))
         return super().forward(h)
 
 

@@ -13,7 +13,7 @@ room, each configurable in conf/method/msr.yaml:
 
 - Order at a conv output: noise, then the filter scale exp(theta). Both are per-channel
   products, so only the shift's units depend on the order; "noise at the raw conv output"
-  puts it first.
+  puts it first. Both live in the conv (``MSRConv2d``), which is how they cost no memory.
 - Adaptive optimizers (Adam, AdamW) rescale the gradient elementwise, so a zero-mean
   gradient no longer gives a zero-mean update. For them the projected weights are
   re-centred after every step: W <- W - alpha * mean(W). With alpha = 1 and weights that
@@ -41,43 +41,53 @@ from torch import nn
 from .base import Method
 
 
-class MeanShiftNoise(nn.Module):
-    """y = (x - s) * n with n ~ U(1-delta, 1+delta) clamped to [0, 2] and s ~ U(-shift, shift),
-    one draw per (sample, channel) broadcast over H x W; identity in eval mode."""
-
-    def __init__(self, delta: float, shift: float):
-        super().__init__()
-        self.delta, self.shift = delta, shift
-
-    def forward(self, x):
-        if not self.training or (self.delta == 0 and self.shift == 0):
-            return x
-        r = torch.rand(2, x.shape[0], x.shape[1], 1, 1, device=x.device, dtype=x.dtype)
-        n = (r[0] * (2 * self.delta) + (1 - self.delta)).clamp_(0, 2)
-        s = r[1] * (2 * self.shift) - self.shift
-        return (x - s) * n
-
-    def extra_repr(self):
-        return f"delta={self.delta}, shift={self.shift}"
+def noise_factors(batch: int, channels: int, delta: float, shift: float, *, device=None,
+                  dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise of one forward pass, shaped (batch, channels, 1, 1): the multiplier
+    n ~ U(1-delta, 1+delta) clamped to [0, 2] and the shift s ~ U(-shift, shift)."""
+    r = torch.rand(2, batch, channels, 1, 1, device=device, dtype=dtype)
+    n = (r[0] * (2 * delta) + (1 - delta)).clamp_(0, 2)
+    s = r[1] * (2 * shift) - shift
+    return n, s
 
 
-class FilterScale(nn.Module):
-    """Learnable per-channel output scale exp(theta) (BN's gamma role in MSR)."""
+class MSRConv2d(nn.Conv2d):
+    """A zero-mean conv with MSR's learnable filter scale and mean-shift noise at its output:
 
-    def __init__(self, channels: int, init: float):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.full((channels,), math.log(init)))
+        y = exp(theta) * (conv(x) - s) * n    (training; y = exp(theta) * conv(x) in eval)
 
-    def forward(self, x):
-        return x * self.log_scale.exp().view(1, -1, 1, 1)
+    with one (n, s) per (sample, channel) from ``noise_factors``. The scale is per output
+    channel, so it is folded into the (small) weight and bias instead of multiplying the
+    (large) output: conv(x, g W, g b) = g conv(x, W, b), exactly. The noise is then a single
+    ``addcmul`` on the output whose only saved tensor is the (N, C) multiplier, so MSR keeps
+    no activation beyond what the unnormalised network keeps; a separate scale module would
+    save a full copy of every conv output for theta's gradient.
 
+    ``role`` ('stem', 'body', 'shortcut') tells the MSR hooks which convs to anchor."""
 
-class ZeroMeanConv2d(nn.Conv2d):
-    """A Conv2d that remembers its role (stem, body, shortcut) for the MSR hooks."""
-
-    def __init__(self, *args, role: str, **kwargs):
+    def __init__(self, *args, role: str, scale_init: float, noise_delta: float,
+                 noise_shift: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.role = role
+        self.log_scale = nn.Parameter(torch.full((self.out_channels,), math.log(scale_init)))
+        self.noise_delta, self.noise_shift = noise_delta, noise_shift
+
+    def forward(self, x):
+        scale = self.log_scale.exp()
+        bias = None if self.bias is None else self.bias * scale
+        y = self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
+        if not self.training or (self.noise_delta == 0 and self.noise_shift == 0):
+            return y
+        n, s = noise_factors(y.shape[0], y.shape[1], self.noise_delta, self.noise_shift,
+                             device=y.device, dtype=y.dtype)
+        if self.noise_shift == 0:
+            return y * n
+        # g (c - s) n = (g c) n - g s n: the shift is in the raw conv output's units.
+        return torch.addcmul(-(s * n) * scale.view(1, -1, 1, 1), y, n)
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, role={self.role}, noise_delta={self.noise_delta}, "
+                f"noise_shift={self.noise_shift}")
 
 
 def zero_mean_axes(weight: torch.Tensor) -> tuple[int, ...]:
@@ -96,6 +106,21 @@ def zero_mean_init_(weight: torch.Tensor, magnitude: float) -> None:
     weight.mul_((magnitude / norms).view(-1, *[1] * (weight.dim() - 1)))
 
 
+@torch.no_grad()
+def add_anchor_grad_(weights: list[torch.Tensor], target: float, strength: float) -> None:
+    """The gradient of the soft norm anchors, strength * sum_rows (||w_r|| - target)^2 over
+    every filter / row w_r, added to the weights' gradients: 2 strength (1 - target /
+    ||w_r||) w_r. In closed form, without autograd: as a loss term it cost ~30% of a
+    batch-1 step in graph overhead."""
+    for w in weights:
+        rows = w.flatten(1).norm(dim=1).clamp_min_(1e-12)
+        coef = (1 - target / rows).mul_(2 * strength).view((-1,) + (1,) * (w.dim() - 1))
+        if w.grad is None:
+            w.grad = w * coef
+        else:
+            w.grad.addcmul_(w, coef)
+
+
 class MeanShiftRejection(Method):
     name = "msr"
 
@@ -112,12 +137,12 @@ class MeanShiftRejection(Method):
     flag_keys = ("stem_bias", "zmg_cross_channel")
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
-        return ZeroMeanConv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
-                              bias=role == "stem" and self.cfg.stem_bias, role=role)
+        return MSRConv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
+                         bias=role == "stem" and self.cfg.stem_bias, role=role,
+                         scale_init=self.cfg.scale_init, noise_delta=self.cfg.noise_delta,
+                         noise_shift=self.cfg.noise_shift)
 
-    def norm(self, channels):
-        return nn.Sequential(MeanShiftNoise(self.cfg.noise_delta, self.cfg.noise_shift),
-                             FilterScale(channels, self.cfg.scale_init))
+    # norm() stays the identity: the filter scale and the noise live in MSRConv2d.
 
     def finalize(self, model):
         self._projected = []  # weights kept zero-mean by ZMG
@@ -148,24 +173,21 @@ class MeanShiftRejection(Method):
         conv, other = [], []
         for m in model.modules():
             params = list(m.parameters(recurse=False))
-            if isinstance(m, (nn.Conv2d, FilterScale)):
-                conv.append(m.weight if isinstance(m, nn.Conv2d) else m.log_scale)
-                other += [p for p in params if p is not conv[-1]]
+            if isinstance(m, MSRConv2d):
+                conv += [m.weight, m.log_scale]
+                other += [m.bias] if m.bias is not None else []
             else:
                 other += params
         return [{"params": conv, "lr_mult": self.cfg.lr_mult.conv},
                 {"params": other, "lr_mult": self.cfg.lr_mult.other}]
 
-    def regularization(self, model):
-        if not self.cfg.anchor_weight:
-            return None
-        target = self.cfg.init_magnitude
-        penalty = sum(((w.flatten(1).norm(dim=1) - target) ** 2).sum() for w in self._anchored)
-        return self.cfg.anchor_weight * penalty
-
     @torch.no_grad()
     def before_step(self, model, optimizer):
-        """ZMG: g <- g - alpha * mean(g) along each weight's zero-mean axes."""
+        """Soft norm anchors, then ZMG: g <- g - alpha * mean(g) along each weight's
+        zero-mean axes (the anchors' gradient of a zero-mean weight is zero-mean, so the
+        order only matters with alpha < 1, where it matches a loss term's gradient)."""
+        if self.cfg.anchor_weight:
+            add_anchor_grad_(self._anchored, self.cfg.init_magnitude, self.cfg.anchor_weight)
         alpha = self.cfg.zmg_alpha
         for w in self._projected:
             if w.grad is not None:
