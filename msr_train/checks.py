@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import ListConfig
 from torch import nn
 
 from .errors import ConfigError
 from .optim import LR_SCALINGS
+from .precision import PRECISIONS
 
 
 def _require(ok: bool, message: str) -> None:
@@ -49,6 +51,10 @@ def validate_config(cfg) -> None:
     _require(t.cpu_threads is None or (_is_int(t.cpu_threads) and 1 <= t.cpu_threads <= os.cpu_count()),
              f"trainer.cpu_threads={t.cpu_threads!r} must be null (PyTorch's default) or an integer from 1 to "
              f"{os.cpu_count()} (this machine's cores)")
+    _require(str(t.precision) in PRECISIONS,
+             f"trainer.precision={t.precision!r} must be one of {', '.join(PRECISIONS)}")
+    for key in ("channels_last", "compile"):
+        _require(isinstance(t[key], bool), f"trainer.{key}={t[key]!r} must be true or false")
     _require(_is_int(t.log_every) and t.log_every >= 1, f"trainer.log_every={t.log_every!r} must be an integer >= 1")
     o = cfg.optimizer
     _require(is_number(o.lr) and o.lr > 0, f"optimizer.lr={o.lr!r} must be a positive number, e.g. optimizer.lr=0.1")
@@ -68,29 +74,48 @@ def validate_config(cfg) -> None:
         _require(v is None or (_is_int(v) and v >= 1), f"dataset.{key}={v!r} must be null (all) or an integer >= 1")
 
 
-def select_device(trainer_cfg) -> torch.device:
-    """The one device this process trains on, checked against what the machine has."""
+def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device]:
+    """The devices this run trains on, one process each, checked against the machine.
+    ``devices``: ``auto`` is one device (in a Hydra multirun, GPU ``job_num`` modulo the
+    GPU count, so parallel jobs spread over the GPUs), a number N is N devices (N CPU
+    processes with accelerator=cpu), a list names GPU ids."""
     acc, devices = trainer_cfg.accelerator, trainer_cfg.devices
     if acc == "auto":
         acc = "cuda" if torch.cuda.is_available() else "cpu"
+    _require(devices == "auto" or (_is_int(devices) and devices >= 1) or isinstance(devices, (list, ListConfig)),
+             f"trainer.devices={devices!r} must be auto, a number of devices (e.g. 2) or a list of GPU ids (e.g. [0,2])")
     if acc == "cpu":
-        return torch.device("cpu")
+        _require(not isinstance(devices, (list, ListConfig)),
+                 f"trainer.devices={devices} names GPU ids, but the run is on the CPU; give a number of "
+                 "CPU processes (trainer.devices=2) or use trainer.accelerator=cuda")
+        return [torch.device("cpu")] * (1 if devices == "auto" else devices)
     count = torch.cuda.device_count()
     if count == 0:
         raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible here; "
                           "use trainer.accelerator=cpu (or auto)")
     if devices == "auto":
-        ids = [0]
+        ids = [0 if job_num is None else job_num % count]
     elif _is_int(devices):
+        _require(devices <= count, f"trainer.devices={devices} but this machine has {count} CUDA device(s)")
         ids = list(range(devices))
     else:
         ids = list(devices)
     have = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
     for i in ids:
         _require(_is_int(i) and 0 <= i < count,
-                 f"trainer.devices={list(ids)}: CUDA device {i} does not exist; this machine has {have}")
-    _require(len(ids) == 1, f"trainer.devices={list(ids)}: this version trains on one device; pick one of {have}")
-    return torch.device("cuda", ids[0])
+                 f"trainer.devices={ids}: CUDA device {i} does not exist; this machine has {have}")
+    _require(len(set(ids)) == len(ids), f"trainer.devices={ids} names a device twice")
+    return [torch.device("cuda", i) for i in ids]
+
+
+def check_parallel(cfg, world_size: int, device: torch.device) -> None:
+    """What several processes need: a global batch they can share, SyncBatchNorm on CUDA."""
+    share = world_size * cfg.trainer.accumulate
+    _require(cfg.batch_size % share == 0,
+             f"batch_size={cfg.batch_size} is the global batch; {world_size} processes x trainer.accumulate="
+             f"{cfg.trainer.accumulate} micro-batches must divide it: use a batch_size that is a multiple of {share}")
+    _require(not (cfg.method.get("sync_bn") and device.type != "cuda"),
+             "method.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it on the CPU")
 
 
 def check_writable(out_dir: Path, need_mb: int = 10) -> None:

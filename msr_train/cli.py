@@ -17,9 +17,10 @@ EXIT_CODES = {"diverged": 1, "interrupted": 130}
 @hydra.main(version_base="1.3", config_path="pkg://msr_train.conf", config_name="config")
 def _run(cfg) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
-    sweep = HydraConfig.get().mode.name == "MULTIRUN"
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode.name == "MULTIRUN"
     try:
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), job_num=hydra_cfg.job.num if sweep else None)
     except ConfigError as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
         if sweep:
@@ -27,8 +28,10 @@ def _run(cfg) -> float | None:
         sys.exit(2)
     if not sweep and summary["status"] in EXIT_CODES:
         sys.exit(EXIT_CODES[summary["status"]])
-    # Returned to Hydra's sweepers (e.g. Optuna) as the objective.
-    return summary["final_test_acc"]
+    # Returned to Hydra's sweepers (e.g. Optuna) as the objective; NaN marks a diverged
+    # trial as failed without stopping the search.
+    acc = summary["final_test_acc"]
+    return float("nan") if acc is None or summary["status"] == "diverged" else acc
 
 
 def main() -> None:

@@ -126,8 +126,11 @@ class TensorBatches:
     """Batches of an in-memory uint8 dataset, augmented and normalised on its device."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, *, batch_size: int,
-                 train: bool, augment: str, seed: int):
+                 train: bool, augment: str, seed: int, shard: tuple[int, int] = (0, 1)):
         self.x, self.y = x, y
+        # (rank, world size): each batch is cut, augmented as a whole, then the rank keeps
+        # its part: a contiguous block of a training batch, every W-th test example.
+        self.rank, self.world_size = shard
         self.mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
@@ -158,6 +161,12 @@ class TensorBatches:
                     g = torch.Generator(device=self.x.device).manual_seed(
                         (self.seed * 100_003 + self.epoch) * 1_000_003 + i)
                     x = crop_flip(x, g)
+            if self.world_size > 1:
+                if self.train:
+                    part = slice(self.rank * len(y) // self.world_size, (self.rank + 1) * len(y) // self.world_size)
+                else:
+                    part = slice(self.rank, None, self.world_size)
+                x, y = x[part], y[part]
             yield (x.float() - self.mean) / self.std, y
 
 
@@ -182,10 +191,13 @@ def _subset(x, y, size, seed):
     return x[idx], y[idx]
 
 
-def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device):
-    """Returns (info, train_batches, test_batches)."""
+def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
+               shard: tuple[int, int] = (0, 1)):
+    """Returns (info, train_batches, test_batches). ``batch_size`` is the global batch; with
+    ``shard`` = (rank, world size) the batches yield that rank's share of every batch."""
     if cfg.name == "imagenet":
-        return _build_imagefolder(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed)
+        return _build_imagefolder(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
+                                  shard=shard)
     if cfg.name not in IN_MEMORY_LOADERS:
         raise ConfigError(f"dataset={cfg.name} is unknown; choose one of: {', '.join(DATASETS)}")
     splits = IN_MEMORY_LOADERS[cfg.name](cfg)
@@ -200,24 +212,28 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
                           " lower batch_size or raise dataset.train_size")
     info = DatasetInfo(cfg.name, xtr.shape[1], xtr.shape[-1], cfg.num_classes, len(ytr), len(yte))
     train = TensorBatches(xtr, ytr, cfg.mean, cfg.std, batch_size=batch_size, train=True,
-                          augment=cfg.augment, seed=seed)
+                          augment=cfg.augment, seed=seed, shard=shard)
     test = TensorBatches(xte, yte, cfg.mean, cfg.std, batch_size=eval_batch_size, train=False,
-                         augment="none", seed=seed)
+                         augment="none", seed=seed, shard=shard)
     return info, train, test
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """Random order drawn from (seed, epoch), like TensorBatches."""
+    """Random order drawn from (seed, epoch), like TensorBatches; with W ranks, rank r's
+    part (a contiguous block of batch / W) of every global batch of ``batch`` examples."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, batch: int, shard: tuple[int, int]):
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.batch, (self.rank, self.world_size) = batch, shard
 
     def __len__(self):
-        return self.n - self.start
+        return (self.n // self.batch - self.start) * (self.batch // self.world_size)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+        steps, local = self.n // self.batch, self.batch // self.world_size
+        order = torch.randperm(self.n, generator=g)[:steps * self.batch].view(steps, self.batch)
+        return iter(order[self.start:, self.rank * local:(self.rank + 1) * local].flatten().tolist())
 
 
 class _Loader:
@@ -230,13 +246,13 @@ class _Loader:
 
     def set_epoch(self, epoch, start_batch=0):
         if self.sampler is not None:
-            self.sampler.epoch, self.sampler.start = epoch, start_batch * self.loader.batch_size
+            self.sampler.epoch, self.sampler.start = epoch, start_batch
 
     def __iter__(self):
         return iter(self.loader)
 
 
-def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed):
+def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard):
     import torchvision.datasets as tvd
     import torchvision.transforms as T
     root = Path(os.path.expanduser(cfg.root))
@@ -254,10 +270,14 @@ def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed):
         train_ds = torch.utils.data.Subset(train_ds, list(range(min(cfg.train_size, len(train_ds)))))
     if cfg.get("test_size"):
         test_ds = torch.utils.data.Subset(test_ds, list(range(min(cfg.test_size, len(test_ds)))))
-    sampler = _EpochSampler(len(train_ds), seed)
+    rank, world_size = shard
+    if world_size > 1:
+        test_ds = torch.utils.data.Subset(test_ds, list(range(rank, len(test_ds), world_size)))
+    sampler = _EpochSampler(len(train_ds), seed, batch_size, shard)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
               persistent_workers=cfg.num_workers > 0)
-    train = _Loader(torch.utils.data.DataLoader(train_ds, batch_size, sampler=sampler, drop_last=True, **kw), sampler)
+    train = _Loader(torch.utils.data.DataLoader(train_ds, batch_size // world_size, sampler=sampler, drop_last=True,
+                                                **kw), sampler)
     test = _Loader(torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
     info = DatasetInfo("imagenet", 3, size, cfg.num_classes, len(train_ds), len(test_ds))
     return info, train, test

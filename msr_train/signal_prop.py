@@ -180,7 +180,8 @@ def record_signal_prop(model: nn.Module, path, epoch: int, writer=None, input_sh
                        device="cpu", *, batch_size: int = 64, seed: int = 0) -> list[dict]:
     """Measure ``signal_propagation`` on ``gaussian_batch(input_shape, batch_size, seed)``
     and append the records to ``path`` (a run folder, written to ``path/signal_prop.jsonl``,
-    or a file path ending in ``.jsonl``), one JSON line per record, flushed to disk::
+    or a file path ending in ``.jsonl``; None: measure only), one JSON line per record,
+    flushed to disk::
 
         {"epoch": 0, "block": 0, "name": "stem", "depth": 1,
          "avg_sq_mean": 0.0012, "avg_var": 0.98, "branch_var": null}
@@ -189,12 +190,14 @@ def record_signal_prop(model: nn.Module, path, epoch: int, writer=None, input_sh
     ``signal_propagation``. With a TensorBoard ``writer`` every statistic is also logged as
     ``signal_prop/<stat>/block_<NNN>`` at step ``epoch`` (``branch_var`` where not null).
     Returns the records as written."""
+    x = gaussian_batch(input_shape, batch_size, seed, device, next(model.parameters()).dtype)
+    records = [{"epoch": epoch, **r} for r in signal_propagation(model, x)]
+    if path is None:  # measured only (a distributed run's other ranks)
+        return records
     path = Path(path)
     if path.suffix != ".jsonl":
         path = path / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = gaussian_batch(input_shape, batch_size, seed, device, next(model.parameters()).dtype)
-    records = [{"epoch": epoch, **r} for r in signal_propagation(model, x)]
     append_jsonl(path, records)
     if writer is not None:
         for r in records:

@@ -38,14 +38,16 @@ import math
 import torch
 from torch import nn
 
+from ..distributed import rand_per_sample
 from .base import Method
 
 
 def noise_factors(batch: int, channels: int, delta: float, shift: float, *, device=None,
                   dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise of one forward pass, shaped (batch, channels, 1, 1): the multiplier
-    n ~ U(1-delta, 1+delta) clamped to [0, 2] and the shift s ~ U(-shift, shift)."""
-    r = torch.rand(2, batch, channels, 1, 1, device=device, dtype=dtype)
+    n ~ U(1-delta, 1+delta) clamped to [0, 2] and the shift s ~ U(-shift, shift). In a
+    distributed run each rank gets its examples' share of the global batch's draws."""
+    r = rand_per_sample((2, batch, channels, 1, 1), 1, device=device, dtype=dtype)
     n = (r[0] * (2 * delta) + (1 - delta)).clamp_(0, 2)
     s = r[1] * (2 * shift) - shift
     return n, s

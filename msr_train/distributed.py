@@ -1,0 +1,155 @@
+"""Data-parallel training over several processes: torch.distributed and DistributedDataParallel.
+
+A run trains on the devices that ``trainer.accelerator`` / ``trainer.devices`` name. With
+more than one it is data parallel (DDP): one process per device, each holding a replica of
+the model and a shard of every batch, the gradients all-reduced (averaged) in backward.
+The processes come from one of three places:
+
+- ``msr-train trainer.devices=[0,1]`` (or ``trainer.accelerator=cpu trainer.devices=2``)
+  starts them itself with ``torch.multiprocessing`` and waits for them;
+- ``torchrun --nproc-per-node=N -m msr_train.cli ...`` starts them and sets RANK,
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT: each process joins that group;
+- under SLURM through Hydra's submitit launcher (``hydra.launcher.tasks_per_node=N``)
+  each task joins the group that ``submitit.helpers.TorchDistributedEnvironment`` describes.
+
+Conventions (the same whichever started the processes):
+
+- ``batch_size`` is the global batch: each of W processes takes batch_size / W examples
+  of every batch, the same examples a single process would see in that step, so the
+  learning rate, its batch-size scaling and the logged examples_seen do not depend on W.
+- Rank 0 alone writes logs, metrics, checkpoints and the summary, into the one Hydra
+  output dir of the run; the other ranks only train.
+- Method hooks (ZMG, AGC, BNP preconditioning) run after backward, on the all-reduced
+  gradients, identically on every rank, so the replicas stay equal.
+- Per-sample random draws (MSR's noise) are drawn for the global batch on every rank from
+  the same seed and sliced to the rank's examples (``rand_per_sample``): W processes draw
+  exactly what one process would, and the replicas' generators stay in step.
+- BatchNorm normalises with each rank's own shard statistics unless ``method.sync_bn``
+  (SyncBatchNorm, CUDA only); running statistics (BN's, BNP's) are broadcast from rank 0
+  at every forward (DDP's ``broadcast_buffers``), so BNP preconditions with rank 0's
+  shard's running statistics on every rank.
+- CPU processes use the gloo backend, CUDA processes NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the run: rank ``rank`` of ``world_size``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over all processes (a new tensor; ``t`` itself on a single process)."""
+        if not self.parallel:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Make every replica's buffers (running statistics) rank 0's."""
+        if self.parallel:
+            for b in model.buffers():
+                dist.broadcast(b, 0)
+
+
+def rand_per_sample(shape: tuple[int, ...], sample_dim: int, *, device=None, dtype=None) -> torch.Tensor:
+    """``torch.rand(shape)`` for this process's examples, the examples of dim ``sample_dim``.
+    In a process group of W it draws the global batch's values (W times as many examples)
+    and keeps this rank's slice, so that the draws equal a single process's and every
+    rank's generator advances alike."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return torch.rand(shape, device=device, dtype=dtype)
+    world, rank, n = dist.get_world_size(), dist.get_rank(), shape[sample_dim]
+    full = list(shape)
+    full[sample_dim] = n * world
+    return torch.rand(full, device=device, dtype=dtype).narrow(sample_dim, rank * n, n)
+
+
+def launched_group() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) of a group that torchrun or submitit started, or None.
+    Under a SLURM job with several tasks (Hydra's submitit launcher), submitit's helper
+    exports the torch.distributed variables first."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+        except ImportError:
+            raise ConfigError("this SLURM job runs several tasks, but torch.distributed is not set up: "
+                              "launch through hydra/launcher=submitit_slurm (pip install "
+                              "'msr-train[launchers]') or torchrun") from None
+        TorchDistributedEnvironment().export()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_group(device: torch.device, rank: int, world_size: int) -> Context:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            device_id=device if device.type == "cuda" else None)
+    return Context(rank, world_size)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(index: int, fn, devices: list[torch.device], port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = init_group(devices[index], index, len(devices))
+    try:
+        fn(*args, device=devices[index], ctx=ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, devices: list[torch.device], args: tuple) -> None:
+    """Run ``fn(*args, device=, ctx=)`` in one new process per device and wait for them.
+    Ctrl-C and SIGTERM reach the workers, which checkpoint and exit; this process waits
+    for that instead of dying first. A worker's ConfigError comes back as one."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_worker, args=(fn, devices, free_port(), args), nprocs=len(devices),
+                                 join=False, start_method="spawn")
+
+    def forward(signum, frame):
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessRaisedException as e:
+        message = str(e).strip().splitlines()[-1]
+        if message.startswith(f"{ConfigError.__module__}.ConfigError: "):
+            raise ConfigError(message.split(": ", 1)[1]) from None
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
