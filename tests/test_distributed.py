@@ -1,0 +1,134 @@
+"""Data-parallel training (DDP on CPU through gloo), devices, precision and parallel sweeps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from msr_train.checks import select_devices
+from msr_train.errors import ConfigError
+from msr_train.train import train
+
+#: 20 steps of global batch 16 on real data, each step logged (eval_every=1).
+STEPS = ["dataset=fashion_mnist", "dataset.train_size=640", "dataset.test_size=100", "model=resnet8",
+         "batch_size=16", "trainer.accelerator=cpu", "trainer.max_steps=20", "trainer.eval_every=1",
+         "trainer.eval_batch_size=100", "trainer.progress_bar=false", "optimizer.lr=0.05"]
+
+
+def losses(run_dir):
+    return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "msr_train.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("method", ["msr", "nf", "none"])
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, method):
+    """2-process gloo DDP with global batch 16 = 1 process with batch 16, step for step
+    (MSR's noise included: it is drawn for the global batch), and the 2-process run leaves
+    one output dir with one set of logs."""
+    train(make_cfg(*STEPS, f"method={method}", "trainer.tensorboard=false"), tmp_path / "one")
+    run = cli(*STEPS, f"method={method}", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single, parallel = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(single) == len(parallel) == 20
+    assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-4
+    assert abs(single[-1] - single[0]) > 1e-3  # it trained
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["step"] == 20 and summary["examples_seen"] == 320
+    two = tmp_path / "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    files = sorted(p.name for p in two.iterdir())
+    assert [f for f in files if not f.startswith("events.out.tfevents.")] == [
+        ".hydra", "checkpoints", "cli.log", "metrics.jsonl", "summary.json"]
+    assert len(files) == 6  # one TensorBoard event file
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["last.pt", "prev.pt"]
+
+
+def test_a_global_batch_that_the_processes_cannot_share_is_refused_up_front(tmp_path):
+    with pytest.raises(ConfigError, match="global batch.*multiple of 4"):
+        train(make_cfg(*STEPS, "batch_size=18", "trainer.devices=2", "trainer.accumulate=2"), tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_device_selection():
+    assert select_devices(make_cfg("trainer.accelerator=cpu").trainer) == [torch.device("cpu")]
+    assert len(select_devices(make_cfg("trainer.accelerator=cpu", "trainer.devices=3").trainer)) == 3
+    with pytest.raises(ConfigError, match="names GPU ids, but the run is on the CPU"):
+        select_devices(make_cfg("trainer.accelerator=cpu", "trainer.devices=[0,1]").trainer)
+    with pytest.raises(ConfigError, match="must be auto, a number of devices"):
+        select_devices(make_cfg("trainer.accelerator=cpu", "trainer.devices=0").trainer)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            select_devices(make_cfg("trainer.accelerator=cuda", "trainer.devices=[0,2]").trainer)
+
+
+def test_sync_bn_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="sync_bn=true needs CUDA"):
+        train(make_cfg(*STEPS, "method=bn", "method.sync_bn=true", "trainer.devices=2"), tmp_path / "r")
+
+
+QUICK = ["dataset=synthetic", "dataset.synthetic_train=128", "dataset.synthetic_test=64", "dataset.image_size=16",
+         "model=resnet8", "batch_size=16", "trainer.max_steps=6", "trainer.progress_bar=false",
+         "trainer.tensorboard=false", "trainer.accelerator=cpu"]
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_two_job_sweep_through_a_launcher_plugin(tmp_path, launcher):
+    """One of the jobs diverges (lr 1e6): it is recorded, and the other one still completes."""
+    run = cli("-m", *QUICK, "trainer.cpu_threads=1", "method=msr", "optimizer.lr=0.05,1e6", "trainer.log_every=1",
+              f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+              "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    summaries = [json.loads((job / "summary.json").read_text()) for job in jobs]
+    assert [s["status"] for s in summaries] == ["completed", "diverged"]
+    assert [s["lr"] for s in summaries] == [0.05, 1e6]
+    assert (jobs[0] / "metrics.jsonl").read_text().count("\n") >= 1
+
+
+def step_losses(tmp_path, name, *overrides):
+    summary = train(make_cfg(*QUICK, "method=msr", "trainer.eval_every=1", *overrides), tmp_path / name)
+    return losses(tmp_path / name), summary
+
+
+def test_precision_and_memory_format(tmp_path):
+    full, _ = step_losses(tmp_path, "fp32")
+    nhwc, _ = step_losses(tmp_path, "nhwc", "trainer.channels_last=true")
+    bf16, summary = step_losses(tmp_path, "bf16", "trainer.precision=bf16")
+    assert max(abs(a - b) for a, b in zip(full, nhwc)) < 1e-4  # the same numbers in another layout
+    assert summary["status"] == "completed" and max(abs(a - b) for a, b in zip(full, bf16)) < 0.05
+    assert full != bf16  # it did compute in bfloat16
+
+
+def test_16_mixed_hooks_see_unscaled_gradients(monkeypatch):
+    """The GradScaler multiplies the loss by 2^16; the method's before_step must see the
+    gradients of the loss itself."""
+    from msr_train.methods import build_method
+    from msr_train.models import build_model
+    from msr_train.precision import Precision
+    from msr_train.train import train_step
+    seen = []
+    cfg = make_cfg("method=msr", "method.noise_delta=0", "method.noise_shift=0")
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(5, (8,))
+    norms = {}
+    for name in ("32", "16-mixed"):
+        torch.manual_seed(0)
+        method = build_method(cfg.method)
+        model = build_model("resnet8", method, in_channels=3, num_classes=5, image_size=16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        monkeypatch.setattr(method, "before_step", lambda m, o: seen.append(
+            float(torch.stack([p.grad.norm() for p in m.parameters() if p.grad is not None]).norm())))
+        precision = Precision(name, torch.device("cpu"))
+        assert precision.scaler is None or precision.scaler.get_scale() == 2.0 ** 16
+        train_step(model, method, optimizer, x, y, precision=precision)
+        norms[name] = seen[-1]
+    assert norms["16-mixed"] == pytest.approx(norms["32"], rel=0.05)
