@@ -28,10 +28,10 @@ def _run(cfg) -> float | None:
         sys.exit(2)
     if not sweep and summary["status"] in EXIT_CODES:
         sys.exit(EXIT_CODES[summary["status"]])
-    # Returned to Hydra's sweepers (e.g. Optuna) as the objective; NaN marks a diverged
-    # trial as failed without stopping the search.
+    # Returned to Hydra's sweepers (e.g. Optuna) as the objective. A diverged run scores 0
+    # (the worst accuracy): the Optuna sweeper aborts the whole search on NaN or None.
     acc = summary["final_test_acc"]
-    return float("nan") if acc is None or summary["status"] == "diverged" else acc
+    return 0.0 if acc is None or summary["status"] == "diverged" else acc
 
 
 def main() -> None:

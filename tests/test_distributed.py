@@ -132,3 +132,14 @@ def test_16_mixed_hooks_see_unscaled_gradients(monkeypatch):
         train_step(model, method, optimizer, x, y, precision=precision)
         norms[name] = seen[-1]
     assert norms["16-mixed"] == pytest.approx(norms["32"], rel=0.05)
+
+
+def test_optuna_searches_the_learning_rate_and_survives_a_diverged_trial(tmp_path):
+    run = cli("-m", "hparams_search=lr_optuna", *QUICK, "trainer.cpu_threads=1", "hydra.sweeper.n_trials=3",
+              "optimizer.lr=choice(0.05,1e6)", f"hydra.sweep.dir={tmp_path / 'opt'}",
+              "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = (tmp_path / "opt" / "optimization_results.yaml").read_text()
+    assert "best_params" in result and "optimizer.lr: 0.05" in result
+    statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "opt").glob("*/summary.json")]
+    assert len(statuses) == 3 and "completed" in statuses
