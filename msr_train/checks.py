@@ -122,7 +122,7 @@ def check_writable(out_dir: Path, need_mb: int = 10) -> None:
     """The output dir must take files and have room for them, before any work is done."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_probe"
+        probe = out_dir / f".write_probe.{os.getpid()}"  # one per process: ranks probe at once
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
