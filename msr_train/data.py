@@ -270,6 +270,7 @@ def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard):
         train_ds = torch.utils.data.Subset(train_ds, list(range(min(cfg.train_size, len(train_ds)))))
     if cfg.get("test_size"):
         test_ds = torch.utils.data.Subset(test_ds, list(range(min(cfg.test_size, len(test_ds)))))
+    info = DatasetInfo("imagenet", 3, size, cfg.num_classes, len(train_ds), len(test_ds))
     rank, world_size = shard
     if world_size > 1:
         test_ds = torch.utils.data.Subset(test_ds, list(range(rank, len(test_ds), world_size)))
@@ -279,5 +280,4 @@ def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard):
     train = _Loader(torch.utils.data.DataLoader(train_ds, batch_size // world_size, sampler=sampler, drop_last=True,
                                                 **kw), sampler)
     test = _Loader(torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
-    info = DatasetInfo("imagenet", 3, size, cfg.num_classes, len(train_ds), len(test_ds))
     return info, train, test

@@ -129,8 +129,10 @@ def _worker(index: int, fn, devices: list[torch.device], port: int, args: tuple)
 
 def spawn(fn, devices: list[torch.device], args: tuple) -> None:
     """Run ``fn(*args, device=, ctx=)`` in one new process per device and wait for them.
-    Ctrl-C and SIGTERM reach the workers, which checkpoint and exit; this process waits
-    for that instead of dying first. A worker's ConfigError comes back as one."""
+    SIGTERM is forwarded to the workers; Ctrl-C already reaches them (the terminal signals
+    the whole process group), so it is not forwarded, which would make it a second signal
+    that stops them before their checkpoint. Either way the workers checkpoint and exit
+    while this process waits. A worker's ConfigError comes back as one."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(_worker, args=(fn, devices, free_port(), args), nprocs=len(devices),
@@ -141,7 +143,8 @@ def spawn(fn, devices: list[torch.device], args: tuple) -> None:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
     try:
         while not context.join():
             pass
