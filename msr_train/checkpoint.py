@@ -54,6 +54,8 @@ def write_json(path: Path, obj) -> None:
 
 
 LAST, PREVIOUS = "last.pt", "prev.pt"
+#: The model selected on validation, and the one it replaced (see train.BestModel).
+BEST, BEST_PREVIOUS = "best.pt", "best_prev.pt"
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:
@@ -67,8 +69,8 @@ def save_checkpoint(folder: Path, state: dict) -> None:
 
 
 def remove_torn_writes(folder: Path) -> None:
-    """Delete temp files of checkpoint writes that a kill interrupted."""
-    for stale in Path(folder).glob(f".{LAST}.*.tmp"):
+    """Delete temp files of checkpoint writes (last.pt, best.pt) that a kill interrupted."""
+    for stale in Path(folder).glob(".*.pt.*.tmp"):
         stale.unlink()
 
 

@@ -53,7 +53,8 @@ def validate_config(cfg) -> None:
              f"{os.cpu_count()} (this machine's cores)")
     _require(str(t.precision) in PRECISIONS,
              f"trainer.precision={t.precision!r} must be one of {', '.join(PRECISIONS)}")
-    for key in ("channels_last", "compile"):
+    for key in ("channels_last", "compile", "test_every_eval", "checkpoint", "tensorboard", "progress_bar",
+                "signal_prop"):
         _require(isinstance(t[key], bool), f"trainer.{key}={t[key]!r} must be true or false")
     _require(_is_int(t.log_every) and t.log_every >= 1, f"trainer.log_every={t.log_every!r} must be an integer >= 1")
     o = cfg.optimizer
@@ -72,6 +73,11 @@ def validate_config(cfg) -> None:
     for key in ("train_size", "test_size"):
         v = cfg.dataset.get(key)
         _require(v is None or (_is_int(v) and v >= 1), f"dataset.{key}={v!r} must be null (all) or an integer >= 1")
+    v = cfg.dataset.val_size
+    _require(_is_int(v) and v >= 0, f"dataset.val_size={v!r} must be an integer >= 0: the number of training "
+             "images held out for validation (0: no validation split)")
+    v = cfg.dataset.split_seed
+    _require(_is_int(v) and 0 <= v < 2**31, f"dataset.split_seed={v!r} must be an integer in [0, 2^31)")
 
 
 def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device]:

@@ -14,12 +14,22 @@ from .errors import ConfigError
 EXIT_CODES = {"diverged": 1, "interrupted": 130}
 
 
+def check_objective(cfg, hydra_cfg) -> None:
+    """A search (a sweeper that reads the objective, e.g. Optuna) scores runs by their
+    validation accuracy, so it needs a validation split."""
+    searching = "BasicSweeper" not in str(hydra_cfg.sweeper.get("_target_", "BasicSweeper"))
+    if searching and cfg.dataset.val_size == 0:
+        raise ConfigError(f"{hydra_cfg.sweeper._target_} scores runs by validation accuracy, but dataset.val_size=0; "
+                          "keep a validation split (e.g. dataset.val_size=5000)")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://msr_train.conf", config_name="config")
 def _run(cfg) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode.name == "MULTIRUN"
     try:
+        check_objective(cfg, hydra_cfg)
         summary = train(cfg, Path(hydra_cfg.runtime.output_dir), job_num=hydra_cfg.job.num if sweep else None)
     except ConfigError as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
@@ -28,9 +38,10 @@ def _run(cfg) -> float | None:
         sys.exit(2)
     if not sweep and summary["status"] in EXIT_CODES:
         sys.exit(EXIT_CODES[summary["status"]])
-    # Returned to Hydra's sweepers (e.g. Optuna) as the objective. A diverged run scores 0
-    # (the worst accuracy): the Optuna sweeper aborts the whole search on NaN or None.
-    acc = summary["final_test_acc"]
+    # Returned to Hydra's sweepers (e.g. Optuna) as the objective: the best validation
+    # accuracy, never a test number. A diverged run scores 0 (the worst accuracy): the
+    # Optuna sweeper aborts the whole search on NaN or None.
+    acc = summary["best_val_acc"]
     return 0.0 if acc is None or summary["status"] == "diverged" else acc
 
 

@@ -175,14 +175,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 #: table_rows' columns of numbers, after the group's key values and runs, seeds.
-STAT_COLUMNS = ("final_test_acc_pct", "final_test_acc_pct_std", "best_test_acc_pct", "best_test_acc_pct_std",
-                "train_time_s", "img_per_s")
+#: The accuracies compared, first the headline one: the test accuracy of the model
+#: selected on validation. No column is a maximum over test evaluations.
+ACCURACIES = {"selected_test_acc": "test acc., val-selected (%)", "final_test_acc": "test acc., final model (%)",
+              "best_val_acc": "best val acc. (%)"}
+STAT_COLUMNS = (*(f"{m}_pct{s}" for m in ACCURACIES for s in ("", "_std")), "train_time_s", "img_per_s")
 
 
 def completed_values(runs: list[Run], metric: str, scale: float = 1.0) -> list[float]:
     """``metric`` from the summaries of the completed runs. Runs that diverged or have not
     finished are left out: their last accuracy is not a final one."""
-    return [scale * r.summary[metric] for r in runs if r.status == "completed"]
+    return [scale * r.summary[metric] for r in runs if r.status == "completed" and r.summary.get(metric) is not None]
 
 
 def table_rows(groups: dict[tuple, list[Run]], keys: list[str]) -> list[dict]:
@@ -194,7 +197,7 @@ def table_rows(groups: dict[tuple, list[Run]], keys: list[str]) -> list[dict]:
         row = dict(zip(keys, values))
         row["runs"] = len(runs)
         row["seeds"] = ",".join(str(s) for s in sorted({r.get("seed", "?") for r in runs}, key=_order))
-        for metric in ("final_test_acc", "best_test_acc"):
+        for metric in ACCURACIES:
             row[f"{metric}_pct"], row[f"{metric}_pct_std"] = mean_std(completed_values(runs, metric, 100))
         for metric in ("train_time_s", "img_per_s"):
             row[metric] = mean_std(completed_values(runs, metric))[0]
@@ -210,17 +213,18 @@ def _fmt(value: float, std: float | None = None) -> str:
 
 
 def write_markdown(path: Path, rows: list[dict], keys: list[str]) -> None:
-    header = [*keys, "runs", "seeds", "final test acc (%)", "best test acc (%)", "train time (s)", "img/s", "status"]
+    header = [*keys, "runs", "seeds", *ACCURACIES.values(), "train time (s)", "img/s", "status"]
     lines = [
-        "Test accuracy (%), train time and throughput: mean ± sample std over the completed runs of each group.",
+        "Accuracy (%), train time and throughput: mean ± sample std over the completed runs of each group. "
+        "'val-selected': the test accuracy of the checkpoint with the best validation accuracy (the test set "
+        "takes no part in the choice); validation is held out of the training set.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for row in rows:
         cells = [*(str(row[k]) for k in keys), str(row["runs"]), row["seeds"],
-                 _fmt(row["final_test_acc_pct"], row["final_test_acc_pct_std"]),
-                 _fmt(row["best_test_acc_pct"], row["best_test_acc_pct_std"]),
+                 *(_fmt(row[f"{m}_pct"], row[f"{m}_pct_std"]) for m in ACCURACIES),
                  _fmt(row["train_time_s"]), _fmt(row["img_per_s"]), row["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
@@ -245,7 +249,7 @@ class Panel:
 
 
 CURVE_X = {"epoch": "epoch", "examples_seen": "examples seen", "wall_time_s": "wall time (s)"}
-CURVE_PANELS = (Panel("test_acc", "test accuracy (%)", 100), Panel("train_loss", "train loss", log=True))
+CURVE_PANELS = (Panel("val_acc", "validation accuracy (%)", 100), Panel("train_loss", "train loss", log=True))
 SIGNAL_PROP_PANELS = (Panel("avg_sq_mean", "average squared channel mean", log=True),
                       Panel("avg_var", "average channel variance", log=True))
 
@@ -294,12 +298,12 @@ def curve_figures(runs: list[Run], by: str) -> dict[str, Figure]:
     series = [(str(values[0]), run.records) for values, group in group_runs(runs, [by]).items()
               for run in group if run.records]
     return {x: lines_figure(series, x, CURVE_PANELS, xlabel=label, legend_title=by,
-                            title=f"test accuracy and train loss against {label}")
+                            title=f"validation accuracy and train loss against {label}")
             for x, label in CURVE_X.items()}
 
 
 def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
-    """Final and best test accuracy against ``x``, one line per value of ``by``: the mean
+    """Test accuracy of the val-selected and of the final model against ``x``, one line per value of ``by``: the mean
     over completed runs (seeds) with a min-max band. A point without completed runs
     (all diverged or unfinished) is left out, breaking the line. Log x-axis for positive
     numbers spanning more than 10x; categories for non-numbers."""
@@ -309,7 +313,7 @@ def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
     position = {v: (v if numeric else i) for i, v in enumerate(xs)}
     colours = _colours(str(key[0]) for key in groups)
     fig, axes = _figure(2)
-    for ax, metric, label in zip(axes, ("final_test_acc", "best_test_acc"), ("final", "best")):
+    for ax, metric, label in zip(axes, ("selected_test_acc", "final_test_acc"), ("val-selected model", "final model")):
         for by_value in dict.fromkeys(key[0] for key in groups):
             cells = [(position[key[1]], completed_values(group, metric, 100))
                      for key, group in groups.items() if key[0] == by_value]
@@ -324,10 +328,12 @@ def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
         # Ticks at the swept values: a log axis would otherwise label only powers of 10.
         ax.set_xticks(list(position.values()), [str(v) for v in xs])
         ax.minorticks_off()
-        ax.set(xlabel=x, ylabel=f"{label} test accuracy (%)")
+        ax.set(xlabel=x, ylabel=f"test accuracy (%), {label}")
         ax.grid(alpha=0.3)
     axes[-1].legend(title=by, fontsize="small")
-    fig.suptitle(f"test accuracy against {x}: mean over seeds, min-max band")
+    seeds = sorted({r.get("seed", "?") for r in runs}, key=_order)
+    fig.suptitle(f"test accuracy against {x}: " + (f"mean over {len(seeds)} seeds, min-max band" if len(seeds) > 1
+                                                   else "one seed"))
     return fig
 
 
@@ -406,7 +412,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default: compare/)")
     p.add_argument("--by", default="method", metavar="KEY",
                    help="colour and group by this summary field or dotted config path (default: method)")
-    p.add_argument("--x", metavar="KEY", help="also plot final and best accuracy against this key, e.g. batch_size")
+    p.add_argument("--x", metavar="KEY", help="also plot the val-selected and the final model's test accuracy "
+                   "against this key, e.g. batch_size")
     p.add_argument("--signal-prop", action="store_true",
                    help="plot the signal propagation records (signal_prop.jsonl) instead")
     p.add_argument("--epoch", type=int, metavar="N", help="with --signal-prop: the epoch to plot (default 0, init)")

@@ -1,4 +1,13 @@
-"""Datasets through torchvision, held in memory as uint8 tensors where they fit.
+"""Datasets through torchvision, held in memory as uint8 tensors where they fit, split
+into train / validation / test.
+
+Validation (``dataset.val_size`` images, 0 for none) is held out of the *training* set,
+stratified by class, by a generator seeded with ``dataset.split_seed``: it is the same
+for every run whatever its ``seed``, and disjoint from what is trained on. Model
+selection and tuning look at it; the test set is only evaluated, never selected on.
+``train_size`` / ``test_size`` subsets are drawn from the same fixed generator, so the
+images a run sees do not change with its seed either (the seed changes the init, the
+data order and the noise).
 
 Small datasets (MNIST, Fashion-MNIST, CIFAR, synthetic) live as one uint8 tensor on the
 training device; batches are cut by index, augmented on tensors (4-px pad-crop and
@@ -33,6 +42,35 @@ class DatasetInfo:
     num_classes: int
     train_size: int
     test_size: int
+    val_size: int = 0
+
+
+@dataclass(frozen=True)
+class Data:
+    """What a run trains and evaluates on; ``val`` is None when dataset.val_size is 0."""
+    info: DatasetInfo
+    train: object
+    val: object | None
+    test: object
+
+
+def split_indices(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) index sets of a training set with these labels: ``val_size`` images
+    held out, stratified by class (each class gives its share, up to rounding), chosen by
+    a generator seeded with ``seed``. Both sorted; together they are every index once."""
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    y = labels[order]
+    counts = torch.bincount(y)
+    by_class = torch.argsort(y, stable=True)  # grouped by class, shuffled within
+    rank = torch.empty(n, dtype=torch.long)
+    rank[by_class] = torch.arange(n) - (counts.cumsum(0) - counts)[y[by_class]]
+    # An image's position within its class, as a fraction: taking the smallest fractions
+    # takes the same share of every class.
+    position = (rank + 0.5) / counts[y]
+    held_out = torch.zeros(n, dtype=torch.bool)
+    held_out[order[torch.argsort(position, stable=True)[:val_size]]] = True
+    return (~held_out).nonzero().flatten(), held_out.nonzero().flatten()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -126,8 +164,12 @@ class TensorBatches:
     """Batches of an in-memory uint8 dataset, augmented and normalised on its device."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, *, batch_size: int,
-                 train: bool, augment: str, seed: int, shard: tuple[int, int] = (0, 1)):
+                 train: bool, augment: str, seed: int, shard: tuple[int, int] = (0, 1),
+                 indices: torch.Tensor | None = None):
         self.x, self.y = x, y
+        # Where each image sits in the dataset's own split (the original training set for
+        # train and validation batches): what the split tests check.
+        self.indices = torch.arange(len(y)) if indices is None else indices
         # (rank, world size): each batch is cut, augmented as a whole, then the rank keeps
         # its part: a contiguous block of a training batch, every W-th test example.
         self.rank, self.world_size = shard
@@ -184,38 +226,51 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _subset(x, y, size, seed):
-    if size is None or size >= len(y):
-        return x, y
-    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size]
-    return x[idx], y[idx]
+def _subset(size: int | None, n: int, seed: int) -> torch.Tensor:
+    """Indices of a fixed random subset of ``size`` of ``n`` items (all, in order, for None)."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
+def check_split_sizes(cfg, available: int, batch_size: int) -> None:
+    """dataset.val_size must leave at least one batch of training images."""
+    val_size = cfg.val_size
+    if available - val_size < batch_size:
+        left = (f"leaves {available - val_size} of the {available} training images, fewer than one batch "
+                f"(batch_size={batch_size})") if val_size < available else f"exceeds the {available} training images"
+        raise ConfigError(f"dataset.val_size={val_size} {left}; lower dataset.val_size (0 for no validation split)"
+                          " or batch_size")
 
 
 def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
-               shard: tuple[int, int] = (0, 1)):
-    """Returns (info, train_batches, test_batches). ``batch_size`` is the global batch; with
-    ``shard`` = (rank, world size) the batches yield that rank's share of every batch."""
+               shard: tuple[int, int] = (0, 1)) -> Data:
+    """The run's train / validation / test batches. ``batch_size`` is the global batch;
+    with ``shard`` = (rank, world size) the batches yield that rank's share of every batch."""
     if cfg.name == "imagenet":
         return _build_imagefolder(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
                                   shard=shard)
     if cfg.name not in IN_MEMORY_LOADERS:
         raise ConfigError(f"dataset={cfg.name} is unknown; choose one of: {', '.join(DATASETS)}")
-    splits = IN_MEMORY_LOADERS[cfg.name](cfg)
-    tensors = {}
-    for split, (x, y) in splits.items():
-        x, y = torch.as_tensor(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long)
-        x, y = _subset(x, y, cfg.get(f"{split}_size"), seed)
-        tensors[split] = (x.to(device), y.to(device))
-    (xtr, ytr), (xte, yte) = tensors["train"], tensors["test"]
-    if batch_size > len(ytr):
-        raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(ytr)} images);"
+    splits = {s: (torch.as_tensor(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long))
+              for s, (x, y) in IN_MEMORY_LOADERS[cfg.name](cfg).items()}
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    check_split_sizes(cfg, len(ytr), batch_size)
+    train_idx, val_idx = split_indices(ytr, cfg.val_size, cfg.split_seed)
+    train_idx = train_idx[_subset(cfg.train_size, len(train_idx), cfg.split_seed)]
+    test_idx = _subset(cfg.test_size, len(yte), cfg.split_seed)
+    if batch_size > len(train_idx):
+        raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(train_idx)} images);"
                           " lower batch_size or raise dataset.train_size")
-    info = DatasetInfo(cfg.name, xtr.shape[1], xtr.shape[-1], cfg.num_classes, len(ytr), len(yte))
-    train = TensorBatches(xtr, ytr, cfg.mean, cfg.std, batch_size=batch_size, train=True,
-                          augment=cfg.augment, seed=seed, shard=shard)
-    test = TensorBatches(xte, yte, cfg.mean, cfg.std, batch_size=eval_batch_size, train=False,
-                         augment="none", seed=seed, shard=shard)
-    return info, train, test
+
+    def batches(x, y, idx, train):
+        return TensorBatches(x[idx].to(device), y[idx].to(device), cfg.mean, cfg.std,
+                             batch_size=batch_size if train else eval_batch_size, train=train,
+                             augment=cfg.augment if train else "none", seed=seed, shard=shard, indices=idx)
+    info = DatasetInfo(cfg.name, xtr.shape[1], xtr.shape[-1], cfg.num_classes, len(train_idx), len(test_idx),
+                       len(val_idx))
+    return Data(info, batches(xtr, ytr, train_idx, True),
+                batches(xtr, ytr, val_idx, False) if len(val_idx) else None, batches(xte, yte, test_idx, False))
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -252,32 +307,55 @@ class _Loader:
         return iter(self.loader)
 
 
-def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard):
+def _imagefolder_splits(cfg, root: Path):
+    """(train, val, test) ImageFolder datasets. The test set is ``test/`` if present, else
+    ``val/`` (ImageNet's public validation set is the usual test set). Validation is
+    ``val/`` when ``test/`` exists too, else ``dataset.val_size`` images held out of
+    ``train/`` (stratified, fixed by dataset.split_seed); None if that is 0."""
     import torchvision.datasets as tvd
     import torchvision.transforms as T
-    root = Path(os.path.expanduser(cfg.root))
-    for split in ("train", "val"):
+    has_test = (root / "test").is_dir()
+    for split in ("train", "test" if has_test else "val"):
         if not (root / split).is_dir():
             raise ConfigError(f"dataset=imagenet needs {root / split}/ in ImageFolder layout "
                               "(one folder per class); set dataset.root to the folder holding train/ and val/")
     norm = T.Normalize(cfg.mean, cfg.std)
     size = cfg.image_size
-    train_ds = tvd.ImageFolder(str(root / "train"), T.Compose([
-        T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-    test_ds = tvd.ImageFolder(str(root / "val"), T.Compose([
-        T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm]))
+    augment = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    plain = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    train = tvd.ImageFolder(str(root / "train"), augment)
+    test = tvd.ImageFolder(str(root / ("test" if has_test else "val")), plain)
+    if has_test:
+        val = tvd.ImageFolder(str(root / "val"), plain) if (root / "val").is_dir() else None
+        return train, val, test
+    targets = torch.as_tensor(train.targets)
+    train_idx, val_idx = split_indices(targets, min(cfg.val_size, len(targets)), cfg.split_seed)
+    val = torch.utils.data.Subset(tvd.ImageFolder(str(root / "train"), plain), val_idx.tolist()) \
+        if len(val_idx) else None
+    return torch.utils.data.Subset(train, train_idx.tolist()), val, test
+
+
+def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard) -> Data:
+    root = Path(os.path.expanduser(cfg.root))
+    train_ds, val_ds, test_ds = _imagefolder_splits(cfg, root)
     if cfg.get("train_size"):
-        train_ds = torch.utils.data.Subset(train_ds, list(range(min(cfg.train_size, len(train_ds)))))
+        train_ds = torch.utils.data.Subset(train_ds, _subset(cfg.train_size, len(train_ds), cfg.split_seed).tolist())
     if cfg.get("test_size"):
-        test_ds = torch.utils.data.Subset(test_ds, list(range(min(cfg.test_size, len(test_ds)))))
-    info = DatasetInfo("imagenet", 3, size, cfg.num_classes, len(train_ds), len(test_ds))
+        test_ds = torch.utils.data.Subset(test_ds, _subset(cfg.test_size, len(test_ds), cfg.split_seed).tolist())
+    if batch_size > len(train_ds):
+        raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(train_ds)} images);"
+                          " lower batch_size, dataset.val_size, or raise dataset.train_size")
+    info = DatasetInfo("imagenet", 3, cfg.image_size, cfg.num_classes, len(train_ds), len(test_ds),
+                       len(val_ds) if val_ds is not None else 0)
     rank, world_size = shard
-    if world_size > 1:
-        test_ds = torch.utils.data.Subset(test_ds, list(range(rank, len(test_ds), world_size)))
     sampler = _EpochSampler(len(train_ds), seed, batch_size, shard)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
               persistent_workers=cfg.num_workers > 0)
+
+    def evaluation(ds):
+        if world_size > 1:  # every W-th example, like TensorBatches
+            ds = torch.utils.data.Subset(ds, list(range(rank, len(ds), world_size)))
+        return _Loader(torch.utils.data.DataLoader(ds, eval_batch_size, shuffle=False, **kw))
     train = _Loader(torch.utils.data.DataLoader(train_ds, batch_size // world_size, sampler=sampler, drop_last=True,
                                                 **kw), sampler)
-    test = _Loader(torch.utils.data.DataLoader(test_ds, eval_batch_size, shuffle=False, **kw))
-    return info, train, test
+    return Data(info, train, evaluation(val_ds) if val_ds is not None else None, evaluation(test_ds))

@@ -10,14 +10,19 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
-LR_SCALINGS = ("linear", "sqrt", "none")
+LR_SCALINGS = ("linear", "sqrt", "sqrt_linear", "none")
 
 
 def scaled_lr(cfg, batch_size: int) -> float:
     """``optimizer.lr`` is the rate at ``optimizer.base_batch_size``; scale it to the
-    batch actually used (Goyal et al. 2017 for linear, Krizhevsky 2014 for sqrt)."""
+    batch actually used (Goyal et al. 2017 for linear, Krizhevsky 2014 for sqrt).
+    ``sqrt_linear`` takes sqrt below the base batch and linear above it: linear scaling
+    (with warmup) is the large-batch rule, and at batch 1 it would give lr/128, far too
+    small to learn in a fixed number of epochs (measured in docs/results.md)."""
     ratio = batch_size / cfg.base_batch_size
-    return cfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    rules = {"linear": ratio, "sqrt": math.sqrt(ratio), "sqrt_linear": ratio if ratio > 1 else math.sqrt(ratio),
+             "none": 1.0}
+    return cfg.lr * rules[cfg.lr_scaling]
 
 
 def build_optimizer(cfg, param_groups: list[dict], batch_size: int) -> torch.optim.Optimizer:

@@ -4,7 +4,8 @@ TensorBoard's x-axis is the number of training examples seen, so runs at differe
 batch sizes line up on one chart. Hyperparameters are written into the run's own event
 file (not through ``SummaryWriter.add_hparams``, which makes a spurious sub-run), so the
 HParams tab shows one row per run; its metric columns are the last values of
-``HPARAM_METRICS``, i.e. the final and the best test accuracy. The Custom Scalars tab
+``HPARAM_METRICS``: the best validation accuracy, the test accuracy of the model selected
+on it, and the final model's test accuracy. The Custom Scalars tab
 overlays every run on one chart per metric (``COMPARE_CHARTS``).
 """
 
@@ -22,14 +23,15 @@ from .checkpoint import atomic_write, write_json
 #: metrics.jsonl key -> TensorBoard tag. Other keys (step, epoch, ...) stay in the jsonl.
 TB_TAGS = {
     "train_loss": "train/loss", "train_acc": "train/acc",
+    "val_loss": "val/loss", "val_acc": "val/acc", "val_top5": "val/top5", "best_val_acc": "val/best_acc",
     "test_loss": "test/loss", "test_acc": "test/acc", "test_top5": "test/top5",
-    "best_test_acc": "test/best_acc", "lr": "lr", "img_per_s": "throughput/img_per_s",
+    "lr": "lr", "img_per_s": "throughput/img_per_s",
 }
 #: Scalars the HParams tab shows next to each run's choices; it shows a tag's last value,
-#: so test/acc is the final test accuracy.
-HPARAM_METRICS = ("test/acc", "test/best_acc")
+#: so test/acc is the final model's test accuracy, test/selected_acc the val-selected one's.
+HPARAM_METRICS = ("val/best_acc", "test/selected_acc", "test/acc")
 #: Tags that get one Custom Scalars chart each.
-COMPARE_CHARTS = ("test/acc", "test/loss", "train/loss", "train/acc", "lr", "throughput/img_per_s")
+COMPARE_CHARTS = ("val/acc", "val/loss", "train/loss", "train/acc", "test/acc", "lr", "throughput/img_per_s")
 
 
 def custom_scalars_layout() -> dict:

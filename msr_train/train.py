@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import find_checkpoint, remove_torn_writes, save_checkpoint
+from .checkpoint import BEST, BEST_PREVIOUS, atomic_write, find_checkpoint, remove_torn_writes, save_checkpoint
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .data import build_data
 from .distributed import Context, init_group, launched_group, spawn
@@ -68,9 +68,11 @@ def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: P
 
 
 @torch.no_grad()
-def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precision: Precision = FULL) -> dict:
-    """Test loss and accuracy; with several processes each takes its shard of the test set
-    and the sums are all-reduced, so every rank returns the whole set's metrics."""
+def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precision: Precision = FULL,
+             split: str = "test") -> dict:
+    """Loss and accuracy on ``batches`` as ``{split}_loss``, ``{split}_acc`` (and top-5 for
+    more than 10 classes); with several processes each takes its shard of the set and the
+    sums are all-reduced, so every rank returns the whole set's metrics."""
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, correct top-5, n
@@ -83,10 +85,40 @@ def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precisi
                              torch.tensor(len(y), dtype=torch.float64, device=device)])
     model.train()
     loss, correct, correct5, n = ctx.sum(sums).tolist()
-    out = {"test_loss": loss / n, "test_acc": correct / n}
+    out = {f"{split}_loss": loss / n, f"{split}_acc": correct / n}
     if num_classes > 10:
-        out["test_top5"] = correct5 / n
+        out[f"{split}_top5"] = correct5 / n
     return out
+
+
+class BestModel:
+    """The model selected on validation: the weights of the evaluation with the highest
+    validation accuracy so far (the earliest on ties), kept in memory for the final test
+    and, when ``path`` is set, in ``checkpoints/best.pt``. The file it replaces stays as
+    ``best_prev.pt`` until the next checkpoint, so a kill between writing best.pt and
+    last.pt leaves the best model of the checkpoint a resumed run continues from."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.state = path, None
+
+    def update(self, model: torch.nn.Module, step: int, val_acc: float) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.path is not None:
+            atomic_write(self.path, lambda f: torch.save({"model": self.state, "step": step, "val_acc": val_acc}, f),
+                         keep_previous_as=self.path.with_name(BEST_PREVIOUS))
+
+    def restore(self, folder: Path, step: int | None, device: torch.device) -> None:
+        """Load the best model of a resumed run: the file that holds ``step``'s weights."""
+        for name in (BEST, BEST_PREVIOUS):
+            path = folder / name
+            if step is not None and path.exists():
+                saved = torch.load(path, map_location=device, weights_only=True)
+                if saved["step"] == step:
+                    self.state = saved["model"]
+                    return
+        if step is not None:
+            raise ConfigError(f"{folder} has no {BEST} for the best validation step {step} that its last "
+                              "checkpoint names; move the folder away to start afresh")
 
 
 def note(message: str) -> None:
@@ -158,6 +190,18 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def select_and_test(model, best: BestModel, data, loop: dict, step: int, record: dict, ctx: Context,
+                    precision: Precision) -> dict:
+    """Test metrics of the model selected on validation (``test_acc``, ``test_loss``, ...):
+    the best validation evaluation's weights, or the final model without a validation
+    split. The test set plays no part in the choice."""
+    final = {k: v for k, v in record.items() if k.startswith("test_")}
+    if best.state is None or loop["best_val_step"] == step:
+        return final
+    model.load_state_dict(best.state)
+    return evaluate(model, data.test, data.info.num_classes, ctx, precision, split="test")
+
+
 def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
     """Train one run into ``out_dir`` (or continue it); returns the summary written there.
     On several devices it starts one process per device and waits for them; in a process
@@ -198,14 +242,16 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
             torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     accumulate = t.accumulate
-    method = build_method(cfg.method)
-    info, train_batches, test_batches = build_data(
-        cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=t.eval_batch_size, seed=cfg.seed, device=device,
-        shard=(ctx.rank, ctx.world_size))
+    method = build_method(cfg.method, cfg.batch_size)
+    data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=t.eval_batch_size, seed=cfg.seed,
+                      device=device, shard=(ctx.rank, ctx.world_size))
+    info, train_batches = data.info, data.train
     model = build_model(cfg.model.name, method, in_channels=info.in_channels, num_classes=info.num_classes,
                         image_size=info.image_size, small_input=cfg.model.get("small_input", "auto")).to(device)
     input_shape = (info.in_channels, info.image_size, info.image_size)
-    check_batchnorm_trainable(model, cfg.batch_size // (accumulate * ctx.world_size), input_shape)
+    micro_batch = cfg.batch_size // (accumulate * ctx.world_size)
+    method.check_micro_batch(micro_batch)
+    check_batchnorm_trainable(model, micro_batch, input_shape)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     if ctx.parallel and cfg.method.get("sync_bn"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -224,8 +270,9 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
         total_steps = min(total_steps, t.max_steps)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    loop = {"step": 0, "best_acc": 0.0, "train_time": 0.0, "wall_time": 0.0,
+    loop = {"step": 0, "best_val_acc": None, "best_val_step": None, "train_time": 0.0, "wall_time": 0.0,
             "window_loss": 0.0, "window_correct": 0.0, "window_n": 0}
+    best = BestModel(ckpt_dir / BEST if ctx.is_main and t.checkpoint else None)
     resumed = resume_state(cfg, ckpt_dir, tidy=not ctx.parallel)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -236,6 +283,7 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
         if not ctx.is_main:  # the saved training window's sums are global: rank 0 carries them
             loop.update(window_loss=0.0, window_correct=0.0)
         set_rng_state(resumed["rng"], device)
+        best.restore(ckpt_dir, loop["best_val_step"], device)
         if ctx.is_main:
             note(f"Resuming {out_dir} at step {loop['step']} of {total_steps}")
     # Only rank 0 writes; the other ranks still take part in every measurement, whose
@@ -251,7 +299,7 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
         if resumed is None:
             record_signal_prop(model, signal_prop_path, 0, writer, input_shape, device)
     # A fixed test batch on which each evaluation logs the per-layer mean shift.
-    probe = next(iter(test_batches))[0][:64] if t.tensorboard else None
+    probe = next(iter(data.test))[0][:64] if t.tensorboard else None
 
     step, status = loop["step"], "completed"
     started, earlier_wall_time = time.perf_counter(), loop["wall_time"]
@@ -287,8 +335,16 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
 
     def evaluate_and_log() -> None:
         ctx.broadcast_buffers(model)  # every shard is evaluated with rank 0's running statistics
-        metrics = evaluate(model, test_batches, info.num_classes, ctx, precision)
-        loop["best_acc"] = max(loop["best_acc"], metrics["test_acc"])
+        metrics = {}
+        if data.val is not None:
+            metrics.update(evaluate(model, data.val, info.num_classes, ctx, precision, split="val"))
+            if loop["best_val_acc"] is None or metrics["val_acc"] > loop["best_val_acc"]:
+                loop.update(best_val_acc=metrics["val_acc"], best_val_step=step)
+                best.update(model, step, metrics["val_acc"])
+            metrics["best_val_acc"] = loop["best_val_acc"]
+        # The test set: the final model, or every evaluation if asked (to watch, never to select).
+        if step == total_steps or t.test_every_eval:
+            metrics.update(evaluate(model, data.test, info.num_classes, ctx, precision, split="test"))
         n = max(loop["window_n"], 1)
         total_loss, total_correct, _ = window()
         shift = conv_mean_shift(model, probe) if probe is not None else {}
@@ -302,7 +358,7 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
         log.log({
             "step": step, "epoch": step / steps_per_epoch, "examples_seen": step * cfg.batch_size,
             "train_loss": total_loss / n, "train_acc": total_correct / n,
-            **metrics, "best_test_acc": loop["best_acc"], "lr": optimizer.param_groups[0]["lr"],
+            **metrics, "lr": optimizer.param_groups[0]["lr"],
             "img_per_s": step * cfg.batch_size / max(loop["train_time"], 1e-9),
             "wall_time_s": wall_time(),
         })
@@ -364,12 +420,21 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
             bar.close()
 
     record = log.records[-1] if log is not None and log.records else {}
+    selected = select_and_test(model, best, data, loop, step, record, ctx, precision) \
+        if status == "completed" else {}
+    if log is not None and "test_acc" in selected:
+        log.scalars({"test/selected_acc": selected["test_acc"]}, step * cfg.batch_size)
     summary = {
         "status": status, "model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name,
         "optimizer": cfg.optimizer.name, "scheduler": cfg.scheduler.name, "batch_size": cfg.batch_size,
         "lr": cfg.optimizer.lr, "epochs": cfg.epochs, "seed": cfg.seed, "step": step,
-        "examples_seen": step * cfg.batch_size, "final_test_acc": record.get("test_acc"),
-        "best_test_acc": loop["best_acc"] if record else None, "final_train_loss": record.get("train_loss"),
+        "examples_seen": step * cfg.batch_size, "final_train_loss": record.get("train_loss"),
+        "final_val_acc": record.get("val_acc"), "best_val_acc": loop["best_val_acc"],
+        "best_val_step": loop["best_val_step"],
+        "best_val_epoch": None if loop["best_val_step"] is None else loop["best_val_step"] / steps_per_epoch,
+        "selection": "best validation accuracy" if data.val is not None else "final model (no validation split)",
+        **{f"selected_{k}": v for k, v in selected.items()},
+        **{f"final_{k}": record.get(k) for k in ("test_acc", "test_loss", "test_top5") if k in record},
         "total_time_s": wall_time(), "train_time_s": loop["train_time"],
         "img_per_s": step * cfg.batch_size / max(loop["train_time"], 1e-9),
         "params": sum(p.numel() for p in model.parameters()),

@@ -31,25 +31,30 @@ def test_cli_trains_fashion_mnist_and_writes_every_record(tmp_path):
     assert [r["step"] for r in records] == [10, 16, 20, 30, 32]
     assert [r["examples_seen"] for r in records] == [640, 1024, 1280, 1920, 2048]
     for r in records:
-        assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch", "img_per_s",
-                "wall_time_s", "best_test_acc"} <= r.keys()
-        assert 0 <= r["test_acc"] <= 1 and r["train_loss"] > 0
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "lr", "epoch", "img_per_s",
+                "wall_time_s"} <= r.keys()
+        assert 0 <= r["val_acc"] <= 1 and r["train_loss"] > 0
+    # The test set is evaluated once, at the end (trainer.test_every_eval=false).
+    assert ["test_acc" in r for r in records] == [False] * 4 + [True]
     assert records[-1]["test_acc"] > 0.5  # ten classes: chance is 0.1
     assert "test_top5" not in records[-1]  # only for more than 10 classes
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["final_test_acc"] == records[-1]["test_acc"]
-    assert summary["best_test_acc"] == max(r["test_acc"] for r in records)
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in records)
+    assert not any("best_test" in key for key in summary)
     assert summary["params"] > 0 and summary["peak_memory_mb"] > 0 and summary["total_time_s"] > 0
     assert (summary["model"], summary["method"], summary["dataset"]) == ("resnet8", "bn", "fashion_mnist")
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/acc", "test/loss", "test/acc", "lr", "throughput/img_per_s"} <= tags
-    assert [e.step for e in events.Scalars("test/acc")] == [640, 1024, 1280, 1920, 2048]
-    assert [e.value for e in events.Scalars("test/acc")] == pytest.approx([r["test_acc"] for r in records])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/acc", "test/selected_acc", "lr",
+            "throughput/img_per_s"} <= tags
+    assert [e.step for e in events.Scalars("val/acc")] == [640, 1024, 1280, 1920, 2048]
+    assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([r["val_acc"] for r in records])
+    assert [e.value for e in events.Scalars("test/selected_acc")] == pytest.approx([summary["selected_test_acc"]])
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} \
         <= set(events.PluginTagToContent("hparams"))
     # The hyperparameters live in the run itself: no extra sub-run folder.
@@ -66,6 +71,10 @@ def test_cli_trains_fashion_mnist_and_writes_every_record(tmp_path):
     ("trainer.accumulate=3", ["not divisible", "trainer.accumulate=3"]),
     ("optimizer.lr=-1", ["optimizer.lr=-1", "positive"]),
     ("dataset.train_size=10", ["batch_size=128", "larger than the training set"]),
+    ("dataset.val_size=-1", ["dataset.val_size=-1", "integer >= 0"]),
+    ("dataset.val_size=0.5", ["dataset.val_size=0.5", "integer >= 0"]),
+    ("dataset.val_size=abc", ["dataset.val_size='abc'", "integer >= 0"]),
+    ("dataset.val_size=2000", ["dataset.val_size=2000", "leaves 48 of the 2048", "fewer than one batch"]),
 ])
 def test_bad_values_fail_early_with_the_key_and_the_fix(tmp_path, override, words):
     res = msr_train("dataset=synthetic", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

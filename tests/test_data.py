@@ -28,10 +28,11 @@ def test_mnist_from_local_idx_files(tmp_path):
         write_idx(tmp_path / f"{s}-images-idx3-ubyte.gz", images[s])
         write_idx(tmp_path / f"{s}-labels-idx1-ubyte.gz", labels[s])
     assert np.array_equal(_read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), images["t10k"])
-    cfg = make_cfg("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false").dataset
-    info, train, test = build_data(cfg, batch_size=8, eval_batch_size=4, seed=0, device=CPU)
-    assert (info.in_channels, info.image_size, info.train_size, info.test_size) == (1, 28, 40, 10)
-    assert len(train) == 5 and len(test) == 3
+    cfg = make_cfg("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.val_size=0").dataset
+    data = build_data(cfg, batch_size=8, eval_batch_size=4, seed=0, device=CPU)
+    info, train, test = data.info, data.train, data.test
+    assert (info.in_channels, info.image_size, info.train_size, info.val_size, info.test_size) == (1, 28, 40, 0, 10)
+    assert data.val is None and len(train) == 5 and len(test) == 3
     x, y = next(iter(test))
     expected = (torch.tensor(images["t10k"][:4], dtype=torch.float32)[:, None] / 255 - 0.1307) / 0.3081
     assert torch.allclose(x, expected, atol=1e-5) and y.tolist() == labels["t10k"][:4].tolist()
@@ -45,11 +46,23 @@ def test_imagefolder_layout(tmp_path):
             for i in range(3):
                 Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
     cfg = make_cfg("dataset=imagenet", f"dataset.root={tmp_path}", "dataset.image_size=32",
-                   "dataset.num_workers=0", "dataset.num_classes=2").dataset
-    info, train, test = build_data(cfg, batch_size=2, eval_batch_size=4, seed=0, device=CPU)
-    assert (info.train_size, info.test_size, info.image_size) == (6, 6, 32)
-    x, y = next(iter(train))
+                   "dataset.num_workers=0", "dataset.num_classes=2", "dataset.val_size=2").dataset
+    # No test/ folder: val/ is the test set and validation is held out of train/, one per class.
+    data = build_data(cfg, batch_size=2, eval_batch_size=4, seed=0, device=CPU)
+    assert (data.info.train_size, data.info.val_size, data.info.test_size, data.info.image_size) == (4, 2, 6, 32)
+    x, y = next(iter(data.train))
     assert x.shape == (2, 3, 32, 32) and set(y.tolist()) <= {0, 1}
+    assert sorted(y for _, y in data.val.loader.dataset) == [0, 1]
+    # With a test/ folder, val/ is the validation set.
+    (tmp_path / "val").rename(tmp_path / "test")
+    (tmp_path / "train").rename(tmp_path / "val")
+    (tmp_path / "test").rename(tmp_path / "train")
+    (tmp_path / "val").rename(tmp_path / "test")
+    for cls in ("cat", "dog"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "val" / cls / "0.png")
+    data = build_data(cfg, batch_size=2, eval_batch_size=4, seed=0, device=CPU)
+    assert (data.info.train_size, data.info.val_size, data.info.test_size) == (6, 2, 6)
     with pytest.raises(ConfigError, match="ImageFolder"):
         build_data(make_cfg("dataset=imagenet", f"dataset.root={tmp_path / 'nowhere'}").dataset,
                    batch_size=2, eval_batch_size=2, seed=0, device=CPU)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import make_cfg
 from msr_train.checks import select_devices
@@ -134,12 +135,22 @@ def test_16_mixed_hooks_see_unscaled_gradients(monkeypatch):
     assert norms["16-mixed"] == pytest.approx(norms["32"], rel=0.05)
 
 
-def test_optuna_searches_the_learning_rate_and_survives_a_diverged_trial(tmp_path):
-    run = cli("-m", "hparams_search=lr_optuna", *QUICK, "trainer.cpu_threads=1", "hydra.sweeper.n_trials=3",
-              "optimizer.lr=choice(0.05,1e6)", f"hydra.sweep.dir={tmp_path / 'opt'}",
+def test_optuna_searches_the_learning_rate_on_validation_and_survives_a_diverged_trial(tmp_path):
+    run = cli("-m", "hparams_search=lr_optuna", *QUICK, "dataset.val_size=32", "trainer.cpu_threads=1",
+              "hydra.sweeper.n_trials=3", "optimizer.lr=choice(0.05,1e6)", f"hydra.sweep.dir={tmp_path / 'opt'}",
               "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = (tmp_path / "opt" / "optimization_results.yaml").read_text()
-    assert "best_params" in result and "optimizer.lr: 0.05" in result
-    statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "opt").glob("*/summary.json")]
-    assert len(statuses) == 3 and "completed" in statuses
+    result = yaml.safe_load((tmp_path / "opt" / "optimization_results.yaml").read_text())
+    assert result["best_params"] == {"optimizer.lr": 0.05}
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "opt").glob("*/summary.json")]
+    assert len(summaries) == 3 and "completed" in [s["status"] for s in summaries]
+    # The objective is the best validation accuracy, never a test number.
+    completed = [s for s in summaries if s["status"] == "completed"]
+    assert result["best_value"] == max(s["best_val_acc"] for s in completed)
+
+
+def test_a_search_without_validation_split_is_refused(tmp_path):
+    run = cli("-m", "hparams_search=lr_optuna", *QUICK, "dataset.val_size=0", "hydra.sweeper.n_trials=1",
+              f"hydra.sweep.dir={tmp_path / 'opt'}", cwd=tmp_path)
+    assert run.returncode != 0 and "dataset.val_size=0" in run.stderr and "validation accuracy" in run.stderr
+    assert not list((tmp_path / "opt").glob("*/metrics.jsonl"))

@@ -64,7 +64,8 @@ def test_conv_init_scale():
     _, model = mimicnorm_model("resnet18")
     conv = model.stages[3][1].branch[0]  # 512 x 512 x 3 x 3: plenty of samples
     fan_in = 512 * 9
-    assert conv.weight.std().item() == pytest.approx(1.2 * (2 / fan_in) ** 0.5, rel=0.01)
+    # The authors' CIFAR init, N(0, 2 / fan_in), with no extra 1.2.
+    assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.01)
     assert (conv.bias == 0).all()
 
 
@@ -109,10 +110,22 @@ def test_batch_of_one_is_refused_with_a_clear_message(tmp_path):
     assert "logits" in str(err.value) and "batch_size" in str(err.value)
     check_batchnorm_trainable(model, 2, (3, 16, 16))
 
-    # Through the real loop: refused before the first step.
+    # Through the real loop: refused before the first step, by the method's own check.
     cfg = make_cfg("method=mimicnorm", "model=resnet8", "dataset=synthetic", "dataset.image_size=8",
                    "dataset.synthetic_train=16", "dataset.synthetic_test=16", "batch_size=1", "epochs=1",
-                   "trainer.progress_bar=false", "trainer.tensorboard=false")
-    with pytest.raises(ConfigError, match="single value per channel"):
+                   "method.min_micro_batch=2", "trainer.progress_bar=false", "trainer.tensorboard=false")
+    with pytest.raises(ConfigError, match="method.min_micro_batch"):
         train(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("batch_size,accumulate", [(2, 1), (4, 1), (16, 4)])
+def test_micro_batches_it_cannot_learn_from_are_refused_before_training(tmp_path, batch_size, accumulate):
+    cfg = make_cfg("method=mimicnorm", "model=resnet8", "dataset=synthetic", "dataset.image_size=8",
+                   "dataset.synthetic_train=64", "dataset.synthetic_test=16", "dataset.val_size=16",
+                   f"batch_size={batch_size}", f"trainer.accumulate={accumulate}", "epochs=1",
+                   "trainer.progress_bar=false", "trainer.tensorboard=false")
+    with pytest.raises(ConfigError, match="method.min_micro_batch") as err:
+        train(cfg, tmp_path)
+    assert f"from {batch_size // accumulate} example(s)" in str(err.value) and "method=msr" in str(err.value)
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -117,13 +117,13 @@ def reference_agc(grad, weight, clip, eps=1e-3):
     return out
 
 
-def test_agc_equals_the_formula_and_spares_the_classifier():
+def test_agc_equals_the_formula_and_spares_the_classifier_weights():
     torch.manual_seed(0)
     clip = 0.05
     method = nf_method(f"agc_clip={clip}")
     model = build_model("resnet8", method, in_channels=3, num_classes=10, image_size=32)
-    head = {id(p) for p in model.head.parameters()}
-    assert len(head) == 2
+    # DeepMind's scope: everything but the final classifier's weights (its bias is clipped).
+    head = {id(model.head[-1].weight)}
     for p in model.parameters():
         with torch.no_grad():
             p.normal_()
@@ -148,7 +148,16 @@ def test_agc_equals_the_formula_and_spares_the_classifier():
         kept += int((~changed).sum())
     assert clipped > 10 and kept > 10  # both branches of the formula were exercised
     # The head's gradients alone would have been clipped: sparing them is a real choice.
-    assert any(not torch.equal(reference_agc(p.grad, p.detach(), clip), p.grad) for p in model.head.parameters())
+    weight = model.head[-1].weight
+    assert not torch.equal(reference_agc(weight.grad, weight.detach(), clip), weight.grad)
+
+
+@pytest.mark.parametrize("batch_size,expected", [(None, None), (1, None), (128, None), (1023, None),
+                                                 (1024, 0.01), (4096, 0.01)])
+def test_agc_auto_is_nfnets_lambda_at_large_batches_only(batch_size, expected):
+    method = build_method(make_cfg("method=nf").method, batch_size)
+    assert method.agc_clip == expected
+    assert build_method(make_cfg("method=nf", "method.agc_clip=0.2").method, 1).agc_clip == 0.2
 
 
 def test_agc_disabled():

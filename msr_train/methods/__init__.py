@@ -15,10 +15,12 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     BatchNorm, NoNorm, MeanShiftRejection, NormalizerFree, MimicNorm, BNPreconditioning)}
 
 
-def build_method(cfg) -> Method:
+def build_method(cfg, batch_size: int | None = None) -> Method:
+    """The method ``cfg`` describes, for a run whose optimizer steps see ``batch_size``
+    examples (None: unknown, e.g. a model built outside a run)."""
     name = cfg.name
     if name not in METHODS:
         raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(METHODS)}")
-    method = METHODS[name](cfg)
+    method = METHODS[name](cfg, batch_size)
     method.check(cfg)
     return method

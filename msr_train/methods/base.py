@@ -59,8 +59,10 @@ class Method:
     #: method.<key> that must be true or false.
     flag_keys: tuple[str, ...] = ()
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None, batch_size: int | None = None):
         self.cfg = cfg
+        #: The global batch of one optimizer step, for defaults that depend on it (None: unknown).
+        self.batch_size = batch_size
 
     # ------------------------------------------------------------------ layer factories
     def conv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
@@ -97,6 +99,10 @@ class Method:
     # ------------------------------------------------------------------ hooks
     def check(self, cfg) -> None:
         """Reject a configuration this method cannot train, before any work is done."""
+        lr = cfg.get("lr")
+        if not (is_number(lr) and lr > 0):
+            raise ConfigError(f"method.lr={lr!r} must be a positive number: this method's default optimizer.lr "
+                              "(SGD, at optimizer.base_batch_size)")
         for key, (ok, allowed) in self.number_rules.items():
             value = OmegaConf.select(cfg, key)
             if not (is_number(value) and ok(value)):
@@ -104,6 +110,11 @@ class Method:
         for key in self.flag_keys:
             if not isinstance(cfg[key], bool):
                 raise ConfigError(f"method.{key}={cfg[key]!r} must be true or false")
+
+    def check_micro_batch(self, micro_batch: int) -> None:
+        """Reject a micro-batch size (examples per forward pass) this method cannot learn
+        from, before any work is done. BatchNorm layers that see one value per channel
+        are found for every method by checks.check_batchnorm_trainable."""
 
     def finalize(self, model: nn.Module) -> None:
         """Called once on the built model: initialisation and per-block constants."""

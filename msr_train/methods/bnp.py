@@ -9,7 +9,8 @@ training graph is the test graph and any batch size works, including 1 (online).
 Definition (../shared/METHODS.md, "bnp"; the paper's exact formulas were not
 recoverable, so this project defines BNP as the update that gradient descent on the
 BN-reparametrised parameters induces). A layer y = W h + b whose input h has running
-per-feature mean mu and variance var, D = var + eps, is reparametrised as BN would:
+per-feature mean mu and variance var, D = var + eps (+ damping, below), is reparametrised
+as BN would:
 y = V (h - mu) / sqrt(D) + c, i.e. W = V D^(-1/2), b = c - W mu. One gradient step on
 (V, c), mapped back to (W, b), is one gradient step on (W, b) with the gradients
 
@@ -40,11 +41,17 @@ Choices made here where the sources leave room (conf/method/bnp.yaml):
 - Architecture and initialisation are the unnormalised control's (``none``: PyTorch's
   default init, no normalisation layers), so bnp vs none isolates the preconditioning.
 
-Step size: the preconditioner scales feature j's update by 1/D_j. Without normalisation
-the inputs of deep layers have variances well below 1 (0.01-0.1 at init in CIFAR
-ResNets), so at the same lr BNP steps much further than plain SGD, and nearly dead ReLU
-channels (D_j -> 0) furthest. BNP wants a smaller lr than BN; a larger ``eps`` (up to
-~1e-2) bounds the amplification. eps = 1e-5 is BN's default.
+Step size, and the one departure from the plain definition: the preconditioner scales
+feature j's update by 1/D_j. In the unnormalised network the input variances of one
+layer span ~1e7 (nearly dead ReLU channels down to 1e-7), so 1/(var + 1e-5) amplifies
+some updates ~1e5-fold and the loss explodes at any usable lr. BN itself is protected by
+its forward normalisation; BNP is not. So D is damped relative to the layer's typical
+variance: D_j = var_j + eps + ``damping`` * mean_k(var_k), the mean over the layer's input
+features. No feature's step can then exceed 1/``damping`` times the typical feature's;
+damping = 0 is the plain definition (what the tests check against the
+reparametrisation), damping -> infinity is SGD with a per-layer step of
+1/(damping * mean var). The default damping and BNP's own learning rate (``method.lr``,
+the default optimizer.lr) were chosen on validation accuracy: docs/results.md.
 """
 
 from __future__ import annotations
@@ -62,8 +69,9 @@ class Preconditioned:
     weight: torch.Tensor
     bias: torch.Tensor
 
-    def _init_statistics(self, features: int, momentum: float, eps: float) -> None:
-        self.momentum, self.eps = momentum, eps
+    def _init_statistics(self, features: int, momentum: float, eps: float, damping: float,
+                         relative: bool = False) -> None:
+        self.momentum, self.eps, self.damping, self.relative = momentum, eps, damping, relative
         self.register_buffer("running_mean", torch.zeros(features))
         self.register_buffer("running_var", torch.ones(features))
 
@@ -82,6 +90,12 @@ class Preconditioned:
         self.running_var.mul_(1 - m).add_(m * batch_var + m * (1 - m) * delta ** 2)
         self.running_mean.add_(m * delta)
 
+    def denominator(self) -> torch.Tensor:
+        """D per input feature: running variance + eps + damping x the layer's mean variance;
+        with ``relative``, divided by its mean over the layer's features."""
+        d = self.running_var + (self.eps + self.damping * self.running_var.mean())
+        return d / d.mean() if self.relative else d
+
     @torch.no_grad()
     def precondition_grad_(self) -> None:
         gw, gb = self.weight.grad, self.bias.grad
@@ -89,17 +103,18 @@ class Preconditioned:
             return
         along_in = (1, -1) + (1,) * (gw.dim() - 2)  # input features are W's dim 1
         mu = self.running_mean.view(along_in)
-        gw.sub_(gb.view((-1,) + (1,) * (gw.dim() - 1)) * mu).div_((self.running_var + self.eps).view(along_in))
+        gw.sub_(gb.view((-1,) + (1,) * (gw.dim() - 1)) * mu).div_(self.denominator().view(along_in))
         gb.sub_((gw * mu).flatten(1).sum(1))
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, momentum={self.momentum}, eps={self.eps}"
+        return f"{super().extra_repr()}, momentum={self.momentum}, eps={self.eps}, damping={self.damping}"
 
 
 class BNPLinear(Preconditioned, nn.Linear):
-    def __init__(self, in_features: int, out_features: int, *, momentum: float, eps: float):
+    def __init__(self, in_features: int, out_features: int, *, momentum: float, eps: float, damping: float = 0.0,
+                 relative: bool = False):
         super().__init__(in_features, out_features, bias=True)
-        self._init_statistics(in_features, momentum, eps)
+        self._init_statistics(in_features, momentum, eps, damping, relative)
 
     def forward(self, h):
         if self.training:
@@ -109,9 +124,9 @@ class BNPLinear(Preconditioned, nn.Linear):
 
 class BNPConv2d(Preconditioned, nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
-                 momentum: float, eps: float):
+                 momentum: float, eps: float, damping: float = 0.0, relative: bool = False):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
-        self._init_statistics(in_ch, momentum, eps)
+        self._init_statistics(in_ch, momentum, eps, damping, relative)
 
     def forward(self, h):
         if self.training:
@@ -122,13 +137,16 @@ class BNPConv2d(Preconditioned, nn.Conv2d):
 class BNPreconditioning(Method):
     name = "bnp"
 
+    flag_keys = ("relative",)
     number_rules = {
         "momentum": (lambda v: 0 < v <= 1, "in (0, 1] (default 0.1, BatchNorm's)"),
         "eps": (lambda v: v > 0, "a number > 0 (default 1e-5, BatchNorm's)"),
+        "damping": (lambda v: v >= 0, "a number >= 0 (0: the undamped preconditioner)"),
     }
 
     def _stats(self) -> dict:
-        return {"momentum": self.cfg.momentum, "eps": self.cfg.eps}
+        return {"momentum": self.cfg.momentum, "eps": self.cfg.eps, "damping": self.cfg.damping,
+                "relative": self.cfg.relative}
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         return BNPConv2d(in_ch, out_ch, kernel_size, stride, **self._stats())

@@ -17,18 +17,20 @@ made here where the sources leave room, each configurable in conf/method/mimicno
   left alone (the code does not say why; a zero-mean stem filter would be blind to the
   image's brightness and colour level). 0 projects every conv. Linear layers are never
   projected (the authors' line for them is commented out).
-- Conv init N(0, (``init_gain`` * sqrt(2 / fan_in))^2) with ``init_gain`` = 1.2
-  (~ 1/sqrt(1 - 1/pi)); the authors' ResNet code instead draws N(0, 2/fan_in) and
-  multiplies the projection shortcut by a learnable 1.2, which is the same shortcut at
-  init. Linear layers: N(0, 2/fan_in) (the authors' code). All biases start at 0.
+- Conv init N(0, (``init_gain`` * sqrt(2 / fan_in))^2) with ``init_gain`` = 1, the
+  authors' CIFAR code (resnet_nobn.py); the paper motivates a 1.2 ~ 1/sqrt(1 - 1/pi)
+  gain, which their ImageNet code applies only as a learnable scalar on the downsampling
+  shortcut. Linear layers: N(0, 2/fan_in) (the authors' code). All biases start at 0.
 - Convs have a bias (``conv_bias``), as in the authors' code: with BN gone nothing else
   offsets a channel.
 - Residual branch l (1-based, counted over the whole network in forward order) ends in
   a learnable scalar initialised to ``branch_gain`` ** (convs in the branch) / l: 1.2^2/l
   for basic blocks as METHODS.md states, 1.2^3/l for bottlenecks as the authors' code.
 - The last BN (BatchNorm1d on the logits, affine=False) uses batch statistics in
-  training and running statistics in evaluation, like any BN; it cannot train on one
-  example per micro-batch, which checks.check_batchnorm_trainable reports up front.
+  training and running statistics in evaluation, like any BN. It is not
+  batch-independent: at a micro-batch of 2 it maps every logit to +-1 and the network
+  does not learn (5% on Fashion-MNIST, docs/results.md). Micro-batches below
+  ``min_micro_batch`` are refused before training, the way BN at batch 1 is.
 - The paper recommends 1-2 epochs of learning-rate warmup: set scheduler.warmup_epochs.
 """
 
@@ -39,6 +41,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import BranchGain, Method
 
 
@@ -51,6 +54,21 @@ class MimicNorm(Method):
         "min_fan_in": (lambda v: v >= 0, "a number >= 0 (0 projects every conv; default 50)"),
     }
     flag_keys = ("conv_bias",)
+
+    def check(self, cfg):
+        super().check(cfg)
+        if not (isinstance(cfg.min_micro_batch, int) and not isinstance(cfg.min_micro_batch, bool)
+                and cfg.min_micro_batch >= 2):
+            raise ConfigError(f"method.min_micro_batch={cfg.min_micro_batch!r} must be an integer >= 2 "
+                              "(BatchNorm on the logits needs two examples at the very least)")
+
+    def check_micro_batch(self, micro_batch):
+        if micro_batch < self.cfg.min_micro_batch:
+            raise ConfigError(
+                f"method=mimicnorm does not learn from {micro_batch} example(s) per micro-batch: its BatchNorm on "
+                f"the logits maps every logit to about +-1 below {self.cfg.min_micro_batch} (method.min_micro_batch). "
+                "Use batch_size/trainer.accumulate >= "
+                f"{self.cfg.min_micro_batch}, or a batch-independent method such as method=msr.")
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=self.cfg.conv_bias)

@@ -29,14 +29,16 @@ knobs are in conf/method/nf.yaml):
   stride and width (ResNet-18/34 stage 1) does not reset, since its shortcut is h itself.
 - SkipInit: a learnable scalar, initialised to 0, ends every residual branch
   (``skipinit``; off gives no scalar, used to check signal propagation at init).
-- AGC (``agc_clip`` = lambda; 0 or null disables) covers every parameter except the
-  classifier's (weight and bias). Units as in agc_optax.unitwise_norm: a conv filter over
-  its whole fan-in, a linear row, and a vector or scalar parameter (WS gains, biases,
-  SkipInit scalars) as one unit; the 1e-3 floor on the weight norm lets zero-initialised
-  parameters move. Default lambda = 0.16, the largest value of the paper's ablation:
-  lambda = 0.01 is for batches of 1024-4096, small batches tolerate larger thresholds,
-  and this project trains at batch 1-256, where a tight threshold mostly slows the
-  zero-initialised SkipInit scalars and biases (at most lambda * 1e-3 per step at first).
+- AGC belongs to NFNets (arXiv 2102.06171), not to NF-ResNets (arXiv 2101.08692), which
+  trained without it. ``agc_clip`` = lambda; ``auto`` (the default) is NFNets' 0.01 for
+  optimizer steps of 1024 examples or more and off below (NFNets report that smaller
+  batches want looser clipping, and at batch 128 AGC at lambda 0.16 cost nf ~7 points on
+  Fashion-MNIST, docs/results.md); a number sets it at any batch; 0 or null disables it. Scope as
+  DeepMind's experiment_nfnets.py: every parameter except the classifier's weight
+  (gains, biases and SkipInit scalars are clipped; timm excludes the whole head). Units
+  as in agc_optax.unitwise_norm: a conv filter over its whole fan-in, a linear row, and
+  a vector or scalar parameter as one unit; the 1e-3 floor on the weight norm lets
+  zero-initialised parameters move, at most lambda * 1e-3 per step at first.
 - Weight decay is off for vector and scalar parameters (gains, biases, SkipInit), as in
   experiment_nfnets.py.
 - Stochastic depth (``stochastic_depth`` = the rate of a notional block past the last;
@@ -170,12 +172,24 @@ class NormalizerFree(Method):
     }
     flag_keys = ("skipinit",)
 
+    #: NFNets' lambda and the smallest batch it was used at (arXiv 2102.06171).
+    AGC_LAMBDA, AGC_MIN_BATCH = 0.01, 1024
+
     def check(self, cfg):
         super().check(cfg)
         if cfg.activation not in ACTIVATIONS:
             raise ConfigError(f"method.activation={cfg.activation!r} must be one of {', '.join(ACTIVATIONS)}")
-        if cfg.agc_clip is not None and not (is_number(cfg.agc_clip) and cfg.agc_clip >= 0):
-            raise ConfigError(f"method.agc_clip={cfg.agc_clip!r} must be a number >= 0; 0 or null disables AGC")
+        if cfg.agc_clip != "auto" and cfg.agc_clip is not None and not (is_number(cfg.agc_clip) and cfg.agc_clip >= 0):
+            raise ConfigError(f"method.agc_clip={cfg.agc_clip!r} must be auto (0.01 at batch >= 1024, off below), "
+                              "a number >= 0, or 0 / null to disable AGC")
+
+    @property
+    def agc_clip(self) -> float | None:
+        """The AGC lambda this run uses; None: no clipping."""
+        clip = self.cfg.agc_clip
+        if clip == "auto":
+            return self.AGC_LAMBDA if (self.batch_size or 0) >= self.AGC_MIN_BATCH else None
+        return clip or None
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         gamma = 1.0 if role == "stem" else ACTIVATIONS[self.cfg.activation][1]
@@ -205,7 +219,7 @@ class NormalizerFree(Method):
             join.beta = math.sqrt(var)
             join.drop_rate = self.cfg.stochastic_depth * i / len(joins)
             var = (1.0 if join.transition else var) + self.cfg.alpha ** 2
-        unclipped = {id(p) for m in model.modules() if isinstance(m, Classifier) for p in m.parameters()}
+        unclipped = {id(m[-1].weight) for m in model.modules() if isinstance(m, Classifier)}
         self._clipped = [p for p in model.parameters() if id(p) not in unclipped]
 
     def param_groups(self, model):
@@ -215,6 +229,5 @@ class NormalizerFree(Method):
 
     @torch.no_grad()
     def before_step(self, model, optimizer):
-        if not self.cfg.agc_clip:
-            return
-        adaptive_clip_(self._clipped, self.cfg.agc_clip)
+        if self.agc_clip is not None:
+            adaptive_clip_(self._clipped, self.agc_clip)

@@ -1,0 +1,90 @@
+"""Honest evaluation: a validation split held out of the training set, selection on it,
+and a test accuracy of the selected model that no test number chose."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from msr_train.data import build_data, split_indices
+from msr_train.methods import build_method
+from msr_train.models import build_model
+from msr_train.train import evaluate, train
+from test_cli import FASHION, needs_fashion
+
+CPU = torch.device("cpu")
+
+
+def test_split_is_stratified_disjoint_complete_and_fixed():
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate((100, 200, 300))])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))]
+    train_idx, val_idx = split_indices(labels, 60, seed=0)
+    assert len(val_idx) == 60 and len(train_idx) == 540
+    assert torch.equal(torch.sort(torch.cat([train_idx, val_idx])).values, torch.arange(600))
+    # Each class gives its share: 10, 20 and 30 of 100, 200 and 300.
+    assert torch.bincount(labels[val_idx]).tolist() == [10, 20, 30]
+    again, other = split_indices(labels, 60, seed=0), split_indices(labels, 60, seed=1)
+    assert torch.equal(again[1], val_idx) and not torch.equal(other[1], val_idx)
+
+
+@needs_fashion
+def test_fashion_mnist_split_does_not_depend_on_the_run_seed():
+    cfg = make_cfg("dataset=fashion_mnist", f"dataset.root={FASHION}", "dataset.download=false").dataset
+    data = {seed: build_data(cfg, batch_size=128, eval_batch_size=1000, seed=seed, device=CPU) for seed in (0, 1)}
+    train_idx, val_idx = data[0].train.indices, data[0].val.indices
+    assert (len(train_idx), len(val_idx), data[0].info.val_size) == (55_000, 5_000, 5_000)
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    assert torch.equal(torch.sort(torch.cat([train_idx, val_idx])).values, torch.arange(60_000))
+    assert torch.equal(data[1].val.indices, val_idx) and torch.equal(data[1].train.indices, train_idx)
+    assert torch.bincount(data[0].val.y).tolist() == [500] * 10  # 6,000 per class: stratified exactly
+
+
+@needs_fashion
+def test_selected_test_accuracy_is_the_best_val_checkpoint_on_the_test_set(tmp_path):
+    # A constant, high lr makes validation accuracy go up and down, so the best
+    # evaluation is (usually) not the last: the selected model is not the final one.
+    cfg = make_cfg("model=resnet8", "method=none", f"dataset.root={FASHION}", "dataset.download=false",
+                   "dataset.train_size=1000", "dataset.val_size=500", "dataset.test_size=500", "batch_size=50",
+                   "epochs=2", "trainer.eval_every=4", "scheduler=constant", "optimizer.lr=0.3",
+                   "trainer.progress_bar=false", "trainer.cpu_threads=1")
+    summary = train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_acc"] for r in records]
+    assert summary["best_val_step"] < summary["step"], "the run must exercise selecting an earlier checkpoint"
+    assert summary["best_val_acc"] == max(val)
+    assert summary["best_val_step"] == records[val.index(max(val))]["step"]  # the first best
+    assert summary["final_val_acc"] == val[-1]
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == summary["best_val_step"] and best["val_acc"] == summary["best_val_acc"]
+
+    # An independent evaluation of best.pt on the test set.
+    data = build_data(cfg.dataset, batch_size=50, eval_batch_size=1000, seed=0, device=CPU)
+    model = build_model("resnet8", build_method(cfg.method), in_channels=1, num_classes=10, image_size=28,
+                        small_input="auto")
+    model.load_state_dict(best["model"])
+    direct = evaluate(model, data.test, 10)
+    assert summary["selected_test_acc"] == pytest.approx(direct["test_acc"], abs=1e-9)
+    assert summary["selected_test_loss"] == pytest.approx(direct["test_loss"], rel=1e-5)
+    assert summary["final_test_acc"] == records[-1]["test_acc"]
+    # Test numbers exist for the final model only: nothing was selected on them.
+    assert [r for r in records if "test_acc" in r] == records[-1:]
+
+
+def test_without_validation_the_final_model_is_reported(tmp_path):
+    cfg = make_cfg("dataset=synthetic", "dataset.synthetic_train=128", "dataset.synthetic_test=64",
+                   "dataset.image_size=8", "dataset.val_size=0", "model=resnet8", "batch_size=32", "epochs=1",
+                   "trainer.progress_bar=false", "trainer.tensorboard=false")
+    summary = train(cfg, tmp_path)
+    assert summary["best_val_acc"] is None and summary["selection"] == "final model (no validation split)"
+    assert summary["selected_test_acc"] == summary["final_test_acc"] is not None
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def test_test_every_eval_logs_test_numbers_beside_validation(tmp_path):
+    cfg = make_cfg("dataset=synthetic", "dataset.synthetic_train=256", "dataset.synthetic_test=64",
+                   "dataset.image_size=8", "model=resnet8", "batch_size=32", "epochs=2",
+                   "trainer.test_every_eval=true", "trainer.progress_bar=false", "trainer.tensorboard=false")
+    train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all({"val_acc", "test_acc"} <= r.keys() for r in records)
