@@ -230,6 +230,28 @@ def write_markdown(path: Path, rows: list[dict], keys: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def pivot_markdown(runs: list[Run], by: str, x: str, metric: str = "selected_test_acc") -> str:
+    """``metric`` in percent as a matrix, one row per value of ``by`` and one column per
+    value of ``x``: mean ± sample std over the completed runs (n), or the statuses of a
+    cell where no run completed."""
+    groups = group_runs(runs, [by, x])
+    xs = sorted({key[1] for key in groups}, key=_order)
+    lines = [f"{ACCURACIES.get(metric, metric)}: mean ± sample std over the completed runs (n), by {by} and {x}.",
+             "", "| " + " | ".join([by, *(f"{x} {v}" for v in xs)]) + " |", "|" + "---|" * (len(xs) + 1)]
+    for by_value in dict.fromkeys(key[0] for key in groups):
+        cells = []
+        for v in xs:
+            group = groups.get((by_value, v), [])
+            values = completed_values(group, metric, 100)
+            if values:
+                cells.append(f"{_fmt(*mean_std(values))} ({len(values)})")
+            else:
+                cells.append(", ".join(f"{s}: {n}" for s, n in sorted(Counter(r.status for r in group).items()))
+                             or "not run")
+        lines.append("| " + " | ".join([str(by_value), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """The rows as they are, statistics with 2 decimals (empty where undefined)."""
     with open(path, "w", newline="") as f:
@@ -391,7 +413,11 @@ def compare(paths, out: Path, by: str, x: str | None) -> list[Path]:
         fig.savefig(path, dpi=DPI)
     write_markdown(out / "table.md", rows, keys)
     write_csv(out / "table.csv", rows)
-    return [*figures, out / "table.md", out / "table.csv"]
+    tables = [out / "table.md", out / "table.csv"]
+    if x is not None:
+        tables.append(out / f"table_{_filename(x)}.md")
+        tables[-1].write_text(pivot_markdown(runs, by, x))
+    return [*figures, *tables]
 
 
 def compare_signal_prop(paths, out: Path, by: str, epoch: int) -> list[Path]:

@@ -2,7 +2,7 @@
 
 Signal Propagation Plots (Brock, De, Smith, "Characterizing signal propagation to close
 the performance gap in unnormalized ResNets", ICLR 2021, arXiv 2101.08692, section 3;
-METHODS.md "nf", item 5) feed a fixed unit-Gaussian batch through the network and record,
+docs/methods.md "nf", item 5) feed a fixed unit-Gaussian batch through the network and record,
 after the stem and after every residual block:
 
 - ``avg_sq_mean``: the squared mean of each channel (over batch and positions), averaged

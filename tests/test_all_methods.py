@@ -81,7 +81,8 @@ def test_every_model_trains_with_every_method(model_name, method_name):
             assert "batch_size" in str(err.value) and "method=" in str(err.value)  # names the fixes
             continue
         check_batchnorm_trainable(model, batch_size, SHAPE)
-        optimizer = build_optimizer(OPTIMIZER_CFG, method.param_groups(model), batch_size)
+        optimizer_cfg = OmegaConf.merge(OPTIMIZER_CFG, {"lr": METHOD_CFGS[method_name].lr})  # the method's own lr
+        optimizer = build_optimizer(optimizer_cfg, method.param_groups(model), batch_size)
         losses = train_steps(model, method, optimizer, [batch(batch_size) for _ in range(STEPS)])
         assert all(math.isfinite(v) for v in losses), losses
     metrics = evaluate(model, [batch(32)], NUM_CLASSES)

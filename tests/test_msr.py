@@ -1,4 +1,4 @@
-"""Mean Shift Rejection: each invariant of METHODS.md ("msr"), checked directly."""
+"""Mean Shift Rejection: each invariant of docs/methods.md ("msr"), checked directly."""
 
 import math
 
@@ -209,3 +209,73 @@ def test_vgg_gets_no_conv_bias_but_the_stem():
     net, _ = build("vgg11", size=16)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].bias is not None and all(c.bias is None for c in convs[1:])
+
+
+# ---------------------------------------------------------------- the authors' options
+
+def test_authors_operator_amplifies_the_zero_mean_part_and_keeps_the_mean():
+    net, method = build(zmg_operator="authors", zmg_m=0.9)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    conv = net.stages[0][0].branch[0]
+    g = conv.weight.grad.clone()
+    method.before_step(net, None)
+    mean = g.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(conv.weight.grad, mean + 1.9 * (g - mean))  # trainer.py's formula, rewritten
+    torch.testing.assert_close(conv.weight.grad.mean((2, 3)), g.mean((2, 3)))  # not a projection
+
+
+def test_plain_stem_is_the_authors_unprojected_unscaled_noiseless_conv():
+    net, method = build(stem="plain", anchor_weight=0.0)
+    stem = net.stem[0]
+    assert type(stem) is nn.Conv2d and stem.bias is not None
+    mean, norm = slice_stats(stem.weight)
+    assert (mean <= 1e-6 * norm).all()  # zero-mean initialised, like every conv (InitUtil.py)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    method.before_step(net, None)
+    assert torch.equal(stem.weight.grad, torch.ones_like(stem.weight))  # never projected
+    assert not torch.equal(net.stages[0][0].branch[0].weight.grad, torch.ones(16, 16, 3, 3))
+    x = torch.randn(4, 3, 16, 16)
+    net.train()
+    torch.testing.assert_close(stem(x), nn.functional.conv2d(x, stem.weight, stem.bias, padding=1))
+
+
+@pytest.mark.parametrize("noise_at", ["block_input", "off"])
+def test_noise_placement(noise_at):
+    from msr_train.methods.msr import NoisyInputJoin
+    net, _ = build(noise_at=noise_at)
+    convs = [m for m in net.modules() if isinstance(m, MSRConv2d)]
+    assert all(m.noise_delta == 0 and m.noise_shift == 0 for m in convs)
+    joins = [m for m in net.modules() if isinstance(m, NoisyInputJoin)]
+    assert len(joins) == (3 if noise_at == "block_input" else 0)  # ResNet-8: one block per stage
+    x = torch.randn(4, 3, 16, 16)
+    net.train()
+    assert torch.equal(net(x), net(x)) == (noise_at == "off")
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+def test_block_input_noise_feeds_branch_and_shortcut_the_same_noisy_input():
+    from msr_train.methods.msr import NoisyInputJoin
+    join = NoisyInputJoin(nn.Identity(), 0.1, 0.1)
+    x = torch.randn(8, 4, 5, 5)
+    seen = []
+    torch.manual_seed(3)
+    out = join(x, lambda h: seen.append(h) or h, lambda h: seen.append(h) or 2 * h)
+    torch.manual_seed(3)
+    n, s = noise_factors(8, 4, 0.1, 0.1)
+    torch.testing.assert_close(seen[0], (x - s) * n)
+    assert seen[0] is seen[1]
+    torch.testing.assert_close(out, 3 * (x - s) * n)
+
+
+def test_method_weight_decay_overrides_the_optimizers():
+    from conftest import make_cfg
+    net, method = build(weight_decay=0.0)
+    opt = build_optimizer(make_cfg("optimizer.weight_decay=5e-4").optimizer, method.param_groups(net), 128)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    net, method = build()
+    opt = build_optimizer(make_cfg("optimizer.weight_decay=5e-4").optimizer, method.param_groups(net), 128)
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 5e-4]

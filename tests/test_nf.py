@@ -1,5 +1,5 @@
 """NF-ResNets: Scaled WS, the variance budget of the residual stream, AGC, stochastic depth.
-Every expectation is computed here from the formulas in METHODS.md ("nf"), not by
+Every expectation is computed here from the formulas in docs/methods.md ("nf"), not by
 calling the code under test."""
 
 import math

@@ -82,3 +82,18 @@ def test_top5_is_reported_for_more_than_ten_classes(tmp_path):
     train(make_cfg(*QUICK, "dataset.num_classes=20", "trainer.max_steps=2"), tmp_path / "r")
     record = metrics(tmp_path / "r")[-1]
     assert 0 <= record["test_acc"] <= record["test_top5"] <= 1
+
+
+def test_each_method_brings_its_own_default_lr_and_an_override_wins():
+    assert make_cfg("method=bnp").optimizer.lr == 0.003
+    assert make_cfg("method=nf").optimizer.lr == 0.3
+    assert make_cfg("method=bn").optimizer.lr == 0.1
+    assert make_cfg("method=bnp", "optimizer.lr=0.02").optimizer.lr == 0.02
+    assert make_cfg("method=nf", "method.lr=0.5").optimizer.lr == 0.5
+
+
+@pytest.mark.parametrize("scaling,batch,expected", [("sqrt_linear", 1, 0.1 / math.sqrt(128)),
+                                                    ("sqrt_linear", 1024, 0.8), ("sqrt", 1024, 0.1 * math.sqrt(8))])
+def test_sqrt_below_linear_above(scaling, batch, expected):
+    cfg = make_cfg("method=bn", f"optimizer.lr_scaling={scaling}").optimizer
+    assert scaled_lr(cfg, batch) == pytest.approx(expected)

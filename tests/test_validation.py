@@ -83,7 +83,7 @@ def test_without_validation_the_final_model_is_reported(tmp_path):
 
 def test_test_every_eval_logs_test_numbers_beside_validation(tmp_path):
     cfg = make_cfg("dataset=synthetic", "dataset.synthetic_train=256", "dataset.synthetic_test=64",
-                   "dataset.image_size=8", "model=resnet8", "batch_size=32", "epochs=2",
+                   "dataset.image_size=8", "dataset.val_size=64", "model=resnet8", "batch_size=32", "epochs=2",
                    "trainer.test_every_eval=true", "trainer.progress_bar=false", "trainer.tensorboard=false")
     train(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ layer's parameter gradients with the normalisation BN would apply, estimated fro
 running statistics of the layer's input. The forward pass is the plain layer, so the
 training graph is the test graph and any batch size works, including 1 (online).
 
-Definition (../shared/METHODS.md, "bnp"; the paper's exact formulas were not
+Definition (docs/methods.md, "bnp"; the paper's exact formulas were not
 recoverable, so this project defines BNP as the update that gradient descent on the
 BN-reparametrised parameters induces). A layer y = W h + b whose input h has running
 per-feature mean mu and variance var, D = var + eps (+ damping, below), is reparametrised
@@ -69,9 +69,8 @@ class Preconditioned:
     weight: torch.Tensor
     bias: torch.Tensor
 
-    def _init_statistics(self, features: int, momentum: float, eps: float, damping: float,
-                         relative: bool = False) -> None:
-        self.momentum, self.eps, self.damping, self.relative = momentum, eps, damping, relative
+    def _init_statistics(self, features: int, momentum: float, eps: float, damping: float) -> None:
+        self.momentum, self.eps, self.damping = momentum, eps, damping
         self.register_buffer("running_mean", torch.zeros(features))
         self.register_buffer("running_var", torch.ones(features))
 
@@ -91,10 +90,8 @@ class Preconditioned:
         self.running_mean.add_(m * delta)
 
     def denominator(self) -> torch.Tensor:
-        """D per input feature: running variance + eps + damping x the layer's mean variance;
-        with ``relative``, divided by its mean over the layer's features."""
-        d = self.running_var + (self.eps + self.damping * self.running_var.mean())
-        return d / d.mean() if self.relative else d
+        """D per input feature: running variance + eps + damping x the layer's mean variance."""
+        return self.running_var + (self.eps + self.damping * self.running_var.mean())
 
     @torch.no_grad()
     def precondition_grad_(self) -> None:
@@ -111,10 +108,9 @@ class Preconditioned:
 
 
 class BNPLinear(Preconditioned, nn.Linear):
-    def __init__(self, in_features: int, out_features: int, *, momentum: float, eps: float, damping: float = 0.0,
-                 relative: bool = False):
+    def __init__(self, in_features: int, out_features: int, *, momentum: float, eps: float, damping: float = 0.0):
         super().__init__(in_features, out_features, bias=True)
-        self._init_statistics(in_features, momentum, eps, damping, relative)
+        self._init_statistics(in_features, momentum, eps, damping)
 
     def forward(self, h):
         if self.training:
@@ -124,9 +120,9 @@ class BNPLinear(Preconditioned, nn.Linear):
 
 class BNPConv2d(Preconditioned, nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
-                 momentum: float, eps: float, damping: float = 0.0, relative: bool = False):
+                 momentum: float, eps: float, damping: float = 0.0):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
-        self._init_statistics(in_ch, momentum, eps, damping, relative)
+        self._init_statistics(in_ch, momentum, eps, damping)
 
     def forward(self, h):
         if self.training:
@@ -137,7 +133,6 @@ class BNPConv2d(Preconditioned, nn.Conv2d):
 class BNPreconditioning(Method):
     name = "bnp"
 
-    flag_keys = ("relative",)
     number_rules = {
         "momentum": (lambda v: 0 < v <= 1, "in (0, 1] (default 0.1, BatchNorm's)"),
         "eps": (lambda v: v > 0, "a number > 0 (default 1e-5, BatchNorm's)"),
@@ -145,8 +140,7 @@ class BNPreconditioning(Method):
     }
 
     def _stats(self) -> dict:
-        return {"momentum": self.cfg.momentum, "eps": self.cfg.eps, "damping": self.cfg.damping,
-                "relative": self.cfg.relative}
+        return {"momentum": self.cfg.momentum, "eps": self.cfg.eps, "damping": self.cfg.damping}
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         return BNPConv2d(in_ch, out_ch, kernel_size, stride, **self._stats())

@@ -7,7 +7,7 @@ network in BN's chaotic regime, and one BatchNorm on the logits, which autotunes
 effective learning rate. The network is otherwise unnormalised, which saves the memory of
 the per-layer BN activations.
 
-Follows ../shared/METHODS.md ("mimicnorm") and the authors' code (Kid-key/MimicNorm,
+Follows docs/methods.md ("mimicnorm") and the authors' code (Kid-key/MimicNorm,
 Cifar100/main.py ``meanweigh``, Cifar100/models/resnet_nobn.py, vgg_nobn.py). Choices
 made here where the sources leave room, each configurable in conf/method/mimicnorm.yaml:
 
@@ -25,7 +25,7 @@ made here where the sources leave room, each configurable in conf/method/mimicno
   offsets a channel.
 - Residual branch l (1-based, counted over the whole network in forward order) ends in
   a learnable scalar initialised to ``branch_gain`` ** (convs in the branch) / l: 1.2^2/l
-  for basic blocks as METHODS.md states, 1.2^3/l for bottlenecks as the authors' code.
+  for basic blocks as docs/methods.md states, 1.2^3/l for bottlenecks as the authors' code.
 - The last BN (BatchNorm1d on the logits, affine=False) uses batch statistics in
   training and running statistics in evaluation, like any BN. It is not
   batch-independent: at a micro-batch of 2 it maps every logit to +-1 and the network

@@ -9,7 +9,7 @@ Weight Standardization makes every conv variance-preserving and zero-mean, which
 the mean shift. AGC clips each output unit's gradient relative to its weight norm, which
 replaces BN's tolerance of large learning rates and batches.
 
-Follows ../shared/METHODS.md ("nf") and the authors' code (google-deepmind/
+Follows docs/methods.md ("nf") and the authors' code (google-deepmind/
 deepmind-research, nfnets/: base.py WSConv2D and StochDepth, nf_resnet.py NFResBlock,
 agc_optax.py, experiment_nfnets.py). Choices made here where the sources leave room (the
 knobs are in conf/method/nf.yaml):
@@ -65,7 +65,7 @@ from ..checks import is_number
 from ..errors import ConfigError
 from .base import BranchGain, Method
 
-#: The activations METHODS.md lists, with gamma = 1 / sqrt(Var[act(z)]) for z ~ N(0, 1).
+#: The activations docs/methods.md lists, with gamma = 1 / sqrt(Var[act(z)]) for z ~ N(0, 1).
 ACTIVATIONS = {
     "relu": (nn.ReLU, 1.7139588594436646),
     "silu": (nn.SiLU, 1.7881293296813965),

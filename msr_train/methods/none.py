@@ -1,5 +1,5 @@
 """The unnormalised control: the BN architecture with BN removed, conv bias on, and
-PyTorch's default initialisation (METHODS.md, 'none')."""
+PyTorch's default initialisation (docs/methods.md, 'none')."""
 
 from .base import Method
 
