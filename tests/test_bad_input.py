@@ -19,10 +19,13 @@ BASE = ["dataset=synthetic", "dataset.synthetic_train=64", "dataset.synthetic_te
 KEYS = ["batch_size", "epochs", "seed", "trainer.accumulate", "trainer.max_steps", "trainer.eval_every",
         "trainer.eval_batch_size", "trainer.log_every", "trainer.cpu_threads", "trainer.accelerator",
         "trainer.resume", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "optimizer.lr_scaling",
-        "optimizer.base_batch_size", "scheduler.warmup_epochs", "dataset.train_size", "dataset.test_size"]
+        "optimizer.base_batch_size", "scheduler.warmup_epochs", "dataset.train_size", "dataset.test_size",
+        "dataset.val_size", "dataset.split_seed", "trainer.test_every_eval", "trainer.checkpoint", "method.lr"]
 # Each method's own keys, from the rules its check() applies.
 METHOD_KEYS = {name: [f"method.{k}" for k in (*cls.number_rules, *cls.flag_keys)] for name, cls in METHODS.items()}
 METHOD_KEYS["nf"] += ["method.activation", "method.agc_clip"]
+METHOD_KEYS["msr"] += ["method.zmg_operator", "method.stem", "method.noise_at", "method.weight_decay"]
+METHOD_KEYS["mimicnorm"] += ["method.min_micro_batch"]
 
 # Values as a user types them on the command line (Hydra's override grammar).
 VALUES = st.one_of(

@@ -88,3 +88,26 @@ def test_test_every_eval_logs_test_numbers_beside_validation(tmp_path):
     train(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all({"val_acc", "test_acc"} <= r.keys() for r in records)
+
+
+def test_best_model_of_the_resumed_checkpoint_survives_a_kill_between_best_and_last(tmp_path):
+    """best.pt is written before last.pt at an evaluation; a kill in between leaves a
+    best.pt newer than the checkpoint a resumed run continues from. The one it replaced
+    (best_prev.pt) holds that checkpoint's best model."""
+    from msr_train.errors import ConfigError
+    from msr_train.train import BestModel
+    net = torch.nn.Linear(2, 2)
+    best = BestModel(tmp_path / "best.pt")
+    for step in (10, 15):
+        with torch.no_grad():
+            net.weight.fill_(step)
+        best.update(net, step, val_acc=step / 100)
+    for step in (10, 15):
+        restored = BestModel(None)
+        restored.restore(tmp_path, step, CPU)
+        assert torch.equal(restored.state["weight"], torch.full((2, 2), float(step)))
+    with pytest.raises(ConfigError, match="best.pt"):
+        BestModel(None).restore(tmp_path, 5, CPU)
+    nothing = BestModel(None)
+    nothing.restore(tmp_path, None, CPU)  # no validation yet: nothing to restore
+    assert nothing.state is None

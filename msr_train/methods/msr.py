@@ -30,9 +30,11 @@ and the paper's text where they differ, as options (conf/method/msr.yaml):
 - ``weight_decay``: null takes optimizer.weight_decay; a number overrides it for every
   MSR parameter (the authors' run used 0).
 
-The defaults were chosen by validation accuracy (3 seeds, batch 128 and batch 2) in
-docs/results.md ("MSR ablation"), which records each option's effect. Other choices
-where the sources leave room:
+The defaults are the paper's (project, msr stem, noise at every conv, the optimizer's
+weight decay): on validation accuracy (3 seeds, docs/results.md, "MSR ablation") the
+authors' operator is unstable at their learning rates, their full recipe is 0.8 points
+below at batch 2, and every other single option is within the seed spread at batch 128.
+Other choices where the sources leave room:
 
 - Order at a conv output: noise, then the filter scale exp(theta). Both are per-channel
   products, so only the shift's units depend on the order; "noise at the raw conv output"
