@@ -3,11 +3,15 @@
 Everything is written to a temporary file in the same folder, flushed to disk, then
 renamed over the target: readers see the old file or the new one, never a torn one.
 Checkpoints hold only plain containers and tensors, so they load with
-``torch.load(..., weights_only=True)`` and can carry no code.
+``torch.load(..., weights_only=True)`` and can carry no code. Each carries a SHA-256 of
+its contents (every tensor's bytes, dtype and shape, and every other value), verified on
+load: a flipped bit on disk is an error, never silently different weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import sys
@@ -58,14 +62,57 @@ LAST, PREVIOUS = "last.pt", "prev.pt"
 BEST, BEST_PREVIOUS = "best.pt", "best_prev.pt"
 
 
+CHECKSUM = "sha256"
+
+
+def content_checksum(obj) -> str:
+    """SHA-256 over a nested structure of dicts, lists, tensors and plain values."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            digest.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                digest.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            digest.update(f"V{x!r}".encode())
+    feed(obj)
+    return digest.hexdigest()
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose contents do not match its checksum."""
+
+
+def write_checkpoint_file(path: Path, state: dict, *, keep_previous_as: Path | None = None) -> None:
+    """``torch.save`` of ``state`` with its checksum, atomically (see ``atomic_write``)."""
+    buffer = io.BytesIO()
+    torch.save({**state, CHECKSUM: content_checksum(state)}, buffer)
+    # Written as bytes, so a full disk raises OSError (torch's own writer reports a RuntimeError).
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), keep_previous_as=keep_previous_as)
+
+
+def read_checkpoint_file(path: Path, map_location="cpu") -> dict:
+    """A checkpoint written by ``write_checkpoint_file``, verified against its checksum."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    expected = state.pop(CHECKSUM, None) if isinstance(state, dict) else None
+    if expected is None or content_checksum(state) != expected:
+        raise CorruptCheckpoint("its contents do not match its checksum" if expected else "it has no checksum")
+    return state
+
+
 def save_checkpoint(folder: Path, state: dict) -> None:
     """Write ``folder/last.pt``; the one it replaces stays as ``prev.pt``."""
-    folder = Path(folder)
-    try:
-        atomic_write(folder / LAST, lambda f: torch.save(state, f), keep_previous_as=folder / PREVIOUS)
-    except OSError as e:
-        raise OSError(f"could not write a checkpoint to {folder} ({e}); the previous checkpoint is intact: "
-                      "free some space and re-run the same command to continue from it") from e
+    write_checkpoint_file(Path(folder) / LAST, state, keep_previous_as=Path(folder) / PREVIOUS)
 
 
 def remove_torn_writes(folder: Path) -> None:
@@ -74,23 +121,33 @@ def remove_torn_writes(folder: Path) -> None:
         stale.unlink()
 
 
-def find_checkpoint(folder: Path) -> tuple[dict, Path] | None:
-    """The newest readable checkpoint in ``folder`` as (state, path), None if there is none.
-    An unreadable one (torn by a crash, or carrying code) is reported and skipped."""
-    folder = Path(folder)
-    problems = []
-    for path in (folder / LAST, folder / PREVIOUS):
+def readable_checkpoints(folder: Path, problems: list[str]):
+    """Yield ``(state, path)`` for last.pt, then prev.pt, each read and verified; one that
+    cannot be read (torn, corrupt, carrying code) is reported, added to ``problems`` and
+    skipped."""
+    for path in (Path(folder) / LAST, Path(folder) / PREVIOUS):
         if not path.exists():
             continue
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_checkpoint_file(path)
         except Exception as e:  # torch raises many types for a torn or foreign file
-            problems.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            print(f"msr-train: checkpoint {path} is unreadable ({problems[-1]}); trying the previous one",
+            problems.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            print(f"msr-train: checkpoint {path} is unusable ({problems[-1]}); trying the previous one",
                   file=sys.stderr)
             continue
-        return state, path
+        yield state, path
+
+
+def find_checkpoint(folder: Path) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint in ``folder`` as (state, path), None if there is none."""
+    problems: list[str] = []
+    for found in readable_checkpoints(folder, problems):
+        return found
     if problems:
-        raise ConfigError(f"no readable checkpoint in {folder}: {'; '.join(problems)}. Move the folder "
-                          "away to start afresh, or set trainer.resume=never with another hydra.run.dir")
+        raise ConfigError(no_usable_checkpoint(folder, problems))
     return None
+
+
+def no_usable_checkpoint(folder: Path, problems: list[str]) -> str:
+    return (f"no usable checkpoint in {folder}: {'; '.join(problems)}. Move the folder away to start afresh, "
+            "or set trainer.resume=never with another hydra.run.dir")

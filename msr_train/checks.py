@@ -10,9 +10,13 @@ import torch
 from omegaconf import ListConfig
 from torch import nn
 
+from .data import dataset_rules
 from .errors import ConfigError
-from .optim import LR_SCALINGS
+from .methods import build_method
+from .models import MODEL_RULES
+from .optim import check_optimizer_links, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
+from .rules import Rule, check_group, choice, either, flag, integer, is_int, number
 
 
 def _require(ok: bool, message: str) -> None:
@@ -20,64 +24,54 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+#: The run's own settings; the config groups below it are checked by their own tables.
+RUN_RULES = {
+    "batch_size": integer(1, note="the global batch of one optimizer step, e.g. batch_size=128"),
+    "epochs": integer(1, note="use trainer.max_steps to stop earlier"),
+    "seed": integer(0, 2**31 - 1),
+}
+GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer")
 
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+TRAINER_RULES = {
+    "accelerator": choice("auto", "cpu", "cuda"),
+    "devices": either(choice("auto"), integer(1, note="processes"), Rule(
+        lambda v: isinstance(v, list) and len(v) > 0 and all(is_int(i) and i >= 0 for i in v),
+        "a list of GPU ids, e.g. [0,2]")),
+    "max_steps": integer(1, null=True, note="a cap on optimizer steps; the schedule ends there"),
+    "eval_every": integer(1, null=True),
+    "test_every_eval": flag(),
+    "accumulate": integer(1),
+    "eval_batch_size": integer(1),
+    "log_every": integer(1),
+    "progress_bar": flag(),
+    "tensorboard": flag(),
+    "signal_prop": flag(),
+    "cpu_threads": integer(1, os.cpu_count(), null=True, note="null: PyTorch's default; this machine's cores at most"),
+    "checkpoint": flag(),
+    "divergence_factor": number(0, lo_open=True, null=True, note="x ln(num_classes); null: NaN/inf only"),
+    "resume": choice("auto", "never"),
+    "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    "channels_last": flag(),
+    "compile": flag(),
+}
 
 
 def validate_config(cfg) -> None:
-    _require(_is_int(cfg.batch_size) and cfg.batch_size >= 1,
-             f"batch_size={cfg.batch_size!r} must be an integer >= 1, e.g. batch_size=128")
-    _require(_is_int(cfg.epochs) and cfg.epochs >= 1,
-             f"epochs={cfg.epochs!r} must be an integer >= 1 (use trainer.max_steps to stop earlier)")
-    _require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**31, f"seed={cfg.seed!r} must be an integer in [0, 2^31)")
-    t = cfg.trainer
-    _require(t.accelerator in ("auto", "cpu", "cuda"),
-             f"trainer.accelerator={t.accelerator!r} must be one of auto, cpu, cuda")
-    _require(t.resume in ("auto", "never"), f"trainer.resume={t.resume!r} must be one of auto, never")
-    _require(_is_int(t.accumulate) and t.accumulate >= 1,
-             f"trainer.accumulate={t.accumulate!r} must be an integer >= 1")
-    _require(cfg.batch_size % t.accumulate == 0,
-             f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate={t.accumulate}: "
+    """Every setting of the run, the trainer, the model, the optimizer, the scheduler and
+    the dataset against its group's table, then the rules that tie settings together.
+    The method's table is its class's; it comes before the optimizer's, whose lr is the
+    method's by default."""
+    check_group("", cfg, RUN_RULES, skip=GROUPS)
+    check_group("trainer", cfg.trainer, TRAINER_RULES)
+    check_group("model", cfg.model, MODEL_RULES)
+    build_method(cfg.method, cfg.batch_size)
+    check_group("optimizer", cfg.optimizer, optimizer_rules(cfg.optimizer.name))
+    check_group("scheduler", cfg.scheduler, scheduler_rules(cfg.scheduler.name))
+    check_group("dataset", cfg.dataset, dataset_rules(cfg.dataset))
+    _require(cfg.batch_size % cfg.trainer.accumulate == 0,
+             f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate={cfg.trainer.accumulate}: "
              "each step splits the batch into that many equal micro-batches")
-    for key in ("max_steps", "eval_every"):
-        v = t[key]
-        _require(v is None or (_is_int(v) and v >= 1), f"trainer.{key}={v!r} must be null or an integer >= 1")
-    _require(_is_int(t.eval_batch_size) and t.eval_batch_size >= 1,
-             f"trainer.eval_batch_size={t.eval_batch_size!r} must be an integer >= 1")
-    _require(t.cpu_threads is None or (_is_int(t.cpu_threads) and 1 <= t.cpu_threads <= os.cpu_count()),
-             f"trainer.cpu_threads={t.cpu_threads!r} must be null (PyTorch's default) or an integer from 1 to "
-             f"{os.cpu_count()} (this machine's cores)")
-    _require(str(t.precision) in PRECISIONS,
-             f"trainer.precision={t.precision!r} must be one of {', '.join(PRECISIONS)}")
-    for key in ("channels_last", "compile", "test_every_eval", "checkpoint", "tensorboard", "progress_bar",
-                "signal_prop"):
-        _require(isinstance(t[key], bool), f"trainer.{key}={t[key]!r} must be true or false")
-    _require(_is_int(t.log_every) and t.log_every >= 1, f"trainer.log_every={t.log_every!r} must be an integer >= 1")
-    o = cfg.optimizer
-    _require(is_number(o.lr) and o.lr > 0, f"optimizer.lr={o.lr!r} must be a positive number, e.g. optimizer.lr=0.1")
-    _require(is_number(o.weight_decay) and o.weight_decay >= 0,
-             f"optimizer.weight_decay={o.weight_decay!r} must be a number >= 0")
-    if "momentum" in o:
-        _require(is_number(o.momentum) and 0 <= o.momentum < 1,
-                 f"optimizer.momentum={o.momentum!r} must be in [0, 1)")
-    _require(o.lr_scaling in LR_SCALINGS,
-             f"optimizer.lr_scaling={o.lr_scaling!r} must be one of {', '.join(LR_SCALINGS)}")
-    _require(_is_int(o.base_batch_size) and o.base_batch_size >= 1,
-             f"optimizer.base_batch_size={o.base_batch_size!r} must be an integer >= 1")
-    w = cfg.scheduler.get("warmup_epochs", 0)
-    _require(is_number(w) and w >= 0, f"scheduler.warmup_epochs={w!r} must be a number >= 0")
-    for key in ("train_size", "test_size"):
-        v = cfg.dataset.get(key)
-        _require(v is None or (_is_int(v) and v >= 1), f"dataset.{key}={v!r} must be null (all) or an integer >= 1")
-    v = cfg.dataset.val_size
-    _require(_is_int(v) and v >= 0, f"dataset.val_size={v!r} must be an integer >= 0: the number of training "
-             "images held out for validation (0: no validation split)")
-    v = cfg.dataset.split_seed
-    _require(_is_int(v) and 0 <= v < 2**31, f"dataset.split_seed={v!r} must be an integer in [0, 2^31)")
+    check_optimizer_links(cfg.optimizer)
 
 
 def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device]:
@@ -88,9 +82,12 @@ def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device
     acc, devices = trainer_cfg.accelerator, trainer_cfg.devices
     if acc == "auto":
         acc = "cuda" if torch.cuda.is_available() else "cpu"
-    _require(devices == "auto" or (_is_int(devices) and devices >= 1) or isinstance(devices, (list, ListConfig)),
+    _require(devices == "auto" or (is_int(devices) and devices >= 1) or isinstance(devices, (list, ListConfig)),
              f"trainer.devices={devices!r} must be auto, a number of devices (e.g. 2) or a list of GPU ids (e.g. [0,2])")
     if acc == "cpu":
+        _require(trainer_cfg.accelerator == "cpu" or devices == "auto" or devices == 1,
+                 f"trainer.devices={devices} on a machine without CUDA would start {devices} CPU processes "
+                 "(data-parallel on the CPU); set trainer.accelerator=cpu to do that on purpose")
         _require(not isinstance(devices, (list, ListConfig)),
                  f"trainer.devices={devices} names GPU ids, but the run is on the CPU; give a number of "
                  "CPU processes (trainer.devices=2) or use trainer.accelerator=cuda")
@@ -101,27 +98,28 @@ def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device
                           "use trainer.accelerator=cpu (or auto)")
     if devices == "auto":
         ids = [0 if job_num is None else job_num % count]
-    elif _is_int(devices):
+    elif is_int(devices):
         _require(devices <= count, f"trainer.devices={devices} but this machine has {count} CUDA device(s)")
         ids = list(range(devices))
     else:
         ids = list(devices)
     have = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
     for i in ids:
-        _require(_is_int(i) and 0 <= i < count,
+        _require(is_int(i) and 0 <= i < count,
                  f"trainer.devices={ids}: CUDA device {i} does not exist; this machine has {have}")
     _require(len(set(ids)) == len(ids), f"trainer.devices={ids} names a device twice")
     return [torch.device("cuda", i) for i in ids]
 
 
-def check_parallel(cfg, world_size: int, device: torch.device) -> None:
-    """What several processes need: a global batch they can share, SyncBatchNorm on CUDA."""
+def check_parallel(cfg, method, world_size: int, device: torch.device) -> None:
+    """What several processes need: a global batch they can share, and what the method
+    needs of them (e.g. SyncBatchNorm: CUDA)."""
     share = world_size * cfg.trainer.accumulate
     _require(cfg.batch_size % share == 0,
-             f"batch_size={cfg.batch_size} is the global batch; {world_size} processes x trainer.accumulate="
+             f"batch_size={cfg.batch_size} is the global batch; {world_size} processes (trainer.devices) x "
+             f"trainer.accumulate="
              f"{cfg.trainer.accumulate} micro-batches must divide it: use a batch_size that is a multiple of {share}")
-    _require(not (cfg.method.get("sync_bn") and device.type != "cuda"),
-             "method.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel); drop it on the CPU")
+    method.check_processes(world_size, device)
 
 
 def check_writable(out_dir: Path, need_mb: int = 10) -> None:

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
 EXIT_CODES = {"diverged": 1, "interrupted": 130}
+
+
+class OutputDirCheck(Callback):
+    """Hydra creates the run (or sweep) dir before msr-train starts, and a dir it cannot
+    create ends in its traceback: check it first (conf/config.yaml registers this)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self.check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def check(folder: str, key: str) -> None:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"msr-train: error: cannot create the output dir {folder} ({e.strerror}); set {key} to a "
+                  "folder you can write to", file=sys.stderr)
+            sys.exit(2)
 
 
 def check_objective(cfg, hydra_cfg) -> None:
@@ -23,6 +45,13 @@ def check_objective(cfg, hydra_cfg) -> None:
                           "keep a validation split (e.g. dataset.val_size=5000)")
 
 
+def continue_command(hydra_cfg) -> str:
+    """The command that continues this run: its overrides, pinned to its own output dir
+    (re-running the original command would start afresh in a new timestamped dir)."""
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.run.dir=")]
+    return shlex.join(["msr-train", *overrides, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"])
+
+
 @hydra.main(version_base="1.3", config_path="pkg://msr_train.conf", config_name="config")
 def _run(cfg) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
@@ -31,12 +60,16 @@ def _run(cfg) -> float | None:
     try:
         check_objective(cfg, hydra_cfg)
         summary = train(cfg, Path(hydra_cfg.runtime.output_dir), job_num=hydra_cfg.job.num if sweep else None)
-    except ConfigError as e:
+    except (ConfigError, RunFailed) as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
         if sweep:
             raise  # Hydra records the job as failed; the sweep's other jobs still run
-        sys.exit(2)
+        if isinstance(e, RunFailed):
+            print(f"msr-train: continue with: {continue_command(hydra_cfg)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
     if not sweep and summary["status"] in EXIT_CODES:
+        if summary["status"] == "interrupted":
+            print(f"msr-train: continue with: {continue_command(hydra_cfg)}", file=sys.stderr)
         sys.exit(EXIT_CODES[summary["status"]])
     # Returned to Hydra's sweepers (e.g. Optuna) as the objective: the best validation
     # accuracy, never a test number. A diverged run scores 0 (the worst accuracy): the

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .rules import Rule, choice, flag, integer, is_int, is_number, number, text, unknown
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -94,6 +95,35 @@ def _find_idx(folders: list[Path], stem: str) -> Path | None:
     return None
 
 
+def _data_missing(cfg, looked_in: list[Path], files: str, why: str, debian_dir: Path | None) -> ConfigError:
+    """Where the data was looked for, why it is not there, and the ways to get it."""
+    ways = ["with network access, dataset.download=true fetches it through torchvision into dataset.root"]
+    if debian_dir is not None:
+        ways.append(f"on Debian or Ubuntu, apt-get install dataset-{cfg.name.replace('_', '-')} puts it in {debian_dir}")
+    ways.append(f"put {files} in a folder and set dataset.root to it")
+    listed = "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
+    return ConfigError(f"dataset={cfg.name}: no data in {', '.join(map(str, looked_in))} ({why}). Get it one of "
+                       f"{len(ways)} ways: {listed}.")
+
+
+def _download(cfg, fetch, missing) -> dict:
+    """``fetch()`` (torchvision downloads into dataset.root); if it fails, whatever it
+    created is removed and ``missing(why)`` is raised: no half-made folders are left."""
+    root = Path(os.path.expanduser(cfg.root)).absolute()
+    new_dirs = [d for d in (root, *root.parents) if not d.exists()]
+    before = set(root.rglob("*")) if root.exists() else set()
+    try:
+        return fetch()
+    except Exception as e:  # no network, a proxy, a partial or corrupt download: torchvision raises many types
+        made = (set(root.rglob("*")) if root.exists() else set()) - before
+        for path in sorted(made, key=lambda p: len(p.parts), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        for folder in new_dirs:  # innermost first
+            if folder.exists():
+                folder.rmdir()
+        raise missing(f"the download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
 def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):
     """MNIST-format data from dataset.root (flat or torchvision's layout), Debian's copy,
     or a torchvision download, in that order."""
@@ -102,38 +132,42 @@ def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):
     stems = {"train": "train", "test": "t10k"}
     found = {split: (_find_idx(folders, f"{s}-images-idx3-ubyte"), _find_idx(folders, f"{s}-labels-idx1-ubyte"))
              for split, s in stems.items()}
-    if not all(p for pair in found.values() for p in pair):
-        if not cfg.download:
-            hint = " or install Debian's copy (apt-get install dataset-fashion-mnist)" if debian_dir else ""
-            raise ConfigError(
-                f"dataset={cfg.name}: the IDX files are not under dataset.root={root}"
-                + (f" or {debian_dir}" if debian_dir else "")
-                + f". Set dataset.download=true to fetch them through torchvision{hint},"
-                " or point dataset.root at a folder holding train-images-idx3-ubyte(.gz) and friends.")
+    if all(p for pair in found.values() for p in pair):
+        return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}
+
+    def missing(why):
+        return _data_missing(cfg, folders, "train-images-idx3-ubyte(.gz) and the other three IDX files", why,
+                             debian_dir)
+    if not cfg.download:
+        raise missing("dataset.download=false")
+
+    def fetch():
         import torchvision.datasets as tvd
         root.mkdir(parents=True, exist_ok=True)
-        for split in found:
-            ds = getattr(tvd, torchvision_class)(str(root), train=split == "train", download=True)
-            found[split] = (ds.data.numpy(), ds.targets.numpy())
-        return {s: (x[:, None], y) for s, (x, y) in found.items()}
-    return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}
+        splits = {split: getattr(tvd, torchvision_class)(str(root), train=split == "train", download=True)
+                  for split in stems}
+        return {s: (ds.data.numpy()[:, None], ds.targets.numpy()) for s, ds in splits.items()}
+    return _download(cfg, fetch, missing)
 
 
 def _load_cifar(cfg, torchvision_class: str):
     import torchvision.datasets as tvd
-    out = {}
-    for split in ("train", "test"):
+    root = Path(os.path.expanduser(cfg.root))
+    folder = "cifar-10-batches-py" if torchvision_class == "CIFAR10" else "cifar-100-python"
+
+    def missing(why):
+        return _data_missing(cfg, [root / folder], f"{folder}/ (the python version of the dataset)", why, None)
+
+    def load(download):
+        splits = {split: getattr(tvd, torchvision_class)(str(root), train=split == "train", download=download)
+                  for split in ("train", "test")}
+        return {s: (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)) for s, ds in splits.items()}
+    if (root / folder).is_dir() or not cfg.download:
         try:
-            ds = getattr(tvd, torchvision_class)(os.path.expanduser(cfg.root), train=split == "train",
-                                                 download=cfg.download)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"dataset={cfg.name}: not found under dataset.root={cfg.root} ({e}). Set "
-                "dataset.download=true to fetch it through torchvision, or point dataset.root at "
-                f"the folder that holds {'cifar-10-batches-py' if torchvision_class == 'CIFAR10' else 'cifar-100-python'}/."
-            ) from None
-        out[split] = (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets))
-    return out
+            return load(download=False)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise missing(str(e).rstrip(".") if cfg.download else "dataset.download=false") from None
+    return _download(cfg, lambda: load(download=True), missing)
 
 
 def _make_synthetic(cfg):
@@ -157,6 +191,43 @@ IN_MEMORY_LOADERS = {
     "synthetic": _make_synthetic,
 }
 DATASETS = [*IN_MEMORY_LOADERS, "imagenet"]
+#: (image channels, classes) of the named datasets; None: set by the config.
+SHAPES = {"fashion_mnist": (1, 10), "mnist": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100),
+          "imagenet": (3, None), "synthetic": (None, None)}
+_SYNTHETIC_RULES = {"channels": integer(1), "image_size": integer(4), "synthetic_train": integer(1),
+                    "synthetic_test": integer(1), "synthetic_noise": number(0, 100), "synthetic_seed": integer(0, 2**31 - 1)}
+
+
+def _per_channel(channels: int | None, positive: bool, source: str) -> Rule:
+    what = f"{channels} number(s), one per image channel ({source})" if channels else \
+        "a list of numbers, one per channel"
+    return Rule(lambda v: isinstance(v, list) and len(v) > 0 and (channels is None or len(v) == channels)
+                and all(is_number(x) and (x > 0 or not positive) for x in v), what + (", each > 0" if positive else ""))
+
+
+def dataset_rules(cfg) -> dict[str, Rule]:
+    """The rules of every dataset.* setting of dataset ``cfg.name`` (see msr_train.rules)."""
+    if cfg.name not in SHAPES:
+        raise unknown("dataset", cfg.name, DATASETS)
+    channels, classes = SHAPES[cfg.name]
+    if cfg.name == "synthetic" and is_int(cfg.get("channels")) and cfg.channels >= 1:
+        channels = cfg.channels
+    source = f"dataset.channels={channels}" if cfg.name == "synthetic" else f"{cfg.name} images"
+    # The synthetic settings first: its channels decide what mean and std must be.
+    rules = dict(_SYNTHETIC_RULES) if cfg.name == "synthetic" else {}
+    rules |= {
+        "name": choice(*DATASETS), "root": text(), "download": flag(),
+        "train_size": integer(1, null=True, note="null: all"), "test_size": integer(1, null=True, note="null: all"),
+        "val_size": integer(0, note="training images held out for validation; 0: no validation split"),
+        "split_seed": integer(0, 2**31 - 1), "num_workers": integer(0),
+        "num_classes": choice(classes, note=f"{cfg.name} has {classes} classes") if classes else integer(2),
+        "mean": _per_channel(channels, False, source), "std": _per_channel(channels, True, source),
+    }
+    if cfg.name == "imagenet":
+        rules["image_size"] = integer(8)
+    else:
+        rules["augment"] = choice("none", "crop_flip")
+    return rules
 
 
 # ----------------------------------------------------------------------------- batches
@@ -236,6 +307,10 @@ def _subset(size: int | None, n: int, seed: int) -> torch.Tensor:
 def check_split_sizes(cfg, available: int, batch_size: int) -> None:
     """dataset.val_size must leave at least one batch of training images."""
     val_size = cfg.val_size
+    if val_size == 0 and available < batch_size:
+        source = "dataset.synthetic_train" if cfg.name == "synthetic" else f"dataset={cfg.name}"
+        raise ConfigError(f"the training set ({source}) has {available} images, fewer than one batch "
+                          f"(batch_size={batch_size}); lower batch_size")
     if available - val_size < batch_size:
         left = (f"leaves {available - val_size} of the {available} training images, fewer than one batch "
                 f"(batch_size={batch_size})") if val_size < available else f"exceeds the {available} training images"
@@ -251,7 +326,7 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
         return _build_imagefolder(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
                                   shard=shard)
     if cfg.name not in IN_MEMORY_LOADERS:
-        raise ConfigError(f"dataset={cfg.name} is unknown; choose one of: {', '.join(DATASETS)}")
+        raise unknown("dataset", cfg.name, DATASETS)
     splits = {s: (torch.as_tensor(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long))
               for s, (x, y) in IN_MEMORY_LOADERS[cfg.name](cfg).items()}
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,9 @@ def free_port() -> int:
 
 
 def _worker(index: int, fn, devices: list[torch.device], port: int, args: tuple) -> None:
+    # Out of the terminal's process group: a Ctrl-C reaches the parent alone, which
+    # forwards it once, so kill -INT <parent> and Ctrl-C act alike.
+    os.setpgrp()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = init_group(devices[index], index, len(devices))
     try:
@@ -129,10 +132,10 @@ def _worker(index: int, fn, devices: list[torch.device], port: int, args: tuple)
 
 def spawn(fn, devices: list[torch.device], args: tuple) -> None:
     """Run ``fn(*args, device=, ctx=)`` in one new process per device and wait for them.
-    SIGTERM is forwarded to the workers; Ctrl-C already reaches them (the terminal signals
-    the whole process group), so it is not forwarded, which would make it a second signal
-    that stops them before their checkpoint. Either way the workers checkpoint and exit
-    while this process waits. A worker's ConfigError comes back as one."""
+    SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 sent to this process are forwarded to the workers, which
+    checkpoint and exit while this process waits; a second one stops them at once. A
+    worker's ConfigError or RunFailed comes back as one; a worker that dies stops the
+    others and ends in a RunFailed naming its rank and exit code."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(_worker, args=(fn, devices, free_port(), args), nprocs=len(devices),
@@ -143,16 +146,21 @@ def spawn(fn, devices: list[torch.device], args: tuple) -> None:
             if p.is_alive():
                 os.kill(p.pid, signum)
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         while not context.join():
             pass
     except mp.ProcessRaisedException as e:
         message = str(e).strip().splitlines()[-1]
-        if message.startswith(f"{ConfigError.__module__}.ConfigError: "):
-            raise ConfigError(message.split(": ", 1)[1]) from None
+        for error in (ConfigError, RunFailed):
+            if message.startswith(f"{error.__module__}.{error.__name__}: "):
+                raise error(message.split(": ", 1)[1]) from None
         raise
+    except mp.ProcessExitedException as e:
+        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+        raise RunFailed(f"process {e.error_index} of {len(devices)} (pid {e.error_pid}) died with {how}; the others were "
+                        "stopped. The last checkpoint is intact: resume the run (same settings, same output dir) to continue "
+                        "from it.") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -7,10 +7,55 @@ import math
 import torch
 
 from .errors import ConfigError
+from .rules import Rule, choice, flag, integer, is_number, number, unknown
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 LR_SCALINGS = ("linear", "sqrt", "sqrt_linear", "none")
+
+#: Settings every optimizer has; then each one's own.
+_OPTIMIZER_COMMON = {
+    "name": choice(*OPTIMIZERS),
+    "lr": number(0, 1e6, lo_open=True, note="at optimizer.base_batch_size, e.g. optimizer.lr=0.1"),
+    "weight_decay": number(0, 1),
+    "lr_scaling": choice(*LR_SCALINGS),
+    "base_batch_size": integer(1),
+}
+OPTIMIZER_RULES = {
+    "sgd": {**_OPTIMIZER_COMMON, "momentum": number(0, 1, hi_open=True), "nesterov": flag()},
+    "adamw": {**_OPTIMIZER_COMMON, "betas": Rule(
+        lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9,0.999]")},
+}
+_WARMUP = {"warmup_epochs": number(0, 1e6, note="epochs of linear warmup")}
+SCHEDULER_RULES = {
+    "cosine": {"name": choice(*SCHEDULERS), **_WARMUP,
+               "min_lr_ratio": number(0, 1, note="the final lr as a fraction of the peak")},
+    "multistep": {"name": choice(*SCHEDULERS), **_WARMUP,
+                  "milestones": Rule(lambda v: isinstance(v, list) and all(is_number(m) and 0 < m <= 1e6 for m in v)
+                                     and v == sorted(v), "an increasing list of epochs > 0, e.g. [100,150]"),
+                  "gamma": number(0, 1, lo_open=True, note="the lr's factor at each milestone")},
+    "constant": {"name": choice(*SCHEDULERS), **_WARMUP},
+}
+
+
+def optimizer_rules(name: str) -> dict[str, Rule]:
+    if name not in OPTIMIZER_RULES:
+        raise unknown("optimizer", name, OPTIMIZERS)
+    return OPTIMIZER_RULES[name]
+
+
+def scheduler_rules(name: str) -> dict[str, Rule]:
+    if name not in SCHEDULER_RULES:
+        raise unknown("scheduler", name, SCHEDULERS)
+    return SCHEDULER_RULES[name]
+
+
+def check_optimizer_links(cfg) -> None:
+    """Settings that are valid alone but not together."""
+    if cfg.name == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0 (Nesterov momentum without "
+                          "momentum is undefined); set optimizer.momentum=0.9 or optimizer.nesterov=false")
 
 
 def scaled_lr(cfg, batch_size: int) -> float:
@@ -35,10 +80,10 @@ def build_optimizer(cfg, param_groups: list[dict], batch_size: int) -> torch.opt
         groups.append(g)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.get("nesterov", False))
+                               nesterov=cfg.nesterov)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ConfigError(f"optimizer={cfg.name} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    raise unknown("optimizer", cfg.name, OPTIMIZERS)
 
 
 def build_scheduler(cfg, optimizer, *, steps_per_epoch: int, total_steps: int):
@@ -58,7 +103,7 @@ def build_scheduler(cfg, optimizer, *, steps_per_epoch: int, total_steps: int):
         def decay(step):
             return 1.0
     else:
-        raise ConfigError(f"scheduler={cfg.name} is unknown; choose one of: {', '.join(SCHEDULERS)}")
+        raise unknown("scheduler", cfg.name, SCHEDULERS)
 
     def factor(step):
         if step < warmup:

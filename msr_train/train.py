@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -26,21 +27,20 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import BEST, BEST_PREVIOUS, atomic_write, find_checkpoint, remove_torn_writes, save_checkpoint
+from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint, write_json
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .data import build_data
 from .distributed import Context, init_group, launched_group, spawn
-from .errors import ConfigError
+from .errors import RunFailed
 from .methods import build_method
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .precision import FULL, Precision
-from .run_log import RunLog, flat_hparams, truncate_jsonl
+from .run_lock import RunLock
+from .run_log import RunLog, truncate_jsonl
 from .signal_prop import FILENAME as SIGNAL_PROP_FILE
 from .signal_prop import conv_mean_shift, record_signal_prop
-
-#: Settings a resumed run may change: where things are and how the run is watched.
-RESUMABLE_CHANGES = ("trainer.", "dataset.root", "dataset.download", "dataset.num_workers")
+from .state import BestModel, LoopState, TrainingWindow, resumable_checkpoints, rng_state, set_rng_state
 
 
 def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: Precision = FULL):
@@ -91,36 +91,6 @@ def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precisi
     return out
 
 
-class BestModel:
-    """The model selected on validation: the weights of the evaluation with the highest
-    validation accuracy so far (the earliest on ties), kept in memory for the final test
-    and, when ``path`` is set, in ``checkpoints/best.pt``. The file it replaces stays as
-    ``best_prev.pt`` until the next checkpoint, so a kill between writing best.pt and
-    last.pt leaves the best model of the checkpoint a resumed run continues from."""
-
-    def __init__(self, path: Path | None):
-        self.path, self.state = path, None
-
-    def update(self, model: torch.nn.Module, step: int, val_acc: float) -> None:
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if self.path is not None:
-            atomic_write(self.path, lambda f: torch.save({"model": self.state, "step": step, "val_acc": val_acc}, f),
-                         keep_previous_as=self.path.with_name(BEST_PREVIOUS))
-
-    def restore(self, folder: Path, step: int | None, device: torch.device) -> None:
-        """Load the best model of a resumed run: the file that holds ``step``'s weights."""
-        for name in (BEST, BEST_PREVIOUS):
-            path = folder / name
-            if step is not None and path.exists():
-                saved = torch.load(path, map_location=device, weights_only=True)
-                if saved["step"] == step:
-                    self.state = saved["model"]
-                    return
-        if step is not None:
-            raise ConfigError(f"{folder} has no {BEST} for the best validation step {step} that its last "
-                              "checkpoint names; move the folder away to start afresh")
-
-
 def note(message: str) -> None:
     """A message for the person watching, on stderr and clear of the progress bar."""
     tqdm.write(message, file=sys.stderr)
@@ -133,73 +103,38 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StopSignal:
-    """SIGTERM and SIGINT ask the loop to finish its step, checkpoint and exit cleanly. The
-    first signal puts the previous handler back, so a second one acts at once."""
+    """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 ask the loop to finish its step, checkpoint and
+    exit cleanly. The first signal puts the previous handler back, so a second one acts at
+    once. A cluster's preemption or time-limit signal (SIGUSR1/2, SIGTERM) whose previous
+    handler is a function, e.g. submitit's (Hydra's submitit launcher) that requeues the
+    job, is handed to it by ``hand_over`` once the checkpoint and summary are written: the
+    requeued job continues from them in the same output dir."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.received: str | None = None
+        self._signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.received, self._signum = signal.Signals(signum).name, signum
         signal.signal(signum, self._previous[signum])
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-
-def resume_state(cfg, ckpt_dir: Path, tidy: bool = True) -> dict | None:
-    """The checkpoint to continue from, or None to start afresh. ``tidy``: first remove
-    the leftovers of a write that a kill interrupted (one process of a group does it)."""
-    if tidy:
-        remove_torn_writes(ckpt_dir)
-    found = find_checkpoint(ckpt_dir)
-    if found is None:
-        return None
-    state, path = found
-    if cfg.trainer.resume == "never":
-        raise ConfigError(f"{ckpt_dir.parent} already holds a run ({path.name}); continue it with "
-                          "trainer.resume=auto or choose another hydra.run.dir")
-    saved, now = flat_hparams(OmegaConf.create(state["config"])), flat_hparams(cfg)
-    changed = sorted(k for k in saved.keys() | now.keys()
-                     if not k.startswith(RESUMABLE_CHANGES) and saved.get(k) != now.get(k))
-    if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in changed[:5])
-        raise ConfigError(f"{path} belongs to a run with other settings ({diff}); re-run it with its "
-                          "own settings to resume, or choose another hydra.run.dir")
-    return state
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def select_and_test(model, best: BestModel, data, loop: dict, step: int, record: dict, ctx: Context,
-                    precision: Precision) -> dict:
-    """Test metrics of the model selected on validation (``test_acc``, ``test_loss``, ...):
-    the best validation evaluation's weights, or the final model without a validation
-    split. The test set plays no part in the choice."""
-    final = {k: v for k, v in record.items() if k.startswith("test_")}
-    if best.state is None or loop["best_val_step"] == step:
-        return final
-    model.load_state_dict(best.state)
-    return evaluate(model, data.test, data.info.num_classes, ctx, precision, split="test")
+    def hand_over(self) -> None:
+        previous = self._previous.get(self._signum)
+        if self._signum != signal.SIGINT and callable(previous):
+            previous(self._signum, None)
 
 
 def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
@@ -210,237 +145,336 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
     of a ``trainer.devices=auto`` run."""
     out_dir = Path(out_dir)
     validate_config(cfg)
+    method = build_method(cfg.method, cfg.batch_size)
     check_writable(out_dir)
     devices = select_devices(cfg.trainer, job_num)
     group = launched_group()
-    if group is not None:
-        rank, world_size, local_rank = group
-        device = torch.device("cuda", local_rank) if devices[0].type == "cuda" else devices[0]
-        check_parallel(cfg, world_size, device)
-        ctx = init_group(device, rank, world_size)
-        try:
-            return train_process(cfg, out_dir, device=device, ctx=ctx)
-        finally:
-            dist.destroy_process_group()
-    check_parallel(cfg, len(devices), devices[0])
-    if len(devices) == 1:
-        return train_process(cfg, out_dir, device=devices[0], ctx=Context())
-    remove_torn_writes(out_dir / "checkpoints")
-    spawn(train_process, devices, (cfg, out_dir))
-    return json.loads((out_dir / "summary.json").read_text())
+    # One run per folder: the process that writes (rank 0) holds the lock for its group.
+    with RunLock(out_dir) if group is None or group[0] == 0 else contextlib.nullcontext():
+        if group is not None:
+            return train_in_group(cfg, out_dir, method, devices[0], *group)
+        check_parallel(cfg, method, len(devices), devices[0])
+        if len(devices) == 1:
+            return train_process(cfg, out_dir, device=devices[0], ctx=Context())
+        remove_torn_writes(out_dir / "checkpoints")
+        spawn(train_process, devices, (cfg, out_dir))
+        return json.loads((out_dir / "summary.json").read_text())
+
+
+def train_in_group(cfg, out_dir: Path, method, device: torch.device, rank: int, world_size: int,
+                   local_rank: int) -> dict:
+    """This process's part of a run in a process group that torchrun or SLURM started."""
+    device = torch.device("cuda", local_rank) if device.type == "cuda" else device
+    check_parallel(cfg, method, world_size, device)
+    ctx = init_group(device, rank, world_size)
+    try:
+        return train_process(cfg, out_dir, device=device, ctx=ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+def set_cpu_threads(trainer_cfg, device: torch.device, ctx: Context) -> None:
+    # Small batches run fastest on one thread, and parallel jobs or processes must not
+    # oversubscribe the cores.
+    if device.type != "cpu":
+        return
+    threads = trainer_cfg.cpu_threads or (
+        max(1, (os.cpu_count() or 1) // ctx.world_size) if ctx.parallel else None)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> dict:
     """The training of one process: the whole run, or rank ``ctx.rank``'s part of it."""
-    ckpt_dir = out_dir / "checkpoints"
-    t = cfg.trainer
-    if device.type == "cpu":
-        # Small batches run fastest on one thread, and parallel jobs or processes must not
-        # oversubscribe the cores.
-        threads = t.cpu_threads or (max(1, (os.cpu_count() or 1) // ctx.world_size) if ctx.parallel else None)
-        if threads:
-            torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    accumulate = t.accumulate
-    method = build_method(cfg.method, cfg.batch_size)
-    data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=t.eval_batch_size, seed=cfg.seed,
-                      device=device, shard=(ctx.rank, ctx.world_size))
-    info, train_batches = data.info, data.train
-    model = build_model(cfg.model.name, method, in_channels=info.in_channels, num_classes=info.num_classes,
-                        image_size=info.image_size, small_input=cfg.model.get("small_input", "auto")).to(device)
-    input_shape = (info.in_channels, info.image_size, info.image_size)
-    micro_batch = cfg.batch_size // (accumulate * ctx.world_size)
-    method.check_micro_batch(micro_batch)
-    check_batchnorm_trainable(model, micro_batch, input_shape)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    if ctx.parallel and cfg.method.get("sync_bn"):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(memory_format=memory_format)
-    optimizer = build_optimizer(cfg.optimizer, method.param_groups(model), cfg.batch_size)
-    precision = Precision(t.precision, device)
-    # ``net`` is what the training step calls; ``model`` is the plain module that is
-    # evaluated, measured and checkpointed.
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if ctx.parallel else model
-    if t.compile:
-        net = torch.compile(net)
-    steps_per_epoch = len(train_batches)
-    total_steps = cfg.epochs * steps_per_epoch
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    set_cpu_threads(cfg.trainer, device, ctx)
+    try:
+        run = Run(cfg, out_dir, device, ctx)
+        with StopSignal() as stop:
+            status = run.fit(stop)
+        summary = run.summarise(status)
+        stop.hand_over()
+        return summary
+    except OSError as e:  # a full disk, a folder gone read-only: nothing saved so far is touched
+        raise write_failed(e, Path(out_dir), cfg) from e
 
-    loop = {"step": 0, "best_val_acc": None, "best_val_step": None, "train_time": 0.0, "wall_time": 0.0,
-            "window_loss": 0.0, "window_correct": 0.0, "window_n": 0}
-    best = BestModel(ckpt_dir / BEST if ctx.is_main and t.checkpoint else None)
-    resumed = resume_state(cfg, ckpt_dir, tidy=not ctx.parallel)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        precision.load_state_dict(resumed.get("precision", {}))
-        loop.update(resumed["loop"])
-        if not ctx.is_main:  # the saved training window's sums are global: rank 0 carries them
-            loop.update(window_loss=0.0, window_correct=0.0)
-        set_rng_state(resumed["rng"], device)
-        best.restore(ckpt_dir, loop["best_val_step"], device)
-        if ctx.is_main:
-            note(f"Resuming {out_dir} at step {loop['step']} of {total_steps}")
-    # Only rank 0 writes; the other ranks still take part in every measurement, whose
-    # forward passes may hold collectives (SyncBatchNorm).
-    log = RunLog(out_dir, cfg, tensorboard=t.tensorboard, resume_step=None if resumed is None else loop["step"]) \
-        if ctx.is_main else None
-    writer = log.writer if log is not None else None
-    signal_prop_path = out_dir if ctx.is_main else None
-    if t.signal_prop:
-        if ctx.is_main:
+
+def write_failed(error: OSError, out_dir: Path, cfg) -> RunFailed:
+    """The error for a write that failed mid-run, after recording the failure in
+    summary.json where the disk still takes it."""
+    folder = Path(error.filename).parent if error.filename else out_dir
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "its free space is unknown"
+    reason = f"could not write to {folder} ({error.strerror or error}; {free})"
+    with contextlib.suppress(OSError):
+        write_json(out_dir / "summary.json", {"status": "failed", "reason": reason,
+                                              "config": OmegaConf.to_container(cfg, resolve=True)})
+    return RunFailed(f"{reason}. Everything saved before is intact: free some space (or fix the folder) and "
+                     "resume the run (same settings, same output dir) to continue from its last checkpoint.")
+
+
+class Run:
+    """One process's run, in the order it happens: build everything from the config
+    (``__init__``), continue from a checkpoint if there is one, ``fit`` (``train_epoch``
+    -> ``after_step`` -> ``evaluate_and_log`` / ``checkpoint``), ``summarise``. Only rank
+    0 writes; the other ranks still take part in every measurement, whose forward passes
+    may hold collectives (SyncBatchNorm)."""
+
+    def __init__(self, cfg, out_dir: Path, device: torch.device, ctx: Context):
+        self.cfg, self.t, self.out_dir, self.device, self.ctx = cfg, cfg.trainer, Path(out_dir), device, ctx
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        torch.manual_seed(cfg.seed)
+        self.method = build_method(cfg.method, cfg.batch_size)
+        self.data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=self.t.eval_batch_size,
+                               seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
+        self.build_model()
+        self.optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.batch_size)
+        self.precision = Precision(self.t.precision, device)
+        # ``net`` is what the training step calls; ``model`` is the plain module that is
+        # evaluated, measured and checkpointed.
+        self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) \
+            if ctx.parallel else self.model
+        if self.t.compile:
+            self.net = torch.compile(self.net)
+        self.steps_per_epoch = len(self.data.train)
+        self.total_steps = min(cfg.epochs * self.steps_per_epoch, self.t.max_steps or math.inf)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,
+                                         total_steps=self.total_steps)
+        self.state = LoopState()
+        self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.t.checkpoint else None)
+        resumed = self.resume()
+        self.window = TrainingWindow(self.state, device, ctx.is_main)
+        self.log = RunLog(self.out_dir, cfg, tensorboard=self.t.tensorboard,
+                          resume_step=None if resumed is None else self.state.step) if ctx.is_main else None
+        self.start_signal_prop(resumed is None)
+        # A fixed test batch on which each evaluation logs the per-layer mean shift.
+        self.probe = next(iter(self.data.test))[0][:64] if self.t.tensorboard else None
+
+    def build_model(self) -> None:
+        info, ctx = self.data.info, self.ctx
+        self.input_shape = (info.in_channels, info.image_size, info.image_size)
+        self.model = build_model(self.cfg.model.name, self.method, in_channels=info.in_channels,
+                                 num_classes=info.num_classes, image_size=info.image_size,
+                                 small_input=self.cfg.model.get("small_input", "auto")).to(self.device)
+        micro_batch = self.cfg.batch_size // (self.t.accumulate * ctx.world_size)
+        self.method.check_micro_batch(micro_batch)
+        check_batchnorm_trainable(self.model, micro_batch, self.input_shape)
+        if ctx.parallel:
+            self.model = self.method.convert_for_processes(self.model)
+        self.memory_format = torch.channels_last if self.t.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+
+    def resume(self) -> dict | None:
+        """Continue from the output dir's newest usable checkpoint, if there is one; returns
+        it. One that loads but does not fit (missing keys, wrong shapes) is skipped for the
+        previous one, like one that does not load."""
+        for state, path, problems in resumable_checkpoints(self.cfg, self.ckpt_dir, tidy=not self.ctx.parallel):
+            try:
+                self.apply_checkpoint(state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                problems.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                note(f"msr-train: checkpoint {path} does not fit this run ({problems[-1]}); trying the previous one")
+                continue
+            if self.ctx.is_main:
+                note(f"Resuming {self.out_dir} at step {self.state.step} of {self.total_steps}"
+                     f"{'' if path.name == LAST else f' (from {path.name})'}")
+            return state
+        return None
+
+    def apply_checkpoint(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("precision", {}))
+        self.state.load_state_dict(state["loop"])
+        set_rng_state(state["rng"], self.device)
+        self.best.restore(self.ckpt_dir, self.state.best_val_step, self.device)
+
+    def start_signal_prop(self, fresh: bool) -> None:
+        if not self.t.signal_prop:
+            return
+        if self.ctx.is_main:
             # Records of epochs the resumed run will redo are dropped, like metrics.jsonl's.
-            truncate_jsonl(out_dir / SIGNAL_PROP_FILE, lambda r: r["epoch"] * steps_per_epoch <= loop["step"])
-        if resumed is None:
-            record_signal_prop(model, signal_prop_path, 0, writer, input_shape, device)
-    # A fixed test batch on which each evaluation logs the per-layer mean shift.
-    probe = next(iter(data.test))[0][:64] if t.tensorboard else None
+            truncate_jsonl(self.out_dir / SIGNAL_PROP_FILE,
+                           lambda r: r["epoch"] * self.steps_per_epoch <= self.state.step)
+        if fresh:
+            self.record_signal_prop(0)
 
-    step, status = loop["step"], "completed"
-    started, earlier_wall_time = time.perf_counter(), loop["wall_time"]
+    def record_signal_prop(self, epoch: int) -> None:
+        record_signal_prop(self.model, self.out_dir if self.ctx.is_main else None, epoch,
+                           self.log.writer if self.log is not None else None, self.input_shape, self.device)
 
-    def wall_time() -> float:  # across resumptions
-        return earlier_wall_time + time.perf_counter() - started
+    def wall_time(self) -> float:
+        """Seconds since the run first started, across resumptions."""
+        return self.earlier_wall_time + time.perf_counter() - self.started
 
-    # Training loss and accuracy since the last evaluation, summed on the device.
-    window_loss = torch.tensor(loop["window_loss"], device=device)
-    window_correct = torch.tensor(loop["window_correct"], device=device)
+    def fit(self, stop: StopSignal) -> str:
+        """Train to the end (or a divergence, or a stop signal); returns the status."""
+        self.stop, self.started, self.earlier_wall_time = stop, time.perf_counter(), self.state.wall_time
+        self.model.train()
+        status = None if self.state.step < self.total_steps else "completed"
+        while status is None:
+            status = self.train_epoch()
+        return status
 
-    def window() -> tuple[float, float, bool]:
-        """The training window's loss and correct sums over all ranks, and whether any
-        rank was asked to stop: the ranks agree on every decision made from them."""
-        flags = torch.stack([window_loss.double(), window_correct.double(),
-                             torch.tensor(float(bool(stop.received)), dtype=torch.float64, device=device)])
-        total_loss, total_correct, stops = ctx.sum(flags).tolist()
-        return total_loss, total_correct, stops > 0
+    def train_epoch(self) -> str | None:
+        """Train to the end of the current epoch; the run's status if the run ended."""
+        epoch, first_batch = divmod(self.state.step, self.steps_per_epoch)
+        self.data.train.set_epoch(epoch, first_batch)
+        bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
+                   initial=first_batch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True,
+                   disable=not (self.t.progress_bar and self.ctx.is_main), leave=False)
+        self.tick = time.perf_counter()
+        try:
+            for x, y in self.data.train:
+                loss_sum, correct = train_step(self.net, self.method, self.optimizer,
+                                               x.contiguous(memory_format=self.memory_format), y,
+                                               self.t.accumulate, self.precision)
+                self.window.add(loss_sum, correct, len(y) * self.ctx.world_size)
+                self.scheduler.step()
+                self.state.step += 1
+                bar.update()
+                status = self.after_step(bar)
+                if status is not None:
+                    return status
+        finally:
+            bar.close()
+        return None
 
-    def checkpoint() -> None:
-        if not t.checkpoint:
-            return
-        total_loss, total_correct, _ = window()
-        if not ctx.is_main:
-            return
-        loop.update(step=step, wall_time=wall_time(), window_loss=total_loss, window_correct=total_correct)
-        save_checkpoint(ckpt_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "precision": precision.state_dict(), "step": step,
-            "epoch": step / steps_per_epoch, "config": OmegaConf.to_container(cfg, resolve=True),
-            "loop": dict(loop), "rng": rng_state(device),
-        })
+    def after_step(self, bar) -> str | None:
+        """Log, evaluate, checkpoint or stop where this step calls for it; the run's
+        status if it ends here."""
+        step, t = self.state.step, self.t
+        evaluate_now = step % self.steps_per_epoch == 0 or step == self.total_steps or bool(
+            t.eval_every and step % t.eval_every == 0)
+        # A single process answers a stop signal at once; a group at the next log point,
+        # where its ranks agree on it.
+        stopping = bool(self.stop.received) and not self.ctx.parallel
+        if step % t.log_every == 0 or evaluate_now or stopping:
+            # Always before a checkpoint, so diverged weights are never saved.
+            running, stopping = self.read_window(bar)
+            if self.diverged(running):
+                return "diverged"
+        if evaluate_now:
+            self.evaluate_and_log()
+        if evaluate_now or stopping:
+            self.checkpoint()
+            self.tick = time.perf_counter()
+        if stopping:
+            if self.ctx.is_main:
+                note(f"{self.stop.received or 'a stop signal'}: stopped at step {step} with a checkpoint; "
+                     "resume it with the same settings in the same output dir.")
+            return "interrupted"
+        return "completed" if step >= self.total_steps else None
 
-    def evaluate_and_log() -> None:
-        ctx.broadcast_buffers(model)  # every shard is evaluated with rank 0's running statistics
+    def diverged(self, running_loss: float) -> bool:
+        """A NaN or infinite loss, or one far above chance level (ln(num_classes)): a
+        finite explosion (e.g. 5e12) is as lost as a NaN, and must not pass as completed."""
+        factor = self.t.divergence_factor
+        limit = math.inf if factor is None else factor * math.log(self.data.info.num_classes)
+        if math.isfinite(running_loss) and running_loss <= limit:
+            return False
+        if self.ctx.is_main:
+            why = "" if not math.isfinite(running_loss) else \
+                f", above {factor} x ln({self.data.info.num_classes}) = {limit:.3g} (trainer.divergence_factor)"
+            note(f"Training diverged at step {self.state.step}: the running loss is {running_loss:.4g}{why}. "
+                 "Lower optimizer.lr or add warmup (scheduler.warmup_epochs).")
+        return True
+
+    def read_window(self, bar) -> tuple[float, bool]:
+        """The running training loss, and whether any rank was asked to stop; books the
+        training time and updates the progress bar."""
+        loss, correct, stopping = self.window.totals(self.ctx, bool(self.stop.received))
+        n = self.window.n
+        self.state.train_time += time.perf_counter() - self.tick
+        self.tick = time.perf_counter()
+        bar.set_postfix(loss=f"{loss / n:.3f}", acc=f"{correct / n:.3f}",
+                        img_s=f"{self.state.step * self.cfg.batch_size / self.state.train_time:.0f}")
+        return loss / n, stopping
+
+    def evaluate_and_log(self) -> None:
+        step, info, ctx = self.state.step, self.data.info, self.ctx
+        ctx.broadcast_buffers(self.model)  # every shard is evaluated with rank 0's running statistics
         metrics = {}
-        if data.val is not None:
-            metrics.update(evaluate(model, data.val, info.num_classes, ctx, precision, split="val"))
-            if loop["best_val_acc"] is None or metrics["val_acc"] > loop["best_val_acc"]:
-                loop.update(best_val_acc=metrics["val_acc"], best_val_step=step)
-                best.update(model, step, metrics["val_acc"])
-            metrics["best_val_acc"] = loop["best_val_acc"]
+        if self.data.val is not None:
+            metrics.update(evaluate(self.model, self.data.val, info.num_classes, ctx, self.precision, split="val"))
+            if self.state.best_val_acc is None or metrics["val_acc"] > self.state.best_val_acc:
+                self.state.best_val_acc, self.state.best_val_step = metrics["val_acc"], step
+                self.best.update(self.model, step, metrics["val_acc"])
+            metrics["best_val_acc"] = self.state.best_val_acc
         # The test set: the final model, or every evaluation if asked (to watch, never to select).
-        if step == total_steps or t.test_every_eval:
-            metrics.update(evaluate(model, data.test, info.num_classes, ctx, precision, split="test"))
-        n = max(loop["window_n"], 1)
-        total_loss, total_correct, _ = window()
-        shift = conv_mean_shift(model, probe) if probe is not None else {}
-        if t.signal_prop and step % steps_per_epoch == 0:
-            record_signal_prop(model, signal_prop_path, step // steps_per_epoch, writer, input_shape, device)
-        window_loss.zero_()
-        window_correct.zero_()
-        loop["window_n"] = 0
-        if log is None:
+        if step == self.total_steps or self.t.test_every_eval:
+            metrics.update(evaluate(self.model, self.data.test, info.num_classes, ctx, self.precision, split="test"))
+        n = max(self.window.n, 1)
+        loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))
+        shift = conv_mean_shift(self.model, self.probe) if self.probe is not None else {}
+        if self.t.signal_prop and step % self.steps_per_epoch == 0:
+            self.record_signal_prop(step // self.steps_per_epoch)
+        self.window.reset()
+        if self.log is None:
             return
-        log.log({
-            "step": step, "epoch": step / steps_per_epoch, "examples_seen": step * cfg.batch_size,
-            "train_loss": total_loss / n, "train_acc": total_correct / n,
-            **metrics, "lr": optimizer.param_groups[0]["lr"],
-            "img_per_s": step * cfg.batch_size / max(loop["train_time"], 1e-9),
-            "wall_time_s": wall_time(),
+        examples = step * self.cfg.batch_size
+        self.log.log({
+            "step": step, "epoch": step / self.steps_per_epoch, "examples_seen": examples,
+            "train_loss": loss / n, "train_acc": correct / n, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": examples / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(),
         })
         if shift:
-            log.scalars({f"mean_shift/{name}": v for name, v in shift.items()}, step * cfg.batch_size)
+            self.log.scalars({f"mean_shift/{name}": v for name, v in shift.items()}, examples)
 
-    model.train()
-    with StopSignal() as stop:
-        while step < total_steps and status == "completed":
-            epoch, first_batch = divmod(step, steps_per_epoch)
-            train_batches.set_epoch(epoch, first_batch)
-            bar = tqdm(total=min(steps_per_epoch, total_steps - epoch * steps_per_epoch), initial=first_batch,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (t.progress_bar and ctx.is_main),
-                       dynamic_ncols=True, leave=False)
-            tick = time.perf_counter()
-            for x, y in train_batches:
-                loss_sum, correct = train_step(net, method, optimizer, x.contiguous(memory_format=memory_format),
-                                               y, accumulate, precision)
-                window_loss += loss_sum
-                window_correct += correct
-                loop["window_n"] += len(y) * ctx.world_size
-                scheduler.step()
-                step += 1
-                bar.update()
+    def checkpoint(self) -> None:
+        if not self.t.checkpoint:
+            return
+        loss, correct, _ = self.window.totals(self.ctx, bool(self.stop.received))  # a collective: every rank
+        if not self.ctx.is_main:
+            return
+        self.state.wall_time = self.wall_time()
+        self.state.window_loss, self.state.window_correct, self.state.window_n = loss, correct, self.window.n
+        save_checkpoint(self.ckpt_dir, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(),
+            "step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+            "config": OmegaConf.to_container(self.cfg, resolve=True), "loop": self.state.state_dict(),
+            "rng": rng_state(self.device),
+        })
 
-                evaluate_now = step % steps_per_epoch == 0 or step == total_steps or bool(
-                    t.eval_every and step % t.eval_every == 0)
-                # A single process answers a stop signal at once; a group at the next
-                # log point, where its ranks agree on it.
-                stopping = bool(stop.received) and not ctx.parallel
-                if step % t.log_every == 0 or evaluate_now or stopping:
-                    # Reading the loss syncs with the device: done every log_every steps only,
-                    # and always before a checkpoint, so diverged weights are never saved.
-                    total_loss, total_correct, stopping = window()
-                    running = total_loss / loop["window_n"]
-                    loop["train_time"] += time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    bar.set_postfix(loss=f"{running:.3f}", acc=f"{total_correct / loop['window_n']:.3f}",
-                                    img_s=f"{step * cfg.batch_size / loop['train_time']:.0f}")
-                    if not math.isfinite(running):
-                        status = "diverged"
-                        if ctx.is_main:
-                            note(f"Training diverged at step {step}: the loss is {running}. "
-                                 "Lower optimizer.lr or add warmup (scheduler.warmup_epochs).")
-                        break
-                if evaluate_now:
-                    evaluate_and_log()
-                if evaluate_now or stopping:
-                    checkpoint()
-                    tick = time.perf_counter()
-                if stopping:
-                    status = "interrupted"
-                    if ctx.is_main:
-                        note(f"{stop.received or 'a stop signal'}: stopped at step {step} with a checkpoint; "
-                             "re-run the same command to continue.")
-                    break
-                if step >= total_steps:
-                    break
-            bar.close()
+    def select_and_test(self, record: dict) -> dict:
+        """Test metrics of the model selected on validation (``test_acc``, ...): the best
+        validation evaluation's weights, or the final model without a validation split.
+        The test set plays no part in the choice."""
+        final = {k: v for k, v in record.items() if k.startswith("test_")}
+        if self.best.state is None or self.state.best_val_step == self.state.step:
+            return final
+        self.model.load_state_dict(self.best.state)
+        return evaluate(self.model, self.data.test, self.data.info.num_classes, self.ctx, self.precision,
+                        split="test")
 
-    record = log.records[-1] if log is not None and log.records else {}
-    selected = select_and_test(model, best, data, loop, step, record, ctx, precision) \
-        if status == "completed" else {}
-    if log is not None and "test_acc" in selected:
-        log.scalars({"test/selected_acc": selected["test_acc"]}, step * cfg.batch_size)
-    summary = {
-        "status": status, "model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name,
-        "optimizer": cfg.optimizer.name, "scheduler": cfg.scheduler.name, "batch_size": cfg.batch_size,
-        "lr": cfg.optimizer.lr, "epochs": cfg.epochs, "seed": cfg.seed, "step": step,
-        "examples_seen": step * cfg.batch_size, "final_train_loss": record.get("train_loss"),
-        "final_val_acc": record.get("val_acc"), "best_val_acc": loop["best_val_acc"],
-        "best_val_step": loop["best_val_step"],
-        "best_val_epoch": None if loop["best_val_step"] is None else loop["best_val_step"] / steps_per_epoch,
-        "selection": "best validation accuracy" if data.val is not None else "final model (no validation split)",
-        **{f"selected_{k}": v for k, v in selected.items()},
-        **{f"final_{k}": record.get(k) for k in ("test_acc", "test_loss", "test_top5") if k in record},
-        "total_time_s": wall_time(), "train_time_s": loop["train_time"],
-        "img_per_s": step * cfg.batch_size / max(loop["train_time"], 1e-9),
-        "params": sum(p.numel() for p in model.parameters()),
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "processes": ctx.world_size,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    if log is not None:
-        log.close(summary)
-    return summary
+    def summarise(self, status: str) -> dict:
+        """The run's summary (summary.json, written by rank 0), after the final test."""
+        cfg, state, step = self.cfg, self.state, self.state.step
+        record = self.log.records[-1] if self.log is not None and self.log.records else {}
+        selected = self.select_and_test(record) if status == "completed" else {}
+        if self.log is not None and "test_acc" in selected:
+            self.log.scalars({"test/selected_acc": selected["test_acc"]}, step * cfg.batch_size)
+        summary = {
+            "status": status, "model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name,
+            "optimizer": cfg.optimizer.name, "scheduler": cfg.scheduler.name, "batch_size": cfg.batch_size,
+            "lr": cfg.optimizer.lr, "epochs": cfg.epochs, "seed": cfg.seed, "step": step,
+            "examples_seen": step * cfg.batch_size, "final_train_loss": record.get("train_loss"),
+            "final_val_acc": record.get("val_acc"), "best_val_acc": state.best_val_acc,
+            "best_val_step": state.best_val_step,
+            "best_val_epoch": None if state.best_val_step is None else state.best_val_step / self.steps_per_epoch,
+            "selection": "best validation accuracy" if self.data.val is not None
+            else "final model (no validation split)",
+            **{f"selected_{k}": v for k, v in selected.items()},
+            **{f"final_{k}": record.get(k) for k in ("test_acc", "test_loss", "test_top5") if k in record},
+            "total_time_s": self.wall_time(), "train_time_s": state.train_time,
+            "img_per_s": step * cfg.batch_size / max(state.train_time, 1e-9),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
+            "processes": self.ctx.world_size, "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        if self.log is not None:
+            self.log.close(summary)
+        return summary

@@ -5,12 +5,11 @@ batch of one, the up-front check must say so instead.
 
 ResNet-34 repeats ResNet-18's basic blocks and ResNet-101 / -152 repeat ResNet-50's
 bottlenecks: they exercise no code their smaller siblings do not, at several times the
-cost, and run only with MSR_TRAIN_SLOW_TESTS=1.
+cost, and run only when asked for: `pytest -m deep`.
 """
 
 import copy
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -34,9 +33,7 @@ OPTIMIZER_CFG.lr_scaling = "linear"
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 3
 STEPS = 3
-SLOW = pytest.mark.skipif(os.environ.get("MSR_TRAIN_SLOW_TESTS") != "1",
-                          reason="a smaller sibling's blocks, repeated; set MSR_TRAIN_SLOW_TESTS=1")
-MODELS = [pytest.param(name, marks=SLOW) if name in ("resnet34", "resnet101", "resnet152") else name
+MODELS = [pytest.param(name, marks=pytest.mark.deep) if name in ("resnet34", "resnet101", "resnet152") else name
           for name in ARCHITECTURES]
 
 

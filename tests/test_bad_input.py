@@ -5,57 +5,104 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from conftest import make_cfg
-from msr_train.checks import check_writable
+from msr_train.checks import check_writable, validate_config
 from msr_train.errors import ConfigError
 from msr_train.methods import METHODS
 from msr_train.train import train
 
-BASE = ["dataset=synthetic", "dataset.synthetic_train=64", "dataset.synthetic_test=16", "dataset.image_size=8",
-        "model=resnet8", "batch_size=8", "epochs=1", "trainer.max_steps=2",
-        "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.checkpoint=false"]
+BASE = ["debug=quick", "dataset.synthetic_train=64", "dataset.synthetic_test=16", "dataset.image_size=8",
+        "batch_size=8", "epochs=1", "trainer.max_steps=2", "trainer.checkpoint=false"]
 
-KEYS = ["batch_size", "epochs", "seed", "trainer.accumulate", "trainer.max_steps", "trainer.eval_every",
-        "trainer.eval_batch_size", "trainer.log_every", "trainer.cpu_threads", "trainer.accelerator",
-        "trainer.resume", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "optimizer.lr_scaling",
-        "optimizer.base_batch_size", "scheduler.warmup_epochs", "dataset.train_size", "dataset.test_size",
-        "dataset.val_size", "dataset.split_seed", "trainer.test_every_eval", "trainer.checkpoint", "method.lr"]
-# Each method's own keys, from the rules its check() applies.
-METHOD_KEYS = {name: [f"method.{k}" for k in (*cls.number_rules, *cls.flag_keys)] for name, cls in METHODS.items()}
-METHOD_KEYS["nf"] += ["method.activation", "method.agc_clip"]
-METHOD_KEYS["msr"] += ["method.zmg_operator", "method.stem", "method.noise_at", "method.weight_decay"]
-METHOD_KEYS["mimicnorm"] += ["method.min_micro_batch"]
+
+def keys_of(*overrides) -> list[str]:
+    """Every setting of the composed config, as dotted keys."""
+    def walk(prefix, node):
+        for k, v in node.items():
+            yield from walk(f"{prefix}{k}.", v) if isinstance(v, dict) else [f"{prefix}{k}"]
+    return list(walk("", OmegaConf.to_container(make_cfg(*BASE, *overrides))))
+
+
+# Every key of every group: the defaults, then each other method, optimizer, scheduler
+# and a model with small_input (each adds its group's own keys).
+VARIANTS = [f"method={m}" for m in METHODS] + ["optimizer=adamw", "scheduler=multistep", "scheduler=constant",
+                                               "model=resnet18"]
+CASES = sorted({((), key) for key in keys_of()} | {
+    ((variant,), key) for variant in VARIANTS for key in keys_of(variant)
+    if key.startswith(variant.split("=")[0] + ".")})
 
 # Values as a user types them on the command line (Hydra's override grammar).
 VALUES = st.one_of(
     st.integers(-3, 40).map(str),
-    st.sampled_from(["0", "1", "2", "1e9", "-1e9", "0.5", "-0.5", "1e-12", "nan", "inf", "-inf", "null",
-                     "true", "false", "cuda", "cpu", "auto", "never", "sqrt", "abc", "[1,2]", "''"]),
+    st.sampled_from(["0", "1", "2", "1e9", "-1e9", "1e308", "0.5", "-0.5", "1e-12", "nan", "inf", "-inf", "null",
+                     "true", "false", "maybe", "cuda", "cpu", "auto", "never", "sqrt", "abc", "[1,2]", "[0.5]",
+                     "[]", "[abc]", "''"]),
     st.floats(-10, 10, allow_nan=False).map(lambda v: repr(v)),
 )
 
 
-@st.composite
-def method_and_key(draw):
-    method = draw(st.sampled_from(sorted(METHODS)))
-    return method, draw(st.sampled_from(KEYS + METHOD_KEYS[method]))
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(method_key=method_and_key(), value=VALUES)
-def test_any_value_trains_or_fails_clearly(tmp_path_factory, method_key, value):
-    method, key = method_key
-    cfg = make_cfg(*BASE, f"method={method}", f"{key}={value}")
+def trains_or_names_the_key(tmp_path, key, *overrides):
+    cfg = make_cfg(*BASE, *overrides)
     threads = torch.get_num_threads()
     try:
-        summary = train(cfg, tmp_path_factory.mktemp("run"))
+        summary = train(cfg, tmp_path)
     except ConfigError as e:
-        assert key in str(e) or key.split(".")[-1] in str(e), (key, value, str(e))
-        return
+        assert key in str(e), (key, overrides, str(e))
+        return None
     finally:
         torch.set_num_threads(threads)
     assert summary["status"] in ("completed", "diverged")
+    return summary
+
+
+def test_every_key_of_every_group_is_covered():
+    keys = {key for _, key in CASES}
+    assert {"trainer.divergence_factor", "scheduler.gamma", "optimizer.betas", "method.noise_delta",
+            "method.sync_bn", "model.small_input", "dataset.synthetic_seed"} <= keys
+    assert len(keys) > 80
+
+
+@pytest.mark.slow
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(CASES), value=VALUES)
+def test_any_value_of_any_key_trains_or_fails_naming_the_key(tmp_path_factory, case, value):
+    variant, key = case
+    trains_or_names_the_key(tmp_path_factory.mktemp("run"), key, *variant, f"{key}={value}")
+
+
+# The values that were silently accepted or ended in a traceback (issue: "nothing
+# silently wrong"), each with the key its error must name.
+REPORTED = [
+    (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio"), (["scheduler.min_lr_ratio=5"], "scheduler.min_lr_ratio"),
+    (["scheduler.min_lr_ratio=abc"], "scheduler.min_lr_ratio"),
+    (["scheduler=multistep", "scheduler.gamma=-1"], "scheduler.gamma"),
+    (["scheduler=multistep", "scheduler.gamma=abc"], "scheduler.gamma"),
+    (["scheduler=multistep", "scheduler.milestones=abc"], "scheduler.milestones"),
+    (["trainer.checkpoint=no"], "trainer.checkpoint"), (["trainer.progress_bar=maybe"], "trainer.progress_bar"),
+    (["dataset.augment=rotate"], "dataset.augment"), (["method=msr", "method.noise_delta=5"], "method.noise_delta"),
+    (["+method.foo=1"], "method.foo"), (["+trainer.foo=1"], "trainer.foo"), (["+foo=1"], "foo"),
+    (["optimizer.lr=1e308"], "optimizer.lr"), (["dataset.num_classes=1"], "dataset.num_classes"),
+    (["optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov"),
+    (["optimizer=adamw", "optimizer.betas=[0.9]"], "optimizer.betas"),
+    (["optimizer=adamw", "optimizer.betas=[1.5,0.999]"], "optimizer.betas"),
+    (["optimizer=adamw", "optimizer.betas=abc"], "optimizer.betas"),
+    (["dataset.mean=[abc]"], "dataset.mean"), (["dataset.std=[0,0.3,0.3]"], "dataset.std"),
+    (["dataset.std=[0.3]"], "dataset.std"), (["method=bn", "method.sync_bn=maybe"], "method.sync_bn"),
+    (["trainer.devices=3"], "trainer.devices"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", REPORTED, ids=[" ".join(o) for o, _ in REPORTED])
+def test_each_reported_bad_value_names_its_key_before_any_work(tmp_path, overrides, key):
+    assert trains_or_names_the_key(tmp_path, key, *overrides) is None
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_named_dataset_has_its_own_number_of_classes():
+    with pytest.raises(ConfigError, match="dataset.num_classes=5 must be one of 10 .fashion_mnist has 10 classes"):
+        validate_config(make_cfg("dataset=fashion_mnist", "dataset.num_classes=5"))
 
 
 def test_unwritable_or_full_output_dir_is_reported_before_training(tmp_path):

@@ -182,10 +182,9 @@ def test_every_layer_is_preconditioned_and_keeps_its_statistics(name, size):
 
 
 def test_trains_at_batch_size_one(tmp_path):
-    cfg = make_cfg("method=bnp", "model=resnet8", "dataset=synthetic", "dataset.image_size=8",
-                   "dataset.synthetic_train=64", "dataset.synthetic_test=32", "batch_size=1", "epochs=1",
-                   "trainer.max_steps=20", "trainer.log_every=5", "trainer.progress_bar=false",
-                   "trainer.tensorboard=false")
+    cfg = make_cfg("debug=quick", "method=bnp", "dataset.image_size=8", "dataset.synthetic_train=64",
+                   "dataset.synthetic_test=32", "batch_size=1", "epochs=1", "trainer.max_steps=20",
+                   "trainer.log_every=5")
     summary = train(cfg, tmp_path)
     assert summary["status"] == "completed" and summary["step"] == 20
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_test_acc"])

@@ -1,13 +1,19 @@
 """`msr-train` end to end on real Fashion-MNIST, and its errors."""
 
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -69,7 +75,7 @@ def test_cli_trains_fashion_mnist_and_writes_every_record(tmp_path):
     ("batch_size=0", ["batch_size=0", ">= 1"]),
     ("epochs=0", ["epochs=0", ">= 1"]),
     ("trainer.accumulate=3", ["not divisible", "trainer.accumulate=3"]),
-    ("optimizer.lr=-1", ["optimizer.lr=-1", "positive"]),
+    ("optimizer.lr=-1", ["optimizer.lr=-1", "must be a number in (0, 1e+06]"]),
     ("dataset.train_size=10", ["batch_size=128", "larger than the training set"]),
     ("dataset.val_size=-1", ["dataset.val_size=-1", "integer >= 0"]),
     ("dataset.val_size=0.5", ["dataset.val_size=0.5", "integer >= 0"]),
@@ -91,11 +97,22 @@ def test_unknown_choice_lists_the_options(tmp_path):
     assert "resnet999" in res.stderr and "resnet20" in res.stderr and "vgg16" in res.stderr
 
 
-def test_missing_dataset_offline_says_how_to_get_it(tmp_path):
-    res = msr_train("dataset=mnist", f"dataset.root={tmp_path / 'empty'}", "dataset.download=false",
-                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert res.returncode == 2
-    assert "dataset.download=true" in res.stderr and "dataset.root" in res.stderr
+def msr_train_offline(*args, cwd):
+    """msr-train behind a dead proxy: every download fails at once."""
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead}
+    return subprocess.run([sys.executable, "-m", "msr_train.cli", *args, "trainer.progress_bar=false"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("download", ["false", "true"])
+def test_missing_dataset_offline_says_how_to_get_it(tmp_path, download):
+    res = msr_train_offline("dataset=mnist", f"dataset.root={tmp_path / 'data'}", f"dataset.download={download}",
+                            f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"dataset=mnist: no data in {tmp_path / 'data'}" in res.stderr
+    assert "dataset.download=true" in res.stderr and "set dataset.root to it" in res.stderr
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -111,3 +128,33 @@ def test_bn_at_batch_one_explains_instead_of_crashing(tmp_path):
                     "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert res.returncode == 2
     assert "BatchNorm cannot train" in res.stderr and "method=msr" in res.stderr
+
+
+@pytest.mark.parametrize("mode,key", [((), "hydra.run.dir"), (("-m",), "hydra.sweep.dir")])
+def test_an_output_dir_that_cannot_be_created_is_a_clear_error(tmp_path, mode, key):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = msr_train(*mode, "debug=quick", f"{key}={blocker / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"cannot create the output dir {blocker / 'run'}" in res.stderr and key in res.stderr
+
+
+def test_an_interrupted_run_prints_the_command_that_continues_it(tmp_path):
+    """With the default timestamped run dir, re-running the same command would start
+    afresh: the message pins the run's own dir."""
+    args = ["debug=quick", "epochs=400", "trainer.eval_every=4", "trainer.cpu_threads=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "msr_train.cli", *args], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("outputs/debug/*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    command = next(line for line in err.splitlines() if line.startswith("msr-train: continue with: "))
+    argv = shlex.split(command.removeprefix("msr-train: continue with: "))
+    run_dir = next(tmp_path.glob("outputs/debug/*"))
+    assert argv[0] == "msr-train" and argv[-1] == f"hydra.run.dir={run_dir}" and argv[1:-1] == args
+    res = subprocess.run([sys.executable, "-m", "msr_train.cli", *argv[1:], "trainer.max_steps=1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "trainer.max_steps: null -> 1" in res.stderr  # it found the run it continues

@@ -76,3 +76,32 @@ def test_crop_flip_returns_shifted_or_mirrored_crops_of_the_padded_image():
         crops = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
         candidates = crops + [c.flip(-1) for c in crops]
         assert any(torch.equal(out[b], c) for c in candidates)
+
+
+def offline(monkeypatch):
+    """Every download fails the way it does behind a dead proxy (and fast)."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist", "cifar10"])
+def test_data_that_cannot_be_found_or_downloaded_is_a_clear_error_leaving_nothing(tmp_path, monkeypatch, name):
+    import msr_train.data as data
+    offline(monkeypatch)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-copy")
+    root = tmp_path / "data" / "nested"
+    cfg = make_cfg(f"dataset={name}", f"dataset.root={root}", "dataset.download=true").dataset
+    with pytest.raises(ConfigError) as err:
+        build_data(cfg, batch_size=8, eval_batch_size=8, seed=0, device=CPU)
+    message = str(err.value)
+    assert f"dataset={name}: no data in {root}" in message and "the download failed" in message
+    assert "(1) with network access, dataset.download=true" in message and "set dataset.root to it" in message
+    assert ("apt-get install dataset-fashion-mnist" in message) == (name == "fashion_mnist")
+    assert not (tmp_path / "data").exists()  # no half-made folders
+
+
+def test_without_download_the_error_says_where_it_looked(tmp_path):
+    cfg = make_cfg("dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false").dataset
+    with pytest.raises(ConfigError, match=f"dataset=mnist: no data in {tmp_path}, {tmp_path}/MNIST/raw "
+                                          r"\(dataset.download=false\)"):
+        build_data(cfg, batch_size=8, eval_batch_size=8, seed=0, device=CPU)

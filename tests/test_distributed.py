@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from conftest import make_cfg
 from msr_train.checks import select_devices
 from msr_train.errors import ConfigError
 from msr_train.train import train
+
+pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 
 #: 20 steps of global batch 16 on real data, each step logged (eval_every=1).
 STEPS = ["dataset=fashion_mnist", "dataset.train_size=640", "dataset.test_size=100", "model=resnet8",
@@ -48,8 +54,8 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, method):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
     files = sorted(p.name for p in two.iterdir())
     assert [f for f in files if not f.startswith("events.out.tfevents.")] == [
-        ".hydra", "checkpoints", "cli.log", "metrics.jsonl", "summary.json"]
-    assert len(files) == 6  # one TensorBoard event file
+        ".hydra", "checkpoints", "cli.log", "metrics.jsonl", "run.lock", "summary.json"]
+    assert len(files) == 7  # one TensorBoard event file
     # best_prev.pt exists once validation improved twice; no temp file is left behind.
     assert {p.name for p in (two / "checkpoints").iterdir()} - {"best_prev.pt"} == {"best.pt", "last.pt", "prev.pt"}
 
@@ -77,9 +83,8 @@ def test_sync_bn_on_cpu_is_refused(tmp_path):
         train(make_cfg(*STEPS, "method=bn", "method.sync_bn=true", "trainer.devices=2"), tmp_path / "r")
 
 
-QUICK = ["dataset=synthetic", "dataset.synthetic_train=128", "dataset.synthetic_test=64", "dataset.image_size=16",
-         "model=resnet8", "batch_size=16", "trainer.max_steps=6", "trainer.progress_bar=false",
-         "trainer.tensorboard=false", "trainer.accelerator=cpu"]
+QUICK = ["debug=quick", "dataset.synthetic_train=128", "dataset.synthetic_test=64", "batch_size=16",
+         "trainer.max_steps=6", "trainer.accelerator=cpu"]
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
@@ -155,3 +160,92 @@ def test_a_search_without_validation_split_is_refused(tmp_path):
               f"hydra.sweep.dir={tmp_path / 'opt'}", "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path)
     assert run.returncode != 0 and "dataset.val_size=0" in run.stderr and "validation accuracy" in run.stderr
     assert not list((tmp_path / "opt").glob("*/metrics.jsonl"))
+
+
+LONG = ["debug=quick", "trainer.accelerator=cpu", "trainer.devices=2", "batch_size=16", "epochs=200",
+        "trainer.eval_every=4", "trainer.cpu_threads=1"]
+
+
+def start_parallel_run(run_dir):
+    """A 2-process run that goes on for minutes; returns once its first evaluation is logged."""
+    proc = subprocess.Popen([sys.executable, "-m", "msr_train.cli", *LONG, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    return proc
+
+
+def workers_of(pid: int) -> list[int]:
+    """The DDP worker processes a parent started (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_parent_stops_every_worker_at_a_checkpoint(tmp_path, sig):
+    proc = start_parallel_run(tmp_path / "run")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert summary["status"] == "interrupted" and last["step"] == summary["step"] > 0
+    assert not workers_of(proc.pid)
+
+
+def test_a_dead_worker_stops_the_run_with_its_rank_and_exit_code(tmp_path):
+    proc = start_parallel_run(tmp_path / "run")
+    workers = workers_of(proc.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "died with signal SIGKILL" in err and "msr-train: continue with: msr-train " in err
+
+
+def processes_running(module: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if module.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_preempted_submitit_job_checkpoints_is_requeued_and_continues_in_its_dir(tmp_path):
+    """submitit's preemption signal (SIGUSR2) to a job of Hydra's submitit launcher: the
+    loop checkpoints, hands the signal to submitit, which requeues the job; the requeued
+    job resumes from the checkpoint in the same output dir and completes."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "msr_train.cli", "-m", *QUICK, "trainer.max_steps=null",
+                             "epochs=40", "trainer.eval_every=4", "trainer.cpu_threads=1",
+                             "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (sweep / "job" / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    before = set(processes_running("submitit.core._submit"))
+    assert len(before) == 1, before
+    os.kill(before.pop(), signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((sweep / "job" / "summary.json").read_text())
+    steps = [json.loads(line)["step"] for line in (sweep / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "completed" and summary["step"] == 40 * 8
+    assert steps == sorted(set(steps)) and steps[-1] == 320  # each evaluation logged once, in order
+    logs = "".join(p.read_text() for p in sweep.rglob("*_log.*"))
+    assert "Requeued job" in logs and "Resuming" in logs

@@ -9,6 +9,8 @@ from msr_train.methods import METHODS
 from msr_train.train import train
 from test_cli import FASHION, needs_fashion
 
+pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
+
 #: 4,000 training images, 2 epochs at batch 32 (250 steps): seconds per method on one thread.
 #: Measured best validation accuracy at the defaults: none 64.6%, bnp 67.7%, nf 74.8%.
 SHORT_RUN = ["model=resnet8", f"dataset.root={FASHION}", "dataset.download=false", "dataset.train_size=4000",

@@ -111,9 +111,8 @@ def test_batch_of_one_is_refused_with_a_clear_message(tmp_path):
     check_batchnorm_trainable(model, 2, (3, 16, 16))
 
     # Through the real loop: refused before the first step, by the method's own check.
-    cfg = make_cfg("method=mimicnorm", "model=resnet8", "dataset=synthetic", "dataset.image_size=8",
-                   "dataset.synthetic_train=16", "dataset.synthetic_test=16", "batch_size=1", "epochs=1",
-                   "method.min_micro_batch=2", "trainer.progress_bar=false", "trainer.tensorboard=false")
+    cfg = make_cfg("debug=quick", "method=mimicnorm", "dataset.image_size=8", "dataset.synthetic_train=16",
+                   "dataset.synthetic_test=16", "batch_size=1", "epochs=1", "method.min_micro_batch=2")
     with pytest.raises(ConfigError, match="method.min_micro_batch"):
         train(cfg, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -121,10 +120,9 @@ def test_batch_of_one_is_refused_with_a_clear_message(tmp_path):
 
 @pytest.mark.parametrize("batch_size,accumulate", [(2, 1), (3, 1), (8, 4)])
 def test_micro_batches_it_cannot_learn_from_are_refused_before_training(tmp_path, batch_size, accumulate):
-    cfg = make_cfg("method=mimicnorm", "model=resnet8", "dataset=synthetic", "dataset.image_size=8",
-                   "dataset.synthetic_train=64", "dataset.synthetic_test=16", "dataset.val_size=16",
-                   f"batch_size={batch_size}", f"trainer.accumulate={accumulate}", "epochs=1",
-                   "trainer.progress_bar=false", "trainer.tensorboard=false")
+    cfg = make_cfg("debug=quick", "method=mimicnorm", "dataset.image_size=8", "dataset.synthetic_train=64",
+                   "dataset.synthetic_test=16", "dataset.val_size=16", f"batch_size={batch_size}",
+                   f"trainer.accumulate={accumulate}", "epochs=1")
     with pytest.raises(ConfigError, match="method.min_micro_batch") as err:
         train(cfg, tmp_path)
     assert f"from {batch_size // accumulate} example(s)" in str(err.value) and "method=msr" in str(err.value)

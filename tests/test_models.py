@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from msr_train.methods import BatchNorm, NoNorm
+from msr_train.methods.bn import BatchNorm
+from msr_train.methods.none import NoNorm
 from msr_train.models import ARCHITECTURES, build_model
 
 

@@ -10,8 +10,7 @@ from conftest import make_cfg
 from msr_train.optim import build_scheduler, scaled_lr
 from msr_train.train import train
 
-QUICK = ["dataset=synthetic", "dataset.synthetic_train=256", "dataset.synthetic_test=128", "dataset.image_size=16",
-         "model=resnet8", "batch_size=32", "epochs=2", "trainer.progress_bar=false", "trainer.tensorboard=false"]
+QUICK = ["debug=quick"]
 
 
 def metrics(run_dir):
@@ -86,7 +85,7 @@ def test_top5_is_reported_for_more_than_ten_classes(tmp_path):
 
 def test_each_method_brings_its_own_default_lr_and_an_override_wins():
     assert make_cfg("method=bnp").optimizer.lr == 0.003
-    assert make_cfg("method=nf").optimizer.lr == 0.3
+    assert make_cfg("method=nf").optimizer.lr == 0.2
     assert make_cfg("method=bn").optimizer.lr == 0.1
     assert make_cfg("method=bnp", "optimizer.lr=0.02").optimizer.lr == 0.02
     assert make_cfg("method=nf", "method.lr=0.5").optimizer.lr == 0.5

@@ -72,9 +72,8 @@ def test_selected_test_accuracy_is_the_best_val_checkpoint_on_the_test_set(tmp_p
 
 
 def test_without_validation_the_final_model_is_reported(tmp_path):
-    cfg = make_cfg("dataset=synthetic", "dataset.synthetic_train=128", "dataset.synthetic_test=64",
-                   "dataset.image_size=8", "dataset.val_size=0", "model=resnet8", "batch_size=32", "epochs=1",
-                   "trainer.progress_bar=false", "trainer.tensorboard=false")
+    cfg = make_cfg("debug=quick", "dataset.synthetic_train=128", "dataset.synthetic_test=64", "dataset.image_size=8",
+                   "dataset.val_size=0", "epochs=1")
     summary = train(cfg, tmp_path)
     assert summary["best_val_acc"] is None and summary["selection"] == "final model (no validation split)"
     assert summary["selected_test_acc"] == summary["final_test_acc"] is not None
@@ -82,9 +81,8 @@ def test_without_validation_the_final_model_is_reported(tmp_path):
 
 
 def test_test_every_eval_logs_test_numbers_beside_validation(tmp_path):
-    cfg = make_cfg("dataset=synthetic", "dataset.synthetic_train=256", "dataset.synthetic_test=64",
-                   "dataset.image_size=8", "dataset.val_size=64", "model=resnet8", "batch_size=32", "epochs=2",
-                   "trainer.test_every_eval=true", "trainer.progress_bar=false", "trainer.tensorboard=false")
+    cfg = make_cfg("debug=quick", "dataset.synthetic_test=64", "dataset.image_size=8", "dataset.val_size=64",
+                   "trainer.test_every_eval=true")
     train(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all({"val_acc", "test_acc"} <= r.keys() for r in records)

@@ -1,18 +1,19 @@
-"""Method registry. A method supplies layers and step hooks (see base.Method)."""
+"""Method registry. A method supplies layers and step hooks (see base.Method); every
+module of this package is imported here, and each ``Method`` subclass with a ``name``
+registers itself, so adding a method edits no list."""
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import Method
-from .bn import BatchNorm
-from .bnp import BNPreconditioning
-from .mimicnorm import MimicNorm
-from .msr import MeanShiftRejection
-from .nf import NormalizerFree
-from .none import NoNorm
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    BatchNorm, NoNorm, MeanShiftRejection, NormalizerFree, MimicNorm, BNPreconditioning)}
+from ..rules import unknown
+from .base import Method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+METHODS: dict[str, type[Method]] = dict(sorted(Method.registry.items()))
 
 
 def build_method(cfg, batch_size: int | None = None) -> Method:
@@ -20,7 +21,7 @@ def build_method(cfg, batch_size: int | None = None) -> Method:
     examples (None: unknown, e.g. a model built outside a run)."""
     name = cfg.name
     if name not in METHODS:
-        raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(METHODS)}")
+        raise unknown("method", name, METHODS)
     method = METHODS[name](cfg, batch_size)
     method.check(cfg)
     return method

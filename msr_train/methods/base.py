@@ -7,19 +7,41 @@ and the loop only calls the hooks, so a new method is one subclass and one confi
 neither the models nor the loop change.
 
 Every factory has a default that gives the unnormalised network; a method overrides what
-it changes.
+it changes. The residual block factories (``branch_end``, ``residual_join``) receive the
+block's ``BlockPosition``, so per-block constants (NF's beta, MimicNorm's branch gain,
+stochastic depth rates) are set when the block is built, as timm's nfnet.py does; no
+method walks a built model to find its blocks.
+
+Adding a method: a module in this package with a ``Method`` subclass that sets ``name``
+(it registers itself, see ``msr_train.methods``) and ``conf/method/<name>.yaml`` with its
+settings (``name`` and ``lr`` at least).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from ..checks import is_number
-from ..errors import ConfigError
+from ..rules import Rule, check_group, number, text
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPosition:
+    """Where a residual block sits in its network, as the architecture builds it."""
+
+    #: 0-based, over the whole network in forward order.
+    index: int
+    #: Residual blocks in the network.
+    count: int
+    #: The block changes stride or width: its shortcut starts a new residual stream.
+    transition: bool
+    #: Residual branches summed into this block's input since the stream started (at the
+    #: stem or at the last transition block's output, which counts as one).
+    stream_depth: int
+    #: Convolutions in the block's residual branch.
+    branch_convs: int
 
 
 class BranchGain(nn.Module):
@@ -54,10 +76,20 @@ class Method:
     #: Transitions need a (1x1 conv) projection shortcut even where the architecture
     #: would use a parameter-free one (CIFAR ResNets' option A).
     needs_projection_shortcut = False
-    #: method.<key> -> (test, what is allowed): numbers that check() validates.
-    number_rules: dict[str, tuple[Callable[[float], bool], str]] = {}
-    #: method.<key> that must be true or false.
-    flag_keys: tuple[str, ...] = ()
+    #: Every setting of conf/method/<name>.yaml -> its rule (see msr_train.rules); a
+    #: subclass extends the base table: ``rules = {**Method.rules, ...}``.
+    rules: dict[str, Rule] = {
+        "name": text(),
+        "lr": number(0, 1e6, lo_open=True, note="this method's default optimizer.lr (SGD, at "
+                     "optimizer.base_batch_size), chosen on validation"),
+    }
+    #: Every method by name: a subclass that sets ``name`` registers itself.
+    registry: dict[str, type[Method]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Method.registry[cls.name] = cls
 
     def __init__(self, cfg=None, batch_size: int | None = None):
         self.cfg = cfg
@@ -87,37 +119,36 @@ class Method:
         """The final classifier producing logits."""
         return nn.Linear(in_features, num_classes)
 
-    def branch_end(self) -> nn.Module:
+    def branch_end(self, position: BlockPosition) -> nn.Module:
         """Closes every residual branch (a gain for SkipInit-style methods)."""
         return nn.Identity()
 
-    def residual_join(self, transition: bool) -> nn.Module:
-        """Combines a residual block's branch and shortcut; ``transition`` is true where
-        the block changes stride or width."""
+    def residual_join(self, position: BlockPosition) -> nn.Module:
+        """Combines a residual block's branch and shortcut."""
         return PostActivationJoin(self.act())
 
     # ------------------------------------------------------------------ hooks
     def check(self, cfg) -> None:
-        """Reject a configuration this method cannot train, before any work is done."""
-        lr = cfg.get("lr")
-        if not (is_number(lr) and lr > 0):
-            raise ConfigError(f"method.lr={lr!r} must be a positive number: this method's default optimizer.lr "
-                              "(SGD, at optimizer.base_batch_size)")
-        for key, (ok, allowed) in self.number_rules.items():
-            value = OmegaConf.select(cfg, key)
-            if not (is_number(value) and ok(value)):
-                raise ConfigError(f"method.{key}={value!r} must be {allowed}")
-        for key in self.flag_keys:
-            if not isinstance(cfg[key], bool):
-                raise ConfigError(f"method.{key}={cfg[key]!r} must be true or false")
+        """Reject a configuration this method cannot train, before any work is done:
+        every setting against ``rules`` (unknown settings included)."""
+        check_group("method", cfg, self.rules)
 
     def check_micro_batch(self, micro_batch: int) -> None:
         """Reject a micro-batch size (examples per forward pass) this method cannot learn
         from, before any work is done. BatchNorm layers that see one value per channel
         are found for every method by checks.check_batchnorm_trainable."""
 
+    def check_processes(self, world_size: int, device: torch.device) -> None:
+        """Reject, before any process starts, a run on ``world_size`` processes on
+        ``device``s that this method's settings cannot train."""
+
+    def convert_for_processes(self, model: nn.Module) -> nn.Module:
+        """The model as several processes train it (DDP); e.g. SyncBatchNorm layers."""
+        return model
+
     def finalize(self, model: nn.Module) -> None:
-        """Called once on the built model: initialisation and per-block constants."""
+        """Called once on the built model: initialisation, and the parameter lists the
+        step hooks work on."""
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups; a group may carry ``lr_mult`` (scales the lr)."""

@@ -8,13 +8,26 @@ BN, and harmless). ``sync_bn`` turns the layers into SyncBatchNorm when the run 
 distributed.
 """
 
+import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..rules import flag
 from .base import Method
 
 
 class BatchNorm(Method):
     name = "bn"
+
+    rules = {**Method.rules, "sync_bn": flag(note="SyncBatchNorm across processes, CUDA only")}
+
+    def check_processes(self, world_size, device):
+        if self.cfg.sync_bn and device.type != "cuda":
+            raise ConfigError("method.sync_bn=true needs CUDA devices (SyncBatchNorm has no CPU kernel); "
+                              "drop it on the CPU")
+
+    def convert_for_processes(self, model):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if self.cfg.sync_bn else model
 
     def norm(self, channels):
         return nn.BatchNorm2d(channels)

@@ -59,6 +59,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..rules import number
 from .base import Method
 
 
@@ -133,10 +134,11 @@ class BNPConv2d(Preconditioned, nn.Conv2d):
 class BNPreconditioning(Method):
     name = "bnp"
 
-    number_rules = {
-        "momentum": (lambda v: 0 < v <= 1, "in (0, 1] (default 0.1, BatchNorm's)"),
-        "eps": (lambda v: v > 0, "a number > 0 (default 1e-5, BatchNorm's)"),
-        "damping": (lambda v: v >= 0, "a number >= 0 (0: the undamped preconditioner)"),
+    rules = {
+        **Method.rules,
+        "momentum": number(0, 1, lo_open=True, note="default 0.1, BatchNorm's"),
+        "eps": number(0, 1, lo_open=True, note="default 1e-5, BatchNorm's"),
+        "damping": number(0, 1e3, note="0: the undamped preconditioner"),
     }
 
     def _stats(self) -> dict:

@@ -42,25 +42,21 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..rules import flag, integer, number
 from .base import BranchGain, Method
 
 
 class MimicNorm(Method):
     name = "mimicnorm"
 
-    number_rules = {
-        "init_gain": (lambda v: v > 0, "a number > 0 (default 1.2)"),
-        "branch_gain": (lambda v: v > 0, "a number > 0 (default 1.2)"),
-        "min_fan_in": (lambda v: v >= 0, "a number >= 0 (0 projects every conv; default 50)"),
+    rules = {
+        **Method.rules,
+        "init_gain": number(0, 100, lo_open=True, note="default 1.0, the authors' CIFAR code"),
+        "branch_gain": number(0, 100, lo_open=True, note="default 1.2"),
+        "min_fan_in": number(0, note="0 projects every conv; default 50"),
+        "conv_bias": flag(),
+        "min_micro_batch": integer(2, note="BatchNorm on the logits needs two examples at the very least"),
     }
-    flag_keys = ("conv_bias",)
-
-    def check(self, cfg):
-        super().check(cfg)
-        if not (isinstance(cfg.min_micro_batch, int) and not isinstance(cfg.min_micro_batch, bool)
-                and cfg.min_micro_batch >= 2):
-            raise ConfigError(f"method.min_micro_batch={cfg.min_micro_batch!r} must be an integer >= 2 "
-                              "(BatchNorm on the logits needs two examples at the very least)")
 
     def check_micro_batch(self, micro_batch):
         if micro_batch < self.cfg.min_micro_batch:
@@ -76,8 +72,9 @@ class MimicNorm(Method):
     def head(self, in_features, num_classes):
         return nn.Sequential(nn.Linear(in_features, num_classes), nn.BatchNorm1d(num_classes, affine=False))
 
-    def branch_end(self):
-        return BranchGain()
+    def branch_end(self, position):
+        # Branch l (1-based, in forward order) starts at branch_gain^(convs in the branch) / l.
+        return BranchGain(self.cfg.branch_gain ** position.branch_convs / (position.index + 1))
 
     def finalize(self, model):
         self._centred = []
@@ -91,13 +88,6 @@ class MimicNorm(Method):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        # Branches are registered in forward order; a branch is the Sequential its gain ends.
-        branches = [m for m in model.modules()
-                    if isinstance(m, nn.Sequential) and any(isinstance(c, BranchGain) for c in m.children())]
-        for index, branch in enumerate(branches, start=1):
-            convs = sum(isinstance(c, nn.Conv2d) for c in branch.modules())
-            gain = next(c for c in branch.children() if isinstance(c, BranchGain))
-            nn.init.constant_(gain.gain, self.cfg.branch_gain ** convs / index)
         self._centre_weights()
 
     @torch.no_grad()

@@ -63,9 +63,8 @@ import math
 import torch
 from torch import nn
 
-from ..checks import is_number
 from ..distributed import rand_per_sample
-from ..errors import ConfigError
+from ..rules import choice, flag, number
 from .base import Method, PostActivationJoin
 
 
@@ -173,30 +172,24 @@ def add_anchor_grad_(weights: list[torch.Tensor], target: float, strength: float
 class MeanShiftRejection(Method):
     name = "msr"
 
-    number_rules = {
-        "init_magnitude": (lambda v: v > 0, "a number > 0"),
-        "scale_init": (lambda v: v > 0, "a number > 0 (exp(theta) at init)"),
-        "zmg_alpha": (lambda v: 0 <= v <= 1, "in [0, 1] (1 = exact projection)"),
-        "zmg_m": (lambda v: v >= 0, "a number >= 0 (the authors' run: 0.9)"),
-        "noise_delta": (lambda v: v >= 0, "a number >= 0 (0 = no multiplicative noise)"),
-        "noise_shift": (lambda v: v >= 0, "a number >= 0 (0 = no additive noise)"),
-        "anchor_weight": (lambda v: v >= 0, "a number >= 0 (0 = no norm anchors)"),
-        "lr_mult.conv": (lambda v: v >= 0, "a number >= 0"),
-        "lr_mult.other": (lambda v: v >= 0, "a number >= 0"),
+    rules = {
+        **Method.rules,
+        "init_magnitude": number(0, 1e3, lo_open=True, note="every filter's L2 norm at init"),
+        "scale_init": number(0, 1e3, lo_open=True, note="exp(theta) at init"),
+        "stem": choice("msr", "plain"),
+        "stem_bias": flag(),
+        "zmg_operator": choice("project", "authors"),
+        "zmg_alpha": number(0, 1, note="1 = exact projection"),
+        "zmg_m": number(0, 100, note="the authors' run: 0.9"),
+        "zmg_cross_channel": flag(),
+        "noise_at": choice("conv", "block_input", "off"),
+        "noise_delta": number(0, 1, hi_open=True, note="multipliers U(1 - delta, 1 + delta) stay positive; 0: none"),
+        "noise_shift": number(0, 10, note="0 = no additive noise"),
+        "anchor_weight": number(0, 1e3, note="0 = no norm anchors"),
+        "weight_decay": number(0, 1, null=True, note="null: optimizer.weight_decay"),
+        "lr_mult.conv": number(0, 1e3),
+        "lr_mult.other": number(0, 1e3),
     }
-    flag_keys = ("stem_bias", "zmg_cross_channel")
-    #: method.<key> -> the values it takes.
-    choices = {"zmg_operator": ("project", "authors"), "stem": ("msr", "plain"),
-               "noise_at": ("conv", "block_input", "off")}
-
-    def check(self, cfg):
-        super().check(cfg)
-        for key, allowed in self.choices.items():
-            if cfg[key] not in allowed:
-                raise ConfigError(f"method.{key}={cfg[key]!r} must be one of {', '.join(allowed)}")
-        wd = cfg.weight_decay
-        if wd is not None and not (is_number(wd) and wd >= 0):
-            raise ConfigError(f"method.weight_decay={wd!r} must be null (optimizer.weight_decay) or a number >= 0")
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         if role == "stem" and self.cfg.stem == "plain":
@@ -207,10 +200,10 @@ class MeanShiftRejection(Method):
                          scale_init=self.cfg.scale_init, noise_delta=self.cfg.noise_delta if noise else 0.0,
                          noise_shift=self.cfg.noise_shift if noise else 0.0)
 
-    def residual_join(self, transition):
+    def residual_join(self, position):
         if self.cfg.noise_at == "block_input":
             return NoisyInputJoin(self.act(), self.cfg.noise_delta, self.cfg.noise_shift)
-        return super().residual_join(transition)
+        return super().residual_join(position)
 
     # norm() stays the identity: the filter scale and the noise live in MSRConv2d.
 

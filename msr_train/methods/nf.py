@@ -61,8 +61,7 @@ import math
 import torch
 from torch import nn
 
-from ..checks import is_number
-from ..errors import ConfigError
+from ..rules import choice, either, flag, number
 from .base import BranchGain, Method
 
 #: The activations docs/methods.md lists, with gamma = 1 / sqrt(Var[act(z)]) for z ~ N(0, 1).
@@ -102,14 +101,13 @@ class WSConv2d(nn.Conv2d):
 
 class NFJoin(nn.Module):
     """h + alpha * branch(act(h) / beta); at a transition the shortcut reads act(h) / beta
-    too. ``beta`` and ``drop_rate`` (stochastic depth) depend on the block's position and
-    are set by ``NormalizerFree.finalize``."""
+    too. ``beta`` and ``drop_rate`` (stochastic depth) depend on the block's position
+    (``NormalizerFree.residual_join``)."""
 
-    def __init__(self, act: nn.Module, alpha: float, transition: bool):
+    def __init__(self, act: nn.Module, alpha: float, transition: bool, beta: float = 1.0, drop_rate: float = 0.0):
         super().__init__()
         self.act, self.alpha, self.transition = act, alpha, transition
-        self.beta = 1.0
-        self.drop_rate = 0.0
+        self.beta, self.drop_rate = beta, drop_rate
 
     def forward(self, x, branch: nn.Module, shortcut: nn.Module):
         pre = self.act(x) / self.beta
@@ -165,23 +163,19 @@ class NormalizerFree(Method):
     preactivation = True
     needs_projection_shortcut = True
 
-    number_rules = {
-        "alpha": (lambda v: v > 0, "a number > 0 (NF-ResNets use 0.2)"),
-        "stochastic_depth": (lambda v: 0 <= v < 1, "in [0, 1); 0 disables it"),
-        "dropout": (lambda v: 0 <= v < 1, "in [0, 1); 0 disables it"),
+    rules = {
+        **Method.rules,
+        "activation": choice(*ACTIVATIONS),
+        "alpha": number(0, 10, lo_open=True, note="NF-ResNets use 0.2"),
+        "skipinit": flag(),
+        "agc_clip": either(choice("auto", note="0.01 at batch >= 1024, off below"),
+                           number(0, 1e3, null=True, note="lambda; 0 or null disables AGC")),
+        "stochastic_depth": number(0, 1, hi_open=True, note="0 disables it"),
+        "dropout": number(0, 1, hi_open=True, note="0 disables it"),
     }
-    flag_keys = ("skipinit",)
 
     #: NFNets' lambda and the smallest batch it was used at (arXiv 2102.06171).
     AGC_LAMBDA, AGC_MIN_BATCH = 0.01, 1024
-
-    def check(self, cfg):
-        super().check(cfg)
-        if cfg.activation not in ACTIVATIONS:
-            raise ConfigError(f"method.activation={cfg.activation!r} must be one of {', '.join(ACTIVATIONS)}")
-        if cfg.agc_clip != "auto" and cfg.agc_clip is not None and not (is_number(cfg.agc_clip) and cfg.agc_clip >= 0):
-            raise ConfigError(f"method.agc_clip={cfg.agc_clip!r} must be auto (0.01 at batch >= 1024, off below), "
-                              "a number >= 0, or 0 / null to disable AGC")
 
     @property
     def agc_clip(self) -> float | None:
@@ -205,20 +199,16 @@ class NormalizerFree(Method):
         nn.init.zeros_(linear.bias)
         return Classifier(nn.Dropout(self.cfg.dropout), linear)
 
-    def branch_end(self):
+    def branch_end(self, position):
         return BranchGain(0.0) if self.cfg.skipinit else nn.Identity()
 
-    def residual_join(self, transition):
-        return NFJoin(self.act(), self.cfg.alpha, transition)
+    def residual_join(self, position):
+        # The stream's expected variance: 1 where it starts, + alpha^2 per branch added.
+        expected_var = 1.0 + self.cfg.alpha ** 2 * position.stream_depth
+        return NFJoin(self.act(), self.cfg.alpha, position.transition, beta=math.sqrt(expected_var),
+                      drop_rate=self.cfg.stochastic_depth * position.index / position.count)
 
     def finalize(self, model):
-        # Joins are registered in forward order, so the expected variance can be walked.
-        joins = [m for m in model.modules() if isinstance(m, NFJoin)]
-        var = 1.0
-        for i, join in enumerate(joins):
-            join.beta = math.sqrt(var)
-            join.drop_rate = self.cfg.stochastic_depth * i / len(joins)
-            var = (1.0 if join.transition else var) + self.cfg.alpha ** 2
         unclipped = {id(m[-1].weight) for m in model.modules() if isinstance(m, Classifier)}
         self._clipped = [p for p in model.parameters() if id(p) not in unclipped]
 

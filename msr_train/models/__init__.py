@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..rules import choice, either, flag, optional_key, unknown
 from ..methods.base import Method
 from . import resnet, vgg
 
@@ -12,12 +12,17 @@ ARCHITECTURES = {**resnet.ARCHITECTURES, **vgg.ARCHITECTURES}
 
 #: Inputs up to this size get the small-image stem / classifier.
 SMALL_INPUT_MAX_PX = 64
+#: model.* settings (small_input: ImageNet ResNets and VGG only).
+MODEL_RULES = {
+    "name": choice(*ARCHITECTURES),
+    "small_input": optional_key(either(choice("auto", note=f"inputs of {SMALL_INPUT_MAX_PX} px or less"), flag())),
+}
 
 
 def build_model(name: str, method: Method, *, in_channels: int, num_classes: int,
                 image_size: int, small_input: bool | str = "auto") -> nn.Module:
     if name not in ARCHITECTURES:
-        raise ConfigError(f"model={name} is unknown; choose one of: {', '.join(ARCHITECTURES)}")
+        raise unknown("model", name, ARCHITECTURES)
     if small_input == "auto":
         small_input = image_size <= SMALL_INPUT_MAX_PX
     model = ARCHITECTURES[name](method, in_channels=in_channels, num_classes=num_classes,

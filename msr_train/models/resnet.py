@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.base import Method
+from ..methods.base import BlockPosition, Method
 
 
 class ResidualBlock(nn.Module):
@@ -46,31 +46,32 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x[:, :, :: self.stride, :: self.stride], self.pad)
 
 
-def basic_branch(method: Method, in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+def basic_branch(method: Method, in_ch: int, out_ch: int, stride: int, position: BlockPosition) -> nn.Sequential:
     return nn.Sequential(
         method.conv(in_ch, out_ch, 3, stride), method.norm(out_ch), method.act(),
         method.conv(out_ch, out_ch, 3), method.norm(out_ch),
-        method.branch_end(),
+        method.branch_end(position),
     )
 
 
-def bottleneck_branch(method: Method, in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+def bottleneck_branch(method: Method, in_ch: int, out_ch: int, stride: int,
+                      position: BlockPosition) -> nn.Sequential:
     width = out_ch // Bottleneck.expansion
     return nn.Sequential(
         method.conv(in_ch, width, 1), method.norm(width), method.act(),
         method.conv(width, width, 3, stride), method.norm(width), method.act(),
         method.conv(width, out_ch, 1), method.norm(out_ch),
-        method.branch_end(),
+        method.branch_end(position),
     )
 
 
 class Basic:
-    expansion = 1
+    expansion, convs = 1, 2
     branch = staticmethod(basic_branch)
 
 
 class Bottleneck:
-    expansion = 4
+    expansion, convs = 4, 3
     branch = staticmethod(bottleneck_branch)
 
 
@@ -95,19 +96,21 @@ class ResNet(nn.Module):
             layers.append(nn.MaxPool2d(3, 2, 1))
         self.stem = nn.Sequential(*layers)
 
-        stages, ch = [], stem_ch
+        stages, ch, index, depth = [], stem_ch, 0, 0
         for i, (n, width) in enumerate(zip(blocks_per_stage, widths)):
             out_ch = width * block.expansion
             blocks = []
             for j in range(n):
                 s = 2 if (i > 0 and j == 0) else 1
                 transition = s != 1 or ch != out_ch
+                position = BlockPosition(index=index, count=sum(blocks_per_stage), transition=transition,
+                                         stream_depth=depth, branch_convs=block.convs)
                 blocks.append(ResidualBlock(
-                    block.branch(method, ch, out_ch, s),
+                    block.branch(method, ch, out_ch, s, position),
                     shortcut(method, ch, out_ch, s, zero_pad_shortcuts),
-                    method.residual_join(transition),
+                    method.residual_join(position),
                 ))
-                ch = out_ch
+                ch, index, depth = out_ch, index + 1, 1 if transition else depth + 1
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.final_act = method.act() if method.preactivation else nn.Identity()

@@ -1,0 +1,152 @@
+"""What a run carries across a resumption: the loop's counters, the training window, the
+random number generators, the model selected on validation, and the checkpoint a
+resumed run continues from (with the settings it may and may not change)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpoint_file, readable_checkpoints,
+                         remove_torn_writes, write_checkpoint_file)
+from .distributed import Context
+from .errors import ConfigError
+from .run_log import flat_hparams
+
+#: The only settings a resumed run may change: where things are and how the run is
+#: watched. Everything else (max_steps, eval_every, accumulate, precision, devices, ...)
+#: shapes the trajectory or the model selection, so a change is refused.
+RESUMABLE_CHANGES = frozenset({
+    "dataset.root", "dataset.download", "dataset.num_workers",
+    "trainer.progress_bar", "trainer.log_every", "trainer.cpu_threads", "trainer.tensorboard",
+    "trainer.resume", "trainer.eval_batch_size",
+})
+
+
+@dataclasses.dataclass
+class LoopState:
+    """The loop's counters, saved in every checkpoint. Times are seconds summed over
+    resumptions; the window_* fields are the training window's global sums at the
+    checkpoint (see TrainingWindow)."""
+
+    step: int = 0
+    best_val_acc: float | None = None
+    best_val_step: int | None = None
+    train_time: float = 0.0
+    wall_time: float = 0.0
+    window_loss: float = 0.0
+    window_correct: float = 0.0
+    window_n: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, state[field.name])
+
+
+class TrainingWindow:
+    """Training loss and correct predictions since the last evaluation, summed on the
+    device so that a step never waits for them. Reading them syncs with the device (and,
+    with several processes, all-reduces), so the loop reads them at log points only.
+    ``n`` counts the examples of all processes."""
+
+    def __init__(self, state: LoopState, device: torch.device, is_main: bool):
+        # A checkpoint holds the global sums: rank 0 carries them on, the others restart at 0.
+        self.loss = torch.tensor(state.window_loss if is_main else 0.0, device=device)
+        self.correct = torch.tensor(state.window_correct if is_main else 0.0, device=device)
+        self.n = state.window_n
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        self.loss += loss_sum
+        self.correct += correct
+        self.n += n
+
+    def totals(self, ctx: Context, stop_requested: bool) -> tuple[float, float, bool]:
+        """The window's loss and correct sums over all ranks, and whether any rank was
+        asked to stop: the ranks agree on every decision made from them."""
+        flags = torch.stack([self.loss.double(), self.correct.double(),
+                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.loss.device)])
+        loss, correct, stops = ctx.sum(flags).tolist()
+        return loss, correct, stops > 0
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
+        self.n = 0
+
+
+class BestModel:
+    """The model selected on validation: the weights of the evaluation with the highest
+    validation accuracy so far (the earliest on ties), kept in memory for the final test
+    and, when ``path`` is set, in ``checkpoints/best.pt``. The file it replaces stays as
+    ``best_prev.pt`` until the next checkpoint, so a kill between writing best.pt and
+    last.pt leaves the best model of the checkpoint a resumed run continues from."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.state = path, None
+
+    def update(self, model: torch.nn.Module, step: int, val_acc: float) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.path is not None:
+            write_checkpoint_file(self.path, {"model": self.state, "step": step, "val_acc": val_acc},
+                                  keep_previous_as=self.path.with_name(BEST_PREVIOUS))
+
+    def restore(self, folder: Path, step: int | None, device: torch.device) -> None:
+        """Load the best model of a resumed run: the file that holds ``step``'s weights."""
+        for name in (BEST, BEST_PREVIOUS):
+            path = folder / name
+            if step is not None and path.exists():
+                saved = read_checkpoint_file(path, map_location=device)
+                if saved["step"] == step:
+                    self.state = saved["model"]
+                    return
+        if step is not None:
+            raise ConfigError(f"{folder} has no {BEST} for the best validation step {step} that its last "
+                              "checkpoint names; move the folder away to start afresh")
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def changed_settings(saved_cfg: dict, cfg) -> list[str]:
+    """The settings of ``cfg`` that differ from a checkpoint's and may not change on resume."""
+    saved, now = flat_hparams(OmegaConf.create(saved_cfg)), flat_hparams(cfg)
+    return [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
+            if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+
+
+def resumable_checkpoints(cfg, ckpt_dir: Path, tidy: bool = True):
+    """Yield the checkpoints a run may continue from, newest first (last.pt, prev.pt),
+    each read and verified, for the caller to apply; raise ConfigError if the folder holds
+    a run with other settings, or checkpoints of which none is usable. ``tidy``: first
+    remove the leftovers of a write that a kill interrupted (one process of a group does it)."""
+    if tidy:
+        remove_torn_writes(ckpt_dir)
+    problems: list[str] = []
+    for state, path in readable_checkpoints(ckpt_dir, problems):
+        if cfg.trainer.resume == "never":
+            raise ConfigError(f"{ckpt_dir.parent} already holds a run ({path.name}); continue it with "
+                              "trainer.resume=auto or choose another hydra.run.dir")
+        changed = changed_settings(state["config"], cfg)
+        if changed:
+            raise ConfigError(f"{path} belongs to a run with other settings ({', '.join(changed[:5])}); re-run it "
+                              "with its own settings to resume, or choose another hydra.run.dir. Only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+        yield state, path, problems
+    if problems:
+        raise ConfigError(no_usable_checkpoint(ckpt_dir, problems))
