@@ -44,6 +44,8 @@ class DatasetInfo:
     train_size: int
     test_size: int
     val_size: int = 0
+    #: Where the images came from (a folder, or "generated"), for the start banner.
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):
     found = {split: (_find_idx(folders, f"{s}-images-idx3-ubyte"), _find_idx(folders, f"{s}-labels-idx1-ubyte"))
              for split, s in stems.items()}
     if all(p for pair in found.values() for p in pair):
-        return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}
+        return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}, \
+            str(found["train"][0].parent)
 
     def missing(why):
         return _data_missing(cfg, folders, "train-images-idx3-ubyte(.gz) and the other three IDX files", why,
@@ -146,7 +149,8 @@ def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):
         root.mkdir(parents=True, exist_ok=True)
         splits = {split: getattr(tvd, torchvision_class)(str(root), train=split == "train", download=True)
                   for split in stems}
-        return {s: (ds.data.numpy()[:, None], ds.targets.numpy()) for s, ds in splits.items()}
+        return {s: (ds.data.numpy()[:, None], ds.targets.numpy()) for s, ds in splits.items()}, \
+            f"{root / torchvision_class / 'raw'} (downloaded)"
     return _download(cfg, fetch, missing)
 
 
@@ -161,7 +165,8 @@ def _load_cifar(cfg, torchvision_class: str):
     def load(download):
         splits = {split: getattr(tvd, torchvision_class)(str(root), train=split == "train", download=download)
                   for split in ("train", "test")}
-        return {s: (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)) for s, ds in splits.items()}
+        return {s: (ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)) for s, ds in splits.items()}, \
+            str(root / folder)
     if (root / folder).is_dir() or not cfg.download:
         try:
             return load(download=False)
@@ -180,7 +185,7 @@ def _make_synthetic(cfg):
         y = torch.randint(cfg.num_classes, (n,), generator=g)
         x = templates[y] + cfg.synthetic_noise * 255 * torch.randn((n, *shape), generator=g)
         out[split] = (x.clamp(0, 255).to(torch.uint8).numpy(), y.numpy())
-    return out
+    return out, "generated (dataset.synthetic_*)"
 
 
 IN_MEMORY_LOADERS = {
@@ -327,8 +332,9 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
                                   shard=shard)
     if cfg.name not in IN_MEMORY_LOADERS:
         raise unknown("dataset", cfg.name, DATASETS)
+    loaded, source = IN_MEMORY_LOADERS[cfg.name](cfg)
     splits = {s: (torch.as_tensor(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long))
-              for s, (x, y) in IN_MEMORY_LOADERS[cfg.name](cfg).items()}
+              for s, (x, y) in loaded.items()}
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     check_split_sizes(cfg, len(ytr), batch_size)
     train_idx, val_idx = split_indices(ytr, cfg.val_size, cfg.split_seed)
@@ -343,7 +349,7 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
                              batch_size=batch_size if train else eval_batch_size, train=train,
                              augment=cfg.augment if train else "none", seed=seed, shard=shard, indices=idx)
     info = DatasetInfo(cfg.name, xtr.shape[1], xtr.shape[-1], cfg.num_classes, len(train_idx), len(test_idx),
-                       len(val_idx))
+                       len(val_idx), source=source)
     return Data(info, batches(xtr, ytr, train_idx, True),
                 batches(xtr, ytr, val_idx, False) if len(val_idx) else None, batches(xte, yte, test_idx, False))
 
@@ -421,7 +427,7 @@ def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard) -> Data
         raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(train_ds)} images);"
                           " lower batch_size, dataset.val_size, or raise dataset.train_size")
     info = DatasetInfo("imagenet", 3, cfg.image_size, cfg.num_classes, len(train_ds), len(test_ds),
-                       len(val_ds) if val_ds is not None else 0)
+                       len(val_ds) if val_ds is not None else 0, source=str(root))
     rank, world_size = shard
     sampler = _EpochSampler(len(train_ds), seed, batch_size, shard)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),

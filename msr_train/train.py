@@ -37,10 +37,15 @@ from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .precision import FULL, Precision
 from .run_lock import RunLock
+from .report import end_report, epoch_line, start_banner
 from .run_log import RunLog, truncate_jsonl
 from .signal_prop import FILENAME as SIGNAL_PROP_FILE
 from .signal_prop import conv_mean_shift, record_signal_prop
 from .state import BestModel, LoopState, TrainingWindow, resumable_checkpoints, rng_state, set_rng_state
+
+
+#: Test sets at least this large get a note before they are evaluated (it takes a while).
+SLOW_TEST_SET = 10_000
 
 
 def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: Precision = FULL):
@@ -192,6 +197,8 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
         with StopSignal() as stop:
             status = run.fit(stop)
         summary = run.summarise(status)
+        if ctx.is_main:
+            note(end_report(summary, Path(out_dir)))
         stop.hand_over()
         return summary
     except OSError as e:  # a full disk, a folder gone read-only: nothing saved so far is touched
@@ -312,6 +319,11 @@ class Run:
     def fit(self, stop: StopSignal) -> str:
         """Train to the end (or a divergence, or a stop signal); returns the status."""
         self.stop, self.started, self.earlier_wall_time = stop, time.perf_counter(), self.state.wall_time
+        if self.ctx.is_main:
+            note(start_banner(self.cfg, self.out_dir, self.device, self.ctx, self.data.info,
+                              sum(p.numel() for p in self.model.parameters()), self.total_steps))
+            if self.t.compile:
+                note("Compiling the model (trainer.compile=true): the first steps take a while.")
         self.model.train()
         status = None if self.state.step < self.total_steps else "completed"
         while status is None:
@@ -405,6 +417,8 @@ class Run:
             metrics["best_val_acc"] = self.state.best_val_acc
         # The test set: the final model, or every evaluation if asked (to watch, never to select).
         if step == self.total_steps or self.t.test_every_eval:
+            if step == self.total_steps and ctx.is_main and info.test_size >= SLOW_TEST_SET:
+                note(f"Testing the final model on {info.test_size:,} images.")
             metrics.update(evaluate(self.model, self.data.test, info.num_classes, ctx, self.precision, split="test"))
         n = max(self.window.n, 1)
         loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))
@@ -415,11 +429,14 @@ class Run:
         if self.log is None:
             return
         examples = step * self.cfg.batch_size
-        self.log.log({
+        record = {
             "step": step, "epoch": step / self.steps_per_epoch, "examples_seen": examples,
             "train_loss": loss / n, "train_acc": correct / n, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": examples / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(),
-        })
+        }
+        self.log.log(record)
+        if step % self.steps_per_epoch == 0:  # the bar is erased at the epoch's end: one line stays
+            note(epoch_line(record, self.cfg.epochs))
         if shift:
             self.log.scalars({f"mean_shift/{name}": v for name, v in shift.items()}, examples)
 

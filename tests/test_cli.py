@@ -28,9 +28,18 @@ def msr_train(*args, cwd):
 def test_cli_trains_fashion_mnist_and_writes_every_record(tmp_path):
     run_dir = tmp_path / "run"
     res = msr_train("model=resnet8", "method=bn", "dataset=fashion_mnist", "dataset.train_size=1024",
-                    "dataset.test_size=512", "batch_size=64", "epochs=2", "trainer.eval_every=10",
+                    "dataset.test_size=512", "dataset.val_size=1000", "batch_size=64", "epochs=2", "trainer.eval_every=10",
                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    # The start banner and the end report say where, on what, how it went and what next.
+    params = f"{json.loads((run_dir / 'summary.json').read_text())['params']:,}"
+    for words in (f"msr-train: run dir {run_dir}", "  device    cpu, ",
+                  f"  data      fashion_mnist from {FASHION}: 1,024 train / 1,000 validation / 512 test images",
+                  f"  model     resnet8 ({params} parameters), method bn",
+                  "  training  batch 64, lr 0.07071 (sgd; optimizer.lr 0.1 at batch 128, sqrt scaling), 2 epochs = 32",
+                  "epoch 1/2: train loss ", "epoch 2/2: train loss ", "msr-train: completed at step 32 after ",
+                  "  test acc  ", f"  results   {run_dir}/", f"tensorboard --logdir {run_dir}", f"msr-compare {run_dir}"):
+        assert words in res.stderr, (words, res.stderr)
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # 16 steps per epoch: every 10 global steps plus each epoch end.

@@ -21,9 +21,9 @@ from msr_train.train import train
 
 pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 
-#: 20 steps of global batch 16 on real data, each step logged (eval_every=1).
-STEPS = ["dataset=fashion_mnist", "dataset.train_size=640", "dataset.test_size=100", "model=resnet8",
-         "batch_size=16", "trainer.accelerator=cpu", "trainer.max_steps=20", "trainer.eval_every=1",
+#: 20 steps of global batch 16 on real data, each step logged (eval_every=1, on 200 validation images).
+STEPS = ["dataset=fashion_mnist", "dataset.train_size=640", "dataset.val_size=200", "dataset.test_size=100",
+         "model=resnet8", "batch_size=16", "trainer.accelerator=cpu", "trainer.max_steps=20", "trainer.eval_every=1",
          "trainer.eval_batch_size=100", "trainer.progress_bar=false", "optimizer.lr=0.05"]
 
 

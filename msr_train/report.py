@@ -1,0 +1,60 @@
+"""What the person watching a run reads: a start banner (where it writes, on what device,
+which data, model, method and learning rate) and an end report (how it ended, the test
+accuracy, where the results are and the commands to look at them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .distributed import Context
+from .optim import scaled_lr
+
+
+def duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, params: int,
+                 total_steps: int) -> str:
+    where = str(device) + (f" x {ctx.world_size} processes" if ctx.parallel else "")
+    if device.type == "cpu":
+        where += f", {torch.get_num_threads()} thread(s) each" if ctx.parallel else \
+            f", {torch.get_num_threads()} thread(s)"
+    o = cfg.optimizer
+    return "\n".join([
+        f"msr-train: run dir {out_dir}",
+        f"  device    {where}",
+        f"  data      {info.name} from {info.source}: {info.train_size:,} train / {info.val_size:,} validation / "
+        f"{info.test_size:,} test images",
+        f"  model     {cfg.model.name} ({params:,} parameters), method {cfg.method.name}",
+        f"  training  batch {cfg.batch_size}, lr {scaled_lr(o, cfg.batch_size):.4g} ({o.name}; optimizer.lr "
+        f"{o.lr:g} at batch {o.base_batch_size}, {o.lr_scaling} scaling), {cfg.epochs} epochs = "
+        f"{total_steps:,} steps",
+    ])
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One line per epoch (the progress bar is erased when the epoch ends)."""
+    val = f", val acc {100 * record['val_acc']:.2f}% (best {100 * record['best_val_acc']:.2f}%)" \
+        if "val_acc" in record else ""
+    return (f"epoch {record['epoch']:g}/{epochs}: train loss {record['train_loss']:.4f}, train acc "
+            f"{100 * record['train_acc']:.2f}%{val}, {duration(record['wall_time_s'])}")
+
+
+def end_report(summary: dict, out_dir: Path) -> str:
+    lines = [f"msr-train: {summary['status']} at step {summary['step']:,} after {duration(summary['total_time_s'])} "
+             f"({summary['img_per_s']:.0f} img/s in training)"]
+    selected, final = summary.get("selected_test_acc"), summary.get("final_test_acc")
+    if summary["status"] == "completed" and summary.get("best_val_acc") is not None:
+        lines.append(f"  test acc  {100 * selected:.2f}% (the model selected on validation: best validation "
+                     f"accuracy {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_val_epoch']:g}); "
+                     f"final model {100 * final:.2f}%")
+    elif summary["status"] == "completed":
+        lines.append(f"  test acc  {100 * final:.2f}% (the final model; no validation split)")
+    lines += [f"  results   {out_dir}/ (summary.json, metrics.jsonl, checkpoints/)",
+              f"  look      tensorboard --logdir {out_dir}    msr-compare {out_dir}"]
+    return "\n".join(lines)
