@@ -21,11 +21,12 @@ from omegaconf import OmegaConf
 from .checkpoint import atomic_write, write_json
 
 #: metrics.jsonl key -> TensorBoard tag. Other keys (step, epoch, ...) stay in the jsonl.
+#: The training loss and the lr are logged at every log point instead (``trainer.log_every``).
 TB_TAGS = {
-    "train_loss": "train/loss", "train_acc": "train/acc",
+    "train_acc": "train/acc",
     "val_loss": "val/loss", "val_acc": "val/acc", "val_top5": "val/top5", "best_val_acc": "val/best_acc",
     "test_loss": "test/loss", "test_acc": "test/acc", "test_top5": "test/top5",
-    "lr": "lr", "img_per_s": "throughput/img_per_s",
+    "img_per_s": "throughput/img_per_s",
 }
 #: Scalars the HParams tab shows next to each run's choices; it shows a tag's last value,
 #: so test/acc is the final model's test accuracy, test/selected_acc the val-selected one's.

@@ -60,6 +60,8 @@ class TrainingWindow:
         self.loss = torch.tensor(state.window_loss if is_main else 0.0, device=device)
         self.correct = torch.tensor(state.window_correct if is_main else 0.0, device=device)
         self.n = state.window_n
+        # The global loss sum and count at the previous read, for the loss between reads.
+        self._read_loss, self._read_n = state.window_loss, state.window_n
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> None:
         self.loss += loss_sum
@@ -74,10 +76,19 @@ class TrainingWindow:
         loss, correct, stops = ctx.sum(flags).tolist()
         return loss, correct, stops > 0
 
+    def interval_loss(self, loss: float) -> float | None:
+        """The mean training loss since the previous call (or the window's start), given
+        the window's global loss sum as ``totals`` returns it; None without new examples."""
+        n = self.n - self._read_n
+        mean = (loss - self._read_loss) / n if n else None
+        self._read_loss, self._read_n = loss, self.n
+        return mean
+
     def reset(self) -> None:
         self.loss.zero_()
         self.correct.zero_()
         self.n = 0
+        self._read_loss, self._read_n = 0.0, 0
 
 
 class BestModel:

@@ -403,6 +403,10 @@ class Run:
         self.tick = time.perf_counter()
         bar.set_postfix(loss=f"{loss / n:.3f}", acc=f"{correct / n:.3f}",
                         img_s=f"{self.state.step * self.cfg.batch_size / self.state.train_time:.0f}")
+        interval = self.window.interval_loss(loss)
+        if self.log is not None and interval is not None:  # read anyway: no extra device sync
+            self.log.scalars({"train/loss": interval, "lr": self.optimizer.param_groups[0]["lr"]},
+                             self.state.step * self.cfg.batch_size)
         return loss / n, stopping
 
     def evaluate_and_log(self) -> None:

@@ -96,3 +96,17 @@ def test_each_method_brings_its_own_default_lr_and_an_override_wins():
 def test_sqrt_below_linear_above(scaling, batch, expected):
     cfg = make_cfg("method=bn", f"optimizer.lr_scaling={scaling}").optimizer
     assert scaled_lr(cfg, batch) == pytest.approx(expected)
+
+
+def test_train_loss_and_lr_reach_tensorboard_at_every_log_point(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    summary = train(make_cfg(*QUICK, "trainer.tensorboard=true", "trainer.log_every=2", "method=none"), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    losses, lrs = events.Scalars("train/loss"), events.Scalars("lr")
+    assert [e.step for e in losses] == [e.step for e in lrs] == [32 * s for s in range(2, 17, 2)]
+    # Each point is the mean over its own 2 steps; the epoch's 4 points average to the epoch's window.
+    assert sum(e.value for e in losses[:4]) / 4 == pytest.approx(records[0]["train_loss"], rel=1e-5)
+    assert sum(e.value for e in losses[4:]) / 4 == pytest.approx(records[1]["train_loss"], rel=1e-5)
+    assert lrs[-1].value == pytest.approx(records[-1]["lr"]) and summary["step"] == 16
