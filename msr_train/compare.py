@@ -31,6 +31,7 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 from omegaconf import OmegaConf
 
 from .errors import ConfigError
@@ -206,6 +207,12 @@ def table_rows(groups: dict[tuple, list[Run]], keys: list[str]) -> list[dict]:
     return rows
 
 
+def label(value) -> str:
+    """A key's value for a legend or a table: floats rounded to 4 significant digits
+    (0.30000000000000004 -> 0.3)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _fmt(value: float, std: float | None = None) -> str:
     if math.isnan(value):
         return ""
@@ -223,7 +230,7 @@ def write_markdown(path: Path, rows: list[dict], keys: list[str]) -> None:
         "|" + "---|" * len(header),
     ]
     for row in rows:
-        cells = [*(str(row[k]) for k in keys), str(row["runs"]), row["seeds"],
+        cells = [*(label(row[k]) for k in keys), str(row["runs"]), row["seeds"],
                  *(_fmt(row[f"{m}_pct"], row[f"{m}_pct_std"]) for m in ACCURACIES),
                  _fmt(row["train_time_s"]), _fmt(row["img_per_s"]), row["status"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -237,18 +244,20 @@ def pivot_markdown(runs: list[Run], by: str, x: str, metric: str = "selected_tes
     groups = group_runs(runs, [by, x])
     xs = sorted({key[1] for key in groups}, key=_order)
     lines = [f"{ACCURACIES.get(metric, metric)}: mean ± sample std over the completed runs (n), by {by} and {x}.",
-             "", "| " + " | ".join([by, *(f"{x} {v}" for v in xs)]) + " |", "|" + "---|" * (len(xs) + 1)]
+             "", "| " + " | ".join([by, *(f"{x} {label(v)}" for v in xs)]) + " |", "|" + "---|" * (len(xs) + 1)]
     for by_value in dict.fromkeys(key[0] for key in groups):
         cells = []
         for v in xs:
             group = groups.get((by_value, v), [])
             values = completed_values(group, metric, 100)
+            others = ", ".join(f"{s}: {n}" for s, n in sorted(Counter(r.status for r in group).items())
+                               if s != "completed")
             if values:
-                cells.append(f"{_fmt(*mean_std(values))} ({len(values)})")
+                cells.append(f"{_fmt(*mean_std(values))} ({len(values)}{'; ' + others if others else ''})")
             else:
                 cells.append(", ".join(f"{s}: {n}" for s, n in sorted(Counter(r.status for r in group).items()))
                              or "not run")
-        lines.append("| " + " | ".join([str(by_value), *cells]) + " |")
+        lines.append("| " + " | ".join([label(by_value), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,20 +301,111 @@ def _colours(labels) -> dict[str, tuple]:
     return {label: cmap(i / (len(distinct) - 1)) for i, label in enumerate(distinct)}
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+#: Marks a run that diverged or failed, at its last logged point; such runs are in no mean.
+FAILED_MARK = dict(marker="x", markersize=9, markeredgewidth=2, linestyle="none")
+
+
+@dataclass
+class Series:
+    """The runs drawn as one line: one group's runs (mean with a min-max band) or one run."""
+    label: str
+    colour_key: str
+    style: str
+    runs: list[Run]
+
+
+def _points(run: Run, x: str, panel: Panel) -> dict:
+    return {r[x]: r[panel.key] * panel.scale for r in run.records
+            if r.get(x) is not None and r.get(panel.key) is not None}
+
+
+def _draw_series(ax, series: Series, x: str, panel: Panel, colour) -> None:
+    """The mean over the series' completed runs at the x values they all share (a band
+    from their min to max when there are several); a single point as a marker; a cross
+    at the last point of each run that diverged or failed."""
+    curves = [_points(r, x, panel) for r in series.runs if r.status != "diverged" and r.status != "failed"]
+    curves = [c for c in curves if c]
+    if curves:
+        xs = sorted(set.intersection(*(set(c) for c in curves)))
+        ys = [[c[v] for c in curves] for v in xs]
+        ax.plot(xs, [statistics.fmean(y) for y in ys], color=colour, linestyle=series.style,
+                marker="o" if len(xs) == 1 else None, label=series.label)
+        if len(curves) > 1:
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15, linewidth=0)
+    for run in series.runs:
+        points = _points(run, x, panel)
+        if run.status in ("diverged", "failed") and points:
+            last = max(points)
+            ax.plot([last], [points[last]], color=colour, **FAILED_MARK)
+
+
+def _robust_log_top(ax, values: list[float]) -> None:
+    """Keep an explosion (a diverged run's 1e9 loss) from flattening every other curve."""
+    finite = sorted(v for v in values if math.isfinite(v) and v > 0)
+    if finite:
+        typical = finite[int(0.9 * (len(finite) - 1))]
+        if finite[-1] > 10 * typical:
+            ax.set_ylim(top=10 * typical)
+
+
+def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_title: str, title: str) -> Figure:
+    fig, axes = _figure(len(panels))
+    colours = _colours(s.colour_key for s in series)
+    for ax, panel in zip(axes, panels):
+        for s in series:
+            _draw_series(ax, s, x, panel, colours[s.colour_key])
+        if panel.log:
+            _robust_log_top(ax, [v for s in series for r in s.runs for v in _points(r, x, panel).values()])
+        ax.set(xlabel=xlabel, ylabel=panel.label, yscale="log" if panel.log else "linear")
+        ax.grid(alpha=0.3)
+    if any(r.status in ("diverged", "failed") for s in series for r in s.runs):
+        axes[-1].plot([], [], color="grey", label="x: diverged or failed (last point; in no mean)", **FAILED_MARK)
+    axes[-1].legend(title=legend_title, fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def curve_figures(runs: list[Run], by: str, style: str | None = None, seeds: str = "mean") -> dict[str, Figure]:
+    """Validation accuracy and train loss against each of CURVE_X: {x key: Figure}. One
+    colour per value of ``by``, one line style per value of ``style`` (e.g. the --x key);
+    ``seeds='mean'``: one line per (by, style) group, the mean over its completed runs with
+    a min-max band; ``'all'``: one line per run. Wall time differs between runs, so it is
+    always drawn per run."""
+    keys = [by] if style is None else [by, style]
+    groups = {k: [r for r in g if r.records] for k, g in group_runs(runs, keys).items()}
+    styles = {v: LINE_STYLES[i % len(LINE_STYLES)] for i, v in enumerate(dict.fromkeys(k[-1] for k in groups))}
+    figures = {}
+    for x, xlabel in CURVE_X.items():
+        series = []
+        for key, group in groups.items():
+            name = label(key[0]) + ("" if style is None else f", {style}={label(key[1])}")
+            line = styles[key[-1]] if style is not None else "-"
+            parts = [group] if seeds == "mean" and x != "wall_time_s" else [[r] for r in group]
+            series += [Series(name, label(key[0]), line, part) for part in parts if part]
+        n = sorted({len(g) for g in groups.values() if g})
+        how = "one line per run" if seeds == "all" or x == "wall_time_s" else \
+            f"mean over {n[0]}-{n[-1]} runs per line, min-max band" if len(n) > 1 and n[0] != n[-1] else \
+            f"mean over {n[0]} run(s) per line, min-max band" if n else "no runs"
+        figures[x] = series_figure(series, x, CURVE_PANELS, xlabel=xlabel, legend_title=by,
+                                   title=f"validation accuracy and train loss against {xlabel} ({how})")
+    return figures
+
+
 def lines_figure(series: list[tuple[str, list[dict]]], x: str, panels, *, xlabel: str,
                  legend_title: str, title: str = "") -> Figure:
     """One line per (label, records) in every panel, ``x`` against each panel's key; lines
-    with the same label (the runs of one group) share a colour and one legend entry."""
+    with the same label share a colour and one legend entry."""
     fig, axes = _figure(len(panels))
-    colours = _colours(label for label, _ in series)
+    colours = _colours(name for name, _ in series)
     for ax, panel in zip(axes, panels):
         seen = set()
-        for label, records in series:
+        for name, records in series:
             points = [(r[x], r[panel.key] * panel.scale) for r in records
                       if r.get(x) is not None and r.get(panel.key) is not None]
             xs, ys = zip(*points) if points else ((), ())
-            ax.plot(xs, ys, color=colours[label], label="_nolegend_" if label in seen else label)
-            seen.add(label)
+            ax.plot(xs, ys, color=colours[name], label="_nolegend_" if name in seen else name)
+            seen.add(name)
         ax.set(xlabel=xlabel, ylabel=panel.label, yscale="log" if panel.log else "linear")
         ax.grid(alpha=0.3)
     axes[-1].legend(title=legend_title, fontsize="small")
@@ -314,48 +414,50 @@ def lines_figure(series: list[tuple[str, list[dict]]], x: str, panels, *, xlabel
     return fig
 
 
-def curve_figures(runs: list[Run], by: str) -> dict[str, Figure]:
-    """Test accuracy and train loss against each of CURVE_X: {x key: Figure}, one line
-    per run that has metrics, coloured by its value of ``by``."""
-    series = [(str(values[0]), run.records) for values, group in group_runs(runs, [by]).items()
-              for run in group if run.records]
-    return {x: lines_figure(series, x, CURVE_PANELS, xlabel=label, legend_title=by,
-                            title=f"validation accuracy and train loss against {label}")
-            for x, label in CURVE_X.items()}
+def _sweep_panel(ax, groups: dict, position: dict, metric: str, colours: dict) -> None:
+    """One line per value of ``by``: the mean over completed runs with a min-max band, a
+    gap where none completed, and a cross at the bottom of every point where a run
+    diverged or failed."""
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)
+    for by_value in dict.fromkeys(key[0] for key in groups):
+        cells = [(position[key[1]], group) for key, group in groups.items() if key[0] == by_value]
+        values = [completed_values(group, metric, 100) for _, group in cells]
+        stats = [(statistics.fmean(a), min(a), max(a)) if a else (math.nan,) * 3 for a in values]
+        mean, low, high = zip(*stats)
+        pos = [p for p, _ in cells]
+        colour = colours[label(by_value)]
+        ax.plot(pos, mean, marker="o", color=colour, label=label(by_value))
+        ax.fill_between(pos, low, high, color=colour, alpha=0.2, linewidth=0)
+        failed = [p for p, group in cells if any(r.status in ("diverged", "failed") for r in group)]
+        ax.plot(failed, [0.03] * len(failed), color=colour, transform=bottom, **FAILED_MARK)
 
 
 def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
-    """Test accuracy of the val-selected and of the final model against ``x``, one line per value of ``by``: the mean
-    over completed runs (seeds) with a min-max band. A point without completed runs
-    (all diverged or unfinished) is left out, breaking the line. Log x-axis for positive
-    numbers spanning more than 10x; categories for non-numbers."""
+    """Test accuracy of the val-selected and of the final model against ``x``, one line
+    per value of ``by`` (see ``_sweep_panel``). Log x-axis for positive numbers spanning
+    more than 10x; categories for non-numbers. The title says how many completed runs
+    each point averages."""
     groups = group_runs(runs, [by, x])
     xs = sorted({key[1] for key in groups}, key=_order)
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs)
     position = {v: (v if numeric else i) for i, v in enumerate(xs)}
-    colours = _colours(str(key[0]) for key in groups)
+    colours = _colours(label(key[0]) for key in groups)
     fig, axes = _figure(2)
-    for ax, metric, label in zip(axes, ("selected_test_acc", "final_test_acc"), ("val-selected model", "final model")):
-        for by_value in dict.fromkeys(key[0] for key in groups):
-            cells = [(position[key[1]], completed_values(group, metric, 100))
-                     for key, group in groups.items() if key[0] == by_value]
-            pos = [p for p, _ in cells]
-            stats = [(statistics.fmean(a), min(a), max(a)) if a else (math.nan,) * 3 for _, a in cells]
-            mean, low, high = zip(*stats)
-            colour = colours[str(by_value)]
-            ax.plot(pos, mean, marker="o", color=colour, label=str(by_value))
-            ax.fill_between(pos, low, high, color=colour, alpha=0.2, linewidth=0)
+    for ax, metric, name in zip(axes, ("selected_test_acc", "final_test_acc"), ("val-selected model", "final model")):
+        _sweep_panel(ax, groups, position, metric, colours)
         if numeric and xs[0] > 0 and xs[-1] > 10 * xs[0]:
             ax.set_xscale("log")
         # Ticks at the swept values: a log axis would otherwise label only powers of 10.
-        ax.set_xticks(list(position.values()), [str(v) for v in xs])
+        ax.set_xticks(list(position.values()), [label(v) for v in xs])
         ax.minorticks_off()
-        ax.set(xlabel=x, ylabel=f"test accuracy (%), {label}")
+        ax.set(xlabel=x, ylabel=f"test accuracy (%), {name}")
         ax.grid(alpha=0.3)
+    if any(r.status in ("diverged", "failed") for r in runs):
+        axes[-1].plot([], [], color="grey", label="x: a run diverged or failed (in no mean)", **FAILED_MARK)
     axes[-1].legend(title=by, fontsize="small")
-    seeds = sorted({r.get("seed", "?") for r in runs}, key=_order)
-    fig.suptitle(f"test accuracy against {x}: " + (f"mean over {len(seeds)} seeds, min-max band" if len(seeds) > 1
-                                                   else "one seed"))
+    counts = sorted({len(completed_values(g, "selected_test_acc")) for g in groups.values()} - {0})
+    n = "no completed run" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle(f"test accuracy against {x}: mean over {n} completed seed(s) per point, min-max band")
     return fig
 
 
@@ -400,12 +502,12 @@ def _filename(key: str) -> str:
 DPI = 120
 
 
-def compare(paths, out: Path, by: str, x: str | None) -> list[Path]:
+def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean") -> list[Path]:
     """Curves, table and (with ``x``) the sweep figure into ``out``; returns the files."""
     runs = find_runs(paths)
     keys = [by] if x is None else [by, x]
     rows = table_rows(group_runs(runs, keys), keys)
-    figures = {out / f"curves_{name}.png": fig for name, fig in curve_figures(runs, by).items()}
+    figures = {out / f"curves_{name}.png": fig for name, fig in curve_figures(runs, by, x, seeds).items()}
     if x is not None:
         figures[out / f"sweep_{_filename(x)}.png"] = sweep_figure(runs, by, x)
     out.mkdir(parents=True, exist_ok=True)
@@ -440,6 +542,8 @@ def main(argv=None) -> None:
                    help="colour and group by this summary field or dotted config path (default: method)")
     p.add_argument("--x", metavar="KEY", help="also plot the val-selected and the final model's test accuracy "
                    "against this key, e.g. batch_size")
+    p.add_argument("--seeds", choices=("mean", "all"), default="mean",
+                   help="curves: the mean over each group's runs with a min-max band (default), or every run")
     p.add_argument("--signal-prop", action="store_true",
                    help="plot the signal propagation records (signal_prop.jsonl) instead")
     p.add_argument("--epoch", type=int, metavar="N", help="with --signal-prop: the epoch to plot (default 0, init)")
@@ -454,7 +558,7 @@ def main(argv=None) -> None:
         if args.signal_prop:
             written = compare_signal_prop(args.paths, args.out, args.by, args.epoch or 0)
         else:
-            written = compare(args.paths, args.out, args.by, args.x)
+            written = compare(args.paths, args.out, args.by, args.x, args.seeds)
     except ConfigError as e:
         print(f"msr-compare: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -140,7 +140,7 @@ def test_table_numbers_equal_a_hand_computation(sweep, tmp_path, capsys):
     assert pivot[2] == "| method | batch_size 8 | batch_size 128 | batch_size 1024 |"
     bn = [hand_stats([100 * selected_acc("bn", bs, s) for s in SEEDS]) for bs in BATCH_SIZES]
     assert pivot[4] == (f"| bn | {bn[0][0]:.2f} ± {bn[0][1]:.2f} (2) | {bn[1][0]:.2f} ± {bn[1][1]:.2f} (2) | "
-                        f"{100 * selected_acc('bn', 1024, 1):.2f} (1) |")
+                        f"{100 * selected_acc('bn', 1024, 1):.2f} (1; diverged: 1) |")
     assert pivot[5].endswith("| incomplete: 1 |")
 
 
@@ -152,44 +152,94 @@ def test_rows_group_by_a_config_path(sweep):
 
 # ---------------------------------------------------------------------------- plots
 
-def lines(ax):
-    return list(ax.get_lines())
+def lines(ax, marker=None):
+    """The data lines of an axis (legend-only proxies, which hold no points, left out)."""
+    return [line for line in ax.get_lines() if len(line.get_xdata())
+            and (marker is None or line.get_marker() == marker)]
 
 
-def test_curve_figures_have_one_line_per_run_coloured_by_group(sweep, tmp_path):
+def crosses(ax):
+    return [(x, y) for line in lines(ax, "x") for x, y in zip(line.get_xdata(), line.get_ydata())]
+
+
+def test_curves_with_seeds_all_have_one_line_per_run_coloured_by_group(sweep, tmp_path):
     runs = compare.find_runs([sweep])
-    figs = compare.curve_figures(runs, "method")
+    figs = compare.curve_figures(runs, "method", seeds="all")
     assert set(figs) == {"epoch", "examples_seen", "wall_time_s"}
     for x, fig in figs.items():
         acc_ax, loss_ax = fig.axes[:2]
         for ax in (acc_ax, loss_ax):
-            assert len(lines(ax)) == 11
+            assert len([line for line in lines(ax) if line.get_marker() != "x"]) == 10  # the diverged run: a cross
             assert len({line.get_color() for line in lines(ax)}) == 2
-        assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["bn", "msr"]
-        assert loss_ax.get_yscale() == "log"
+        assert loss_ax.get_yscale() == "log" and "one line per run" in fig.get_suptitle()
     # Every run's curve, as written: x in examples seen, y in percent.
     drawn = sorted((tuple(line.get_xdata()), tuple(round(y, 9) for y in line.get_ydata()))
-                   for line in lines(figs["examples_seen"].axes[0]))
+                   for line in lines(figs["examples_seen"].axes[0]) if line.get_marker() != "x")
     runs_grid = [(m, bs, s, 3) for m in METHODS for bs in BATCH_SIZES for s in SEEDS] + \
-        [("bn", 1024, 0, 1), ("bn", 1024, 1, 3), ("msr", 1024, 0, 3)]
+        [("bn", 1024, 1, 3), ("msr", 1024, 0, 3)]
     expected = sorted((tuple(e * 100 * bs for e in range(1, n + 1)),
                        tuple(round(100 * (final_acc(m, bs, s) - 0.1 / e), 9) for e in range(1, n + 1)))
                       for m, bs, s, n in runs_grid)
     assert drawn == expected
+    # The diverged run (bn, 1024, seed 0, one epoch): a cross at its last point.
+    assert crosses(figs["examples_seen"].axes[0]) == [(100 * 1024, pytest.approx(100 * (final_acc("bn", 1024, 0) - 0.1)))]
 
     out = tmp_path / "out"
-    compare.main([str(sweep), "--out", str(out)])
+    compare.main([str(sweep), "--out", str(out), "--seeds", "all"])
     assert {p.name for p in out.iterdir()} == {"curves_epoch.png", "curves_examples_seen.png",
                                                "curves_wall_time_s.png", "table.md", "table.csv"}
     assert all((out / p).stat().st_size > 10_000 for p in ("curves_epoch.png", "curves_wall_time_s.png"))
 
 
+def test_curves_average_the_seeds_of_each_group_with_a_band_and_a_style_per_x_value(sweep, tmp_path):
+    fig = compare.curve_figures(compare.find_runs([sweep]), "method", "batch_size")["epoch"]
+    acc_ax = fig.axes[0]
+    means = {line.get_label(): line for line in lines(acc_ax) if line.get_marker() != "x"}
+    assert sorted(means) == sorted(f"{m}, batch_size={bs}" for m in METHODS for bs in (8, 128, 1024))
+    line = means["msr, batch_size=128"]
+    assert list(line.get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(line.get_ydata()) == pytest.approx(
+        [hand_stats([100 * (final_acc("msr", 128, s) - 0.1 / e) for s in SEEDS])[0] for e in (1, 2, 3)])
+    assert {means[f"bn, batch_size={bs}"].get_linestyle() for bs in (8, 128, 1024)} == {"-", "--", ":"}
+    assert means["bn, batch_size=8"].get_color() == means["bn, batch_size=128"].get_color() \
+        != means["msr, batch_size=8"].get_color()
+    assert len(acc_ax.collections) == 4  # a min-max band for each group of two completed seeds
+    assert "mean over 1-2 runs per line, min-max band" in fig.get_suptitle()
+    legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert "x: diverged or failed (last point; in no mean)" in legend
+
+
+def test_single_evaluation_runs_are_markers_and_explosions_do_not_flatten_the_loss_axis(tmp_path):
+    write_run(tmp_path / "a", "bn", 8, 0, epochs=1)
+    write_run(tmp_path / "b", "msr", 8, 0, epochs=3)
+    records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    exploded = json.loads(records[-1]) | {"train_loss": 1e9}
+    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join([*records[:-1], json.dumps(exploded)]) + "\n")
+    fig = compare.curve_figures(compare.find_runs([tmp_path]), "method")["epoch"]
+    acc_ax, loss_ax = fig.axes[:2]
+    single = next(line for line in lines(acc_ax) if line.get_label() == "bn")
+    assert single.get_marker() == "o" and len(single.get_xdata()) == 1
+    assert loss_ax.get_ylim()[1] < 1e3  # the 1e9 point lies above the axis, the other curves stay readable
+
+
+def test_legends_and_tables_round_float_values(tmp_path):
+    for i, lr in enumerate((0.1 + 0.2, 0.05)):
+        write_run(tmp_path / f"r{i}", "msr", 8, 0)
+        summary = json.loads((tmp_path / f"r{i}" / "summary.json").read_text())
+        (tmp_path / f"r{i}" / "summary.json").write_text(json.dumps(summary | {"lr": lr}))
+    runs = compare.find_runs([tmp_path])
+    fig = compare.curve_figures(runs, "lr")["epoch"]
+    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["0.05", "0.3"]
+    assert "| 0.3 |" in compare.pivot_markdown(runs, "lr", "method")
+
+
 def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
     fig = compare.sweep_figure(compare.find_runs([sweep]), "method", "batch_size")
     selected_ax, final_ax = fig.axes[:2]
-    assert "val-selected" in selected_ax.get_ylabel() and "2 seeds" in fig.get_suptitle()
+    assert "val-selected" in selected_ax.get_ylabel()
+    assert "mean over 1-2 completed seed(s) per point" in fig.get_suptitle()
     for ax, fn in ((selected_ax, selected_acc), (final_ax, final_acc)):
-        bn, msr = lines(ax)
+        bn, msr = lines(ax, "o")
         assert ax.get_xscale() == "log"  # 8 to 1024
         assert list(bn.get_xdata()) == [8, 128, 1024]
         expected = [hand_stats([100 * fn("bn", bs, s) for s in SEEDS])[0] for bs in BATCH_SIZES]
@@ -198,6 +248,9 @@ def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
         assert list(msr.get_xdata()) == [8, 128, 1024] and math.isnan(msr.get_ydata()[-1])
         assert len(ax.collections) == 2  # one min-max band per method
         assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "128", "1024"]
+        # bn's diverged seed at 1024: a cross at the bottom of that point, in bn's colour.
+        (cross,) = [line for line in lines(ax, "x")]
+        assert list(cross.get_xdata()) == [1024] and cross.get_color() == bn.get_color()
     compare.main([str(sweep), "--out", str(tmp_path / "out"), "--x", "batch_size"])
     assert (tmp_path / "out" / "sweep_batch_size.png").stat().st_size > 10_000
 
@@ -205,7 +258,7 @@ def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
 def test_sweep_figure_over_a_non_numeric_key_uses_categories(sweep):
     fig = compare.sweep_figure(compare.find_runs([sweep]), "batch_size", "method")
     ax = fig.axes[0]
-    assert len(lines(ax)) == 3 and ax.get_xscale() == "linear"
+    assert len(lines(ax, "o")) == 3 and ax.get_xscale() == "linear"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bn", "msr"]
 
 
@@ -276,7 +329,7 @@ def test_tensorboard_layout_overlays_runs_and_hparams_show_selection_metrics(tmp
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert list(charts) == list(COMPARE_CHARTS)
     # Each chart's regex picks its own tag (in every run) and no other.
-    tags = [*TB_TAGS.values(), "test/acc_old", "signal_prop/avg_var/block_000"]
+    tags = [*TB_TAGS.values(), "train/loss", "lr", "test/acc_old", "signal_prop/avg_var/block_000"]
     for title, (regex,) in charts.items():
         assert [t for t in tags if re.search(regex, t)] == [title]
     content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
