@@ -167,3 +167,23 @@ def test_an_interrupted_run_prints_the_command_that_continues_it(tmp_path):
     res = subprocess.run([sys.executable, "-m", "msr_train.cli", *argv[1:], "trainer.max_steps=1"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "trainer.max_steps: null -> 1" in res.stderr  # it found the run it continues
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sweep_job_folders_are_named_from_what_varies(tmp_path, launcher):
+    res = msr_train("-m", "debug=quick", "trainer.max_steps=1", "dataset.synthetic_test=32", "method=msr,none",
+                    "seed=0,1", f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == [
+        "method=msr,seed=0", "method=msr,seed=1", "method=none,seed=0", "method=none,seed=1"]
+
+
+def test_a_long_sweep_folder_name_is_cut_and_stays_unique(monkeypatch):
+    from msr_train.cli import MAX_SUBDIR, SWEEP_KEYS_ENV, sweep_subdir
+    monkeypatch.setenv(SWEEP_KEYS_ENV, "dataset.root,method")
+    long = [f"dataset.root=/data/{'x' * 300}{i}" for i in range(2)]
+    names = [sweep_subdir([root, "method=msr", "seed=0"]) for root in long]
+    assert all(len(n) == MAX_SUBDIR and "/" not in n for n in names) and names[0] != names[1]
+    assert sweep_subdir(["method=msr", "seed=0"]) == "method=msr"
+    monkeypatch.setenv(SWEEP_KEYS_ENV, "")  # nothing varies: every override names the folder
+    assert sweep_subdir(["method=msr", "seed=0"]) == "method=msr,seed=0"
