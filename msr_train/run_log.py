@@ -70,6 +70,49 @@ def flat_hparams(cfg) -> dict:
     return out
 
 
+#: Shown first in the HParams tab (TensorBoard puts the hparams marked as differing first,
+#: each group by name), with the keys a sweep varies.
+KEY_HPARAMS = ("method.name", "model.name", "dataset.name", "batch_size", "optimizer.lr", "seed")
+CONFIG_GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer")
+
+
+def swept_keys() -> set[str]:
+    """The config keys the current multirun varies (none outside one), as flat keys."""
+    from .cli import SWEEP_KEYS_ENV  # the multirun's main process announces them to every job
+    keys = [k for k in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if k]
+    return {f"{k}.name" if k in CONFIG_GROUPS else k for k in keys}
+
+
+def _hparams_summary(tag: str, **plugin_data):
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    content = plugin_data_pb2.HParamsPluginData(version=0, **plugin_data).SerializeToString()
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams", content=content))
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
+
+
+def hparams_summaries(cfg):
+    """The HParams plugin's experiment, session start and session end summaries for a run:
+    integers as text (TensorBoard would show batch size 128 as 128.00), booleans as
+    booleans (torch's ``hparams`` writes them as 1.0), the key settings and the swept ones
+    marked as differing so that TensorBoard lists them first."""
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+    values = {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in flat_hparams(cfg).items()}
+    first = set(KEY_HPARAMS) | swept_keys()
+    kinds = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING}
+    experiment = api_pb2.Experiment(
+        hparam_infos=[api_pb2.HParamInfo(name=k, type=kinds[type(v)], differs=k in first) for k, v in values.items()],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=m)) for m in HPARAM_METRICS])
+    start = plugin_data_pb2.SessionStartInfo()
+    for k, v in values.items():
+        field = {bool: "bool_value", float: "number_value", str: "string_value"}[type(v)]
+        setattr(start.hparams[k], field, v)
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+    return (_hparams_summary("_hparams_/experiment", experiment=experiment),
+            _hparams_summary("_hparams_/session_start_info", session_start_info=start),
+            _hparams_summary("_hparams_/session_end_info", session_end_info=end))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSON-lines file; a torn last line (a kill mid-write) is ignored."""
     records = []
@@ -102,11 +145,10 @@ class RunLog:
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
             # Purge what a dead earlier run left beyond the resume point (all of it when starting afresh).
             purge = 0 if resume_step is None else resume_step * cfg.batch_size + 1
             self.writer = SummaryWriter(str(self.out_dir), purge_step=purge)
-            exp, ssi, self._sei = hparams(flat_hparams(cfg), {m: 0.0 for m in HPARAM_METRICS})
+            exp, ssi, self._sei = hparams_summaries(cfg)
             if resume_step is None:
                 self.writer.file_writer.add_summary(exp)
                 self.writer.file_writer.add_summary(ssi)

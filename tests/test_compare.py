@@ -335,3 +335,26 @@ def test_tensorboard_layout_overlays_runs_and_hparams_show_selection_metrics(tmp
     content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
     metrics = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos]
     assert metrics == ["val/best_acc", "test/selected_acc", "test/acc"]
+
+
+def test_hparams_put_the_key_and_swept_settings_first_with_their_own_types(tmp_path, monkeypatch):
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+    monkeypatch.setenv("MSR_TRAIN_SWEEP_KEYS", "optimizer.weight_decay,scheduler")
+    log = RunLog(tmp_path, make_cfg("method=bn"))
+    log.close({"status": "completed"})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    _sort_and_reduce_to_hparams_limit(experiment, 0)  # the order the HParams tab shows
+    assert [h.name for h in experiment.hparam_infos][:8] == [
+        "batch_size", "dataset.name", "method.name", "model.name", "optimizer.lr", "optimizer.weight_decay",
+        "scheduler.name", "seed"]
+    types = {h.name: h.type for h in experiment.hparam_infos}
+    assert (types["batch_size"], types["optimizer.lr"], types["trainer.tensorboard"]) == (
+        api_pb2.DATA_TYPE_STRING, api_pb2.DATA_TYPE_FLOAT64, api_pb2.DATA_TYPE_BOOL)
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["batch_size"].string_value == "128"  # not 128.00
+    assert start.hparams["trainer.tensorboard"].bool_value is True  # not 1.0
+    assert start.hparams["optimizer.lr"].number_value == pytest.approx(0.1)
