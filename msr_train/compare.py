@@ -340,13 +340,14 @@ def _draw_series(ax, series: Series, x: str, panel: Panel, colour) -> None:
             ax.plot([last], [points[last]], color=colour, **FAILED_MARK)
 
 
-def _robust_log_top(ax, values: list[float]) -> None:
-    """Keep an explosion (a diverged run's 1e9 loss) from flattening every other curve."""
+def _robust_log_limits(ax, values: list[float]) -> None:
+    """A log axis that an explosion (a diverged run's 1e9 loss) does not stretch so far
+    that every other curve lies flat: at most 10x above the 90th percentile."""
+    ax.set_yscale("log")
     finite = sorted(v for v in values if math.isfinite(v) and v > 0)
     if finite:
-        typical = finite[int(0.9 * (len(finite) - 1))]
-        if finite[-1] > 10 * typical:
-            ax.set_ylim(top=10 * typical)
+        top = min(finite[-1], 10 * finite[int(0.9 * (len(finite) - 1))])
+        ax.set_ylim(finite[0] / 1.5, top * 1.5)
 
 
 def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_title: str, title: str) -> Figure:
@@ -356,8 +357,8 @@ def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_t
         for s in series:
             _draw_series(ax, s, x, panel, colours[s.colour_key])
         if panel.log:
-            _robust_log_top(ax, [v for s in series for r in s.runs for v in _points(r, x, panel).values()])
-        ax.set(xlabel=xlabel, ylabel=panel.label, yscale="log" if panel.log else "linear")
+            _robust_log_limits(ax, [v for s in series for r in s.runs for v in _points(r, x, panel).values()])
+        ax.set(xlabel=xlabel, ylabel=panel.label)
         ax.grid(alpha=0.3)
     if any(r.status in ("diverged", "failed") for s in series for r in s.runs):
         axes[-1].plot([], [], color="grey", label="x: diverged or failed (last point; in no mean)", **FAILED_MARK)
