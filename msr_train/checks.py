@@ -45,6 +45,7 @@ TRAINER_RULES = {
     "log_every": integer(1),
     "progress_bar": flag(),
     "tensorboard": flag(),
+    "mean_shift": flag(note="one TensorBoard chart per conv at every evaluation"),
     "signal_prop": flag(),
     "cpu_threads": integer(1, os.cpu_count(), null=True, note="null: PyTorch's default; this machine's cores at most"),
     "checkpoint": flag(),

@@ -21,7 +21,7 @@ from .run_log import flat_hparams
 #: shapes the trajectory or the model selection, so a change is refused.
 RESUMABLE_CHANGES = frozenset({
     "dataset.root", "dataset.download", "dataset.num_workers",
-    "trainer.progress_bar", "trainer.log_every", "trainer.cpu_threads", "trainer.tensorboard",
+    "trainer.progress_bar", "trainer.log_every", "trainer.cpu_threads", "trainer.tensorboard", "trainer.mean_shift",
     "trainer.resume", "trainer.eval_batch_size",
 })
 

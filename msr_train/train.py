@@ -256,7 +256,7 @@ class Run:
                           resume_step=None if resumed is None else self.state.step) if ctx.is_main else None
         self.start_signal_prop(resumed is None)
         # A fixed test batch on which each evaluation logs the per-layer mean shift.
-        self.probe = next(iter(self.data.test))[0][:64] if self.t.tensorboard else None
+        self.probe = next(iter(self.data.test))[0][:64] if self.t.tensorboard and self.t.mean_shift else None
 
     def build_model(self) -> None:
         info, ctx = self.data.info, self.ctx

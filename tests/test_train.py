@@ -110,3 +110,13 @@ def test_train_loss_and_lr_reach_tensorboard_at_every_log_point(tmp_path):
     assert sum(e.value for e in losses[:4]) / 4 == pytest.approx(records[0]["train_loss"], rel=1e-5)
     assert sum(e.value for e in losses[4:]) / 4 == pytest.approx(records[1]["train_loss"], rel=1e-5)
     assert lrs[-1].value == pytest.approx(records[-1]["lr"]) and summary["step"] == 16
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_mean_shift_charts_only_when_asked_for(tmp_path, on):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(make_cfg(*QUICK, "trainer.tensorboard=true", f"trainer.mean_shift={str(on).lower()}"), tmp_path)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    charts = [t for t in events.Tags()["scalars"] if t.startswith("mean_shift/")]
+    assert len(charts) == (7 if on else 0)  # ResNet-8: stem + 3 blocks x 2 convs
