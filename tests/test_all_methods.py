@@ -33,8 +33,10 @@ OPTIMIZER_CFG.lr_scaling = "linear"
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 3
 STEPS = 3
-MODELS = [pytest.param(name, marks=pytest.mark.deep) if name in ("resnet34", "resnet101", "resnet152") else name
-          for name in ARCHITECTURES]
+#: The largest models of each family that CI still runs take seconds each: slow.
+MARKS = {**dict.fromkeys(("resnet34", "resnet101", "resnet152"), pytest.mark.deep),
+         **dict.fromkeys(("resnet50", "resnet110", "vgg16", "vgg19"), pytest.mark.slow)}
+MODELS = [pytest.param(name, marks=MARKS[name]) if name in MARKS else name for name in ARCHITECTURES]
 
 
 @pytest.fixture(scope="module", autouse=True)

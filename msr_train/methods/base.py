@@ -104,8 +104,9 @@ class Method:
         VGG has conv biases, its ResNets do not). Methods may override both."""
         return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=bias)
 
-    def norm(self, channels: int) -> nn.Module:
-        """What sits where BatchNorm would: after a conv, before the activation."""
+    def norm(self, channels: int, *, role: str = "body") -> nn.Module:
+        """What sits where BatchNorm would: after a conv, before the activation. ``role``
+        is 'branch_end' for the last one of a residual branch, else 'body'."""
         return nn.Identity()
 
     def act(self) -> nn.Module:

@@ -29,15 +29,21 @@ class BatchNorm(Method):
     def convert_for_processes(self, model):
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if self.cfg.sync_bn else model
 
-    def norm(self, channels):
+    def norm(self, channels, *, role="body"):
         return nn.BatchNorm2d(channels)
 
     def finalize(self, model):
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
+        kaiming_init_(model)
+
+
+def kaiming_init_(model: nn.Module) -> None:
+    """torchvision's ResNet/VGG init: convs Kaiming normal (fan-out), conv biases 0, BN
+    gains 1 and biases 0 (other norms keep the gain they were built with)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -49,7 +49,7 @@ class ZeroPadShortcut(nn.Module):
 def basic_branch(method: Method, in_ch: int, out_ch: int, stride: int, position: BlockPosition) -> nn.Sequential:
     return nn.Sequential(
         method.conv(in_ch, out_ch, 3, stride), method.norm(out_ch), method.act(),
-        method.conv(out_ch, out_ch, 3), method.norm(out_ch),
+        method.conv(out_ch, out_ch, 3), method.norm(out_ch, role="branch_end"),
         method.branch_end(position),
     )
 
@@ -60,7 +60,7 @@ def bottleneck_branch(method: Method, in_ch: int, out_ch: int, stride: int,
     return nn.Sequential(
         method.conv(in_ch, width, 1), method.norm(width), method.act(),
         method.conv(width, width, 3, stride), method.norm(width), method.act(),
-        method.conv(width, out_ch, 1), method.norm(out_ch),
+        method.conv(width, out_ch, 1), method.norm(out_ch, role="branch_end"),
         method.branch_end(position),
     )
 
