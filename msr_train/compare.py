@@ -362,7 +362,12 @@ def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_t
         ax.grid(alpha=0.3)
     if any(r.status in ("diverged", "failed") for s in series for r in s.runs):
         axes[-1].plot([], [], color="grey", label="x: diverged or failed (last point; in no mean)", **FAILED_MARK)
-    axes[-1].legend(title=legend_title, fontsize="small")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    if len(labels) > 12:  # many groups: below the panels, in columns, instead of over the curves
+        fig.set_figheight(fig.get_figheight() + 0.16 * ((len(labels) - 1) // 4 + 1))
+        fig.legend(handles, labels, title=legend_title, fontsize="x-small", loc="outside lower center", ncol=4)
+    else:
+        axes[-1].legend(title=legend_title, fontsize="small")
     fig.suptitle(title)
     return fig
 

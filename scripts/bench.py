@@ -452,7 +452,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default="resnet20,resnet18,vgg11",
                    help="models for section 2; the first one is used by sections 1 and 3 (default %(default)s)")
     p.add_argument("--methods", default=",".join(["bn", "msr", "nf", "mimicnorm", "bnp", "none"]),
-                   help="methods for section 2 (default: all six)")
+                   help="methods for section 2 (default: every registered method)")
     p.add_argument("--batch-sizes", type=int_list, default=[1, 128],
                    help="section 1 runs each; sections 2-4 use the largest, section 2 also gives steps/s of the "
                         "others on the first model (default 1,128)")
