@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, describe
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -131,7 +131,7 @@ def readable_checkpoints(folder: Path, problems: list[str]):
         try:
             state = read_checkpoint_file(path)
         except Exception as e:  # torch raises many types for a torn or foreign file
-            problems.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            problems.append(f"{path.name}: {describe(e)}")
             print(f"msr-train: checkpoint {path} is unusable ({problems[-1]}); trying the previous one",
                   file=sys.stderr)
             continue

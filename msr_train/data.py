@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .rules import Rule, choice, flag, integer, is_int, is_number, number, text, unknown
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -123,7 +123,7 @@ def _download(cfg, fetch, missing) -> dict:
         for folder in new_dirs:  # innermost first
             if folder.exists():
                 folder.rmdir()
-        raise missing(f"the download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise missing(f"the download failed: {describe(e)}") from None
 
 
 def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):

@@ -6,6 +6,12 @@ class ConfigError(ValueError):
     """Bad input, detected before any work is done. The message names the key and the fix."""
 
 
+def describe(error: BaseException) -> str:
+    """An exception in one line for a message: its type and the first line of its text."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class RunFailed(RuntimeError):
     """A run that failed mid-run: it could not write its results (a full disk, a folder
     gone read-only; the message names the folder and its free space) or one of its

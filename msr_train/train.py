@@ -31,7 +31,7 @@ from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint, write_j
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .data import build_data
 from .distributed import Context, init_group, launched_group, spawn
-from .errors import RunFailed
+from .errors import RunFailed, describe
 from .methods import build_method
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
@@ -280,7 +280,7 @@ class Run:
             try:
                 self.apply_checkpoint(state)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                problems.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                problems.append(f"{path.name}: {describe(e)}")
                 note(f"msr-train: checkpoint {path} does not fit this run ({problems[-1]}); trying the previous one")
                 continue
             if self.ctx.is_main:
