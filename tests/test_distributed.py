@@ -36,13 +36,15 @@ def cli(*args, cwd):
                           timeout=600)
 
 
-@pytest.mark.parametrize("method", ["msr", "nf", "none"])
+# MSR with its noise on (off by default) and its zero-mean stem: every random draw is tested.
+@pytest.mark.parametrize("method", ["msr method.noise_at=conv method.stem=msr", "nf", "none"])
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, method):
     """2-process gloo DDP with global batch 16 = 1 process with batch 16, step for step
     (MSR's noise included: it is drawn for the global batch), and the 2-process run leaves
     one output dir with one set of logs."""
-    train(make_cfg(*STEPS, f"method={method}", "trainer.tensorboard=false"), tmp_path / "one")
-    run = cli(*STEPS, f"method={method}", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
+    method = f"method={method}".split()
+    train(make_cfg(*STEPS, *method, "trainer.tensorboard=false"), tmp_path / "one")
+    run = cli(*STEPS, *method, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     single, parallel = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(single) == len(parallel) == 20

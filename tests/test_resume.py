@@ -16,10 +16,11 @@ from msr_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 
-# Augmentation and MSR noise both draw random numbers: resuming must restore them exactly.
+# Augmentation and MSR noise (on here; off by default) both draw random numbers: resuming
+# must restore them exactly.
 # 128 of the 640 images are held out for validation: selection (best.pt) must survive a resume too.
 RUN = ["debug=quick", "dataset.synthetic_train=640", "dataset.val_size=128", "dataset.image_size=12",
-       "dataset.augment=crop_flip", "method=msr", "trainer.eval_every=5", "trainer.tensorboard=true"]
+       "dataset.augment=crop_flip", "method=msr", "method.noise_at=conv", "trainer.eval_every=5", "trainer.tensorboard=true"]
 
 
 def cli(*args, cwd):
