@@ -49,6 +49,9 @@ TRAINER_RULES = {
     "signal_prop": flag(),
     "cpu_threads": integer(1, os.cpu_count(), null=True, note="null: PyTorch's default; this machine's cores at most"),
     "checkpoint": flag(),
+    "grad_clip_norm": number(0, 1e6, lo_open=True, null=True, note="null: off"),
+    "agc_clip": number(0, 1e3, lo_open=True, null=True, note="lambda; null: off"),
+    "log_norms": flag(note="per-parameter gradient and weight norms at every evaluation"),
     "divergence_factor": number(0, lo_open=True, null=True, note="x ln(num_classes); null: NaN/inf only"),
     "resume": choice("auto", "never"),
     "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
@@ -65,7 +68,11 @@ def validate_config(cfg) -> None:
     check_group("", cfg, RUN_RULES, skip=GROUPS)
     check_group("trainer", cfg.trainer, TRAINER_RULES)
     check_group("model", cfg.model, MODEL_RULES)
-    build_method(cfg.method, cfg.batch_size)
+    method = build_method(cfg.method, cfg.batch_size)
+    _require(not (cfg.trainer.agc_clip and getattr(method, "agc_clip", None)),
+             f"trainer.agc_clip={cfg.trainer.agc_clip} and method.agc_clip={cfg.method.get('agc_clip')} (on at "
+             f"batch_size={cfg.batch_size}) would clip every gradient twice; set method.agc_clip=0 to use the "
+             "trainer's, or drop trainer.agc_clip")
     check_group("optimizer", cfg.optimizer, optimizer_rules(cfg.optimizer.name))
     check_group("scheduler", cfg.scheduler, scheduler_rules(cfg.scheduler.name))
     check_group("dataset", cfg.dataset, dataset_rules(cfg.dataset))
@@ -142,14 +149,14 @@ def check_writable(out_dir: Path, need_mb: int = 10) -> None:
 def check_batchnorm_trainable(model: nn.Module, micro_batch: int, input_shape: tuple) -> None:
     """A BatchNorm layer that sees one value per channel cannot train ("Expected more
     than 1 value per channel"). Find such layers with a dry run and say so now, instead
-    of crashing mid-run."""
-    if micro_batch > 1:
+    of crashing mid-run. A ghost BN layer's statistics come from ``ghost_size`` examples."""
+    groups = {name: min(micro_batch, getattr(m, "ghost_size", micro_batch)) for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if all(size > 1 for size in groups.values()):
         return
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda m, inp, name=name: seen.__setitem__(name, inp[0].shape))
-             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not hooks:
-        return
+             for name, m in model.named_modules() if groups.get(name) == 1]
     was_training = model.training
     model.eval()
     try:
@@ -162,7 +169,8 @@ def check_batchnorm_trainable(model: nn.Module, micro_batch: int, input_shape: t
             h.remove()
     single = [name for name, shape in seen.items() if math.prod(shape[2:]) == 1]
     _require(not single,
-             f"BatchNorm cannot train with {micro_batch} example per micro-batch: layer(s) "
-             f"{', '.join(single[:3])}{' ...' if len(single) > 3 else ''} see a single value per channel "
-             "(1x1 feature maps or logits). Use batch_size/trainer.accumulate >= 2, larger images, or a "
+             f"BatchNorm cannot train with 1 example per {'micro-batch' if micro_batch == 1 else 'virtual batch'}: "
+             f"layer(s) {', '.join(single[:3])}{' ...' if len(single) > 3 else ''} see a single value per channel "
+             "(1x1 feature maps or logits). Use batch_size/trainer.accumulate >= 2"
+             f"{'' if micro_batch == 1 else ' and method.ghost_batch_size >= 2'}, larger images, or a "
              "normalization-free method such as method=msr.")

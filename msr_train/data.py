@@ -21,6 +21,7 @@ The training order of epoch e is a permutation drawn from a generator seeded wit
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 from dataclasses import dataclass
@@ -263,6 +264,13 @@ class TensorBatches:
         batches it has already trained on)."""
         self.epoch, self.start_batch = epoch, start_batch
 
+    def replay(self, epoch: int):
+        """Epoch ``epoch``'s batches from its first, as training sees them, without
+        touching the iteration in progress (precise BN's calibration batches)."""
+        again = copy.copy(self)
+        again.set_epoch(epoch)
+        return iter(again)
+
     def __iter__(self):
         n = len(self.y)
         if self.train:
@@ -329,7 +337,7 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
     with ``shard`` = (rank, world size) the batches yield that rank's share of every batch."""
     if cfg.name == "imagenet":
         return _build_imagefolder(cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
-                                  shard=shard)
+                                  shard=shard, device=device)
     if cfg.name not in IN_MEMORY_LOADERS:
         raise unknown("dataset", cfg.name, DATASETS)
     loaded, source = IN_MEMORY_LOADERS[cfg.name](cfg)
@@ -373,8 +381,10 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 
 class _Loader:
-    def __init__(self, loader, sampler=None):
-        self.loader, self.sampler = loader, sampler
+    """A DataLoader whose batches arrive on ``device`` (pinned, copied asynchronously)."""
+
+    def __init__(self, loader, device: torch.device, sampler=None):
+        self.loader, self.device, self.sampler = loader, device, sampler
         self.steps_per_epoch = len(loader)  # the full epoch, whatever batch a resumed run starts at
 
     def __len__(self):
@@ -384,8 +394,19 @@ class _Loader:
         if self.sampler is not None:
             self.sampler.epoch, self.sampler.start = epoch, start_batch
 
+    def replay(self, epoch: int):
+        """Epoch ``epoch``'s batches from its first, from a second loader on a copy of the
+        sampler, so the iteration in progress is untouched (see TensorBatches.replay)."""
+        sampler = copy.copy(self.sampler)
+        sampler.epoch, sampler.start = epoch, 0
+        loader = torch.utils.data.DataLoader(self.loader.dataset, self.loader.batch_size, sampler=sampler,
+                                             drop_last=True, num_workers=self.loader.num_workers,
+                                             pin_memory=self.loader.pin_memory)
+        return iter(_Loader(loader, self.device))
+
     def __iter__(self):
-        return iter(self.loader)
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def _imagefolder_splits(cfg, root: Path):
@@ -416,7 +437,7 @@ def _imagefolder_splits(cfg, root: Path):
     return torch.utils.data.Subset(train, train_idx.tolist()), val, test
 
 
-def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard) -> Data:
+def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard, device) -> Data:
     root = Path(os.path.expanduser(cfg.root))
     train_ds, val_ds, test_ds = _imagefolder_splits(cfg, root)
     if cfg.get("train_size"):
@@ -436,7 +457,7 @@ def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard) -> Data
     def evaluation(ds):
         if world_size > 1:  # every W-th example, like TensorBatches
             ds = torch.utils.data.Subset(ds, list(range(rank, len(ds), world_size)))
-        return _Loader(torch.utils.data.DataLoader(ds, eval_batch_size, shuffle=False, **kw))
+        return _Loader(torch.utils.data.DataLoader(ds, eval_batch_size, shuffle=False, **kw), device)
     train = _Loader(torch.utils.data.DataLoader(train_ds, batch_size // world_size, sampler=sampler, drop_last=True,
-                                                **kw), sampler)
+                                                **kw), device, sampler)
     return Data(info, train, evaluation(val_ds) if val_ds is not None else None, evaluation(test_ds))

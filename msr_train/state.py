@@ -22,8 +22,15 @@ from .run_log import flat_hparams
 RESUMABLE_CHANGES = frozenset({
     "dataset.root", "dataset.download", "dataset.num_workers",
     "trainer.progress_bar", "trainer.log_every", "trainer.cpu_threads", "trainer.tensorboard", "trainer.mean_shift",
-    "trainer.resume", "trainer.eval_batch_size",
+    "trainer.resume", "trainer.eval_batch_size", "trainer.log_norms",
 })
+
+#: Settings added after checkpoints were written, with the value that trains as before
+#: they existed: a checkpoint without one resumes when the run has that value.
+ADDED_SETTINGS = {
+    "trainer.grad_clip_norm": None, "trainer.agc_clip": None,
+    "method.momentum": 0.1, "method.eps": 1e-5, "method.ghost_batch_size": None, "method.precise_bn_batches": 0,
+}
 
 
 @dataclasses.dataclass
@@ -137,6 +144,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def changed_settings(saved_cfg: dict, cfg) -> list[str]:
     """The settings of ``cfg`` that differ from a checkpoint's and may not change on resume."""
     saved, now = flat_hparams(OmegaConf.create(saved_cfg)), flat_hparams(cfg)
+    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
     return [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
             if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
 

@@ -9,6 +9,7 @@ random numbers and logs as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,11 +31,13 @@ from tqdm import tqdm
 
 from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint, write_json
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
+from .clipping import GradientClipping
 from .data import build_data
 from .distributed import Context, init_group, launched_group, spawn
 from .errors import RunFailed, describe
 from .methods import build_method
 from .models import build_model
+from .norms import NormProbe
 from .optim import build_optimizer, build_scheduler
 from .precision import FULL, Precision
 from .run_lock import RunLock
@@ -48,11 +52,13 @@ from .state import BestModel, LoopState, TrainingWindow, resumable_checkpoints, 
 SLOW_TEST_SET = 10_000
 
 
-def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: Precision = FULL):
+def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: Precision = FULL,
+               on_gradients: Callable[[], None] | None = None):
     """One optimizer step over ``accumulate`` equal micro-batches, with the method's hooks.
     With BatchNorm each micro-batch is normalised with its own statistics. ``model`` may be
     a DistributedDataParallel wrapper: gradients are all-reduced once, in the last
-    micro-batch's backward, so the hooks see the reduced (and unscaled) gradients. Returns
+    micro-batch's backward, so the hooks see the reduced (and unscaled) gradients:
+    ``on_gradients`` (the loop's norm probe and clipping) first, then the method's. Returns
     the summed data loss and the number of correct predictions, as tensors (no device sync)."""
     loss_sum = correct = 0
     for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
@@ -65,6 +71,8 @@ def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: P
         loss_sum = loss_sum + loss.detach() * len(ym)
         correct = correct + (logits.argmax(1) == ym).sum()
     precision.unscale_(optimizer)
+    if on_gradients is not None:
+        on_gradients()
     method.before_step(model, optimizer)
     precision.step(optimizer)
     method.after_step(model, optimizer)
@@ -237,6 +245,8 @@ class Run:
                                seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
         self.build_model()
         self.optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.batch_size)
+        self.clip = GradientClipping(self.model, self.t.grad_clip_norm, self.t.agc_clip)
+        self.norms = NormProbe(self.model) if self.t.log_norms else None
         self.precision = Precision(self.t.precision, device)
         # ``net`` is what the training step calls; ``model`` is the plain module that is
         # evaluated, measured and checkpointed.
@@ -342,7 +352,7 @@ class Run:
             for x, y in self.data.train:
                 loss_sum, correct = train_step(self.net, self.method, self.optimizer,
                                                x.contiguous(memory_format=self.memory_format), y,
-                                               self.t.accumulate, self.precision)
+                                               self.t.accumulate, self.precision, self.gradients_ready)
                 self.window.add(loss_sum, correct, len(y) * self.ctx.world_size)
                 self.scheduler.step()
                 self.state.step += 1
@@ -354,12 +364,24 @@ class Run:
             bar.close()
         return None
 
+    def gradients_ready(self) -> None:
+        """The step's final gradients, before the method's hooks: the norms the next
+        evaluation logs, then the trainer's clipping."""
+        if self.norms is not None and self.evaluates_at(self.state.step + 1):
+            self.norms.record()
+        if self.clip.active:
+            self.clip()
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the run evaluates after optimizer step ``step``."""
+        return step % self.steps_per_epoch == 0 or step == self.total_steps or bool(
+            self.t.eval_every and step % self.t.eval_every == 0)
+
     def after_step(self, bar) -> str | None:
         """Log, evaluate, checkpoint or stop where this step calls for it; the run's
         status if it ends here."""
         step, t = self.state.step, self.t
-        evaluate_now = step % self.steps_per_epoch == 0 or step == self.total_steps or bool(
-            t.eval_every and step % t.eval_every == 0)
+        evaluate_now = self.evaluates_at(step)
         # A single process answers a stop signal at once; a group at the next log point,
         # where its ranks agree on it.
         stopping = bool(self.stop.received) and not self.ctx.parallel
@@ -409,9 +431,18 @@ class Run:
                              self.state.step * self.cfg.batch_size)
         return loss / n, stopping
 
-    def evaluate_and_log(self) -> None:
+    def training_batches(self, count: int):
+        """The current epoch's first ``count`` micro-batches (precise BN's calibration data),
+        read from a replay of the epoch: the iteration in progress is untouched."""
+        epoch = min(self.state.step // self.steps_per_epoch, self.cfg.epochs - 1)
+        micro = (x.contiguous(memory_format=self.memory_format).chunk(self.t.accumulate)
+                 for x, _ in self.data.train.replay(epoch))
+        return itertools.islice(((x, None) for chunks in micro for x in chunks), count)
+
+    def evaluate_splits(self) -> dict:
+        """Validation (and the best model's update), and the test set at the end or, if
+        asked, at every evaluation (to watch, never to select)."""
         step, info, ctx = self.state.step, self.data.info, self.ctx
-        ctx.broadcast_buffers(self.model)  # every shard is evaluated with rank 0's running statistics
         metrics = {}
         if self.data.val is not None:
             metrics.update(evaluate(self.model, self.data.val, info.num_classes, ctx, self.precision, split="val"))
@@ -419,14 +450,21 @@ class Run:
                 self.state.best_val_acc, self.state.best_val_step = metrics["val_acc"], step
                 self.best.update(self.model, step, metrics["val_acc"])
             metrics["best_val_acc"] = self.state.best_val_acc
-        # The test set: the final model, or every evaluation if asked (to watch, never to select).
         if step == self.total_steps or self.t.test_every_eval:
             if step == self.total_steps and ctx.is_main and info.test_size >= SLOW_TEST_SET:
                 note(f"Testing the final model on {info.test_size:,} images.")
             metrics.update(evaluate(self.model, self.data.test, info.num_classes, ctx, self.precision, split="test"))
+        return metrics
+
+    def evaluate_and_log(self) -> None:
+        step, ctx = self.state.step, self.ctx
+        self.method.before_evaluation(self.model, self.training_batches, ctx)
+        ctx.broadcast_buffers(self.model)  # every shard is evaluated with rank 0's running statistics
+        metrics = self.evaluate_splits()
         n = max(self.window.n, 1)
         loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))
         shift = conv_mean_shift(self.model, self.probe) if self.probe is not None else {}
+        norms = self.norms.read() if self.norms is not None else {}
         if self.t.signal_prop and step % self.steps_per_epoch == 0:
             self.record_signal_prop(step // self.steps_per_epoch)
         self.window.reset()
@@ -436,13 +474,13 @@ class Run:
         record = {
             "step": step, "epoch": step / self.steps_per_epoch, "examples_seen": examples,
             "train_loss": loss / n, "train_acc": correct / n, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
-            "img_per_s": examples / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(),
+            "img_per_s": examples / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(), **norms,
         }
         self.log.log(record)
         if step % self.steps_per_epoch == 0:  # the bar is erased at the epoch's end: one line stays
             note(epoch_line(record, self.cfg.epochs))
-        if shift:
-            self.log.scalars({f"mean_shift/{name}": v for name, v in shift.items()}, examples)
+        if shift or norms:
+            self.log.scalars({**{f"mean_shift/{name}": v for name, v in shift.items()}, **norms}, examples)
 
     def checkpoint(self) -> None:
         if not self.t.checkpoint:

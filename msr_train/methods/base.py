@@ -20,6 +20,7 @@ settings (``name`` and ``lr`` at least).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -160,4 +161,9 @@ class Method:
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Parameters have just been updated by the optimizer."""
+
+    def before_evaluation(self, model: nn.Module, training_batches: Callable[[int], Iterable], ctx) -> None:
+        """Called before every evaluation (all ranks). ``training_batches(n)`` yields n
+        training inputs and labels of the micro-batch size, as training sees them;
+        ``ctx`` (distributed.Context) sums tensors over the processes."""
 

@@ -61,6 +61,7 @@ import math
 import torch
 from torch import nn
 
+from ..clipping import adaptive_clip_, classifier_weight
 from ..rules import choice, either, flag, number
 from .base import BranchGain, Method
 
@@ -124,38 +125,7 @@ class NFJoin(nn.Module):
 
 
 class Classifier(nn.Sequential):
-    """Dropout, then the linear layer producing logits; marks the parameters AGC skips."""
-
-
-def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
-    """L2 norm per output unit of a matrix or conv kernel, broadcastable against ``x``:
-    over each row's fan-in (dim 0 indexes the units)."""
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
-
-
-def _clip_factor(w_norm: torch.Tensor, g_norm: torch.Tensor, clip: float, eps: float) -> torch.Tensor:
-    # A zero gradient gives a huge ratio, clamped to 1: left as is.
-    return (w_norm.clamp_min(eps) * clip / g_norm.clamp_min(1e-12)).clamp_max_(1.0)
-
-
-@torch.no_grad()
-def adaptive_clip_(params: list[torch.Tensor], clip: float, eps: float = 1e-3) -> None:
-    """AGC in place on the params' gradients: where a unit has ||G|| > clip * max(||W||,
-    eps), that unit's G is rescaled to exactly that norm. Vectors and scalars (gains,
-    biases, SkipInit) are one unit each and go through foreach norms and one foreach
-    multiply: they are most of the parameters, and one op per tensor for them was 40% of
-    AGC's time on resnet20. Matrices and kernels (one unit per row) stay one tensor at a
-    time; flattening them into one segmented vector was 2-30x slower on CPU
-    (``repeat_interleave`` and ``segment_reduce``), see docs/benchmarks.md."""
-    whole = [p for p in params if p.grad is not None and p.dim() <= 1]
-    if whole:
-        grads = [p.grad for p in whole]
-        factor = _clip_factor(torch.stack(torch._foreach_norm(whole)), torch.stack(torch._foreach_norm(grads)),
-                              clip, eps)
-        torch._foreach_mul_(grads, list(factor.unbind()))
-    for p in params:
-        if p.grad is not None and p.dim() > 1:
-            p.grad.mul_(_clip_factor(unitwise_norm(p), unitwise_norm(p.grad), clip, eps))
+    """Dropout, then the linear layer producing logits."""
 
 
 class NormalizerFree(Method):
@@ -209,8 +179,8 @@ class NormalizerFree(Method):
                       drop_rate=self.cfg.stochastic_depth * position.index / position.count)
 
     def finalize(self, model):
-        unclipped = {id(m[-1].weight) for m in model.modules() if isinstance(m, Classifier)}
-        self._clipped = [p for p in model.parameters() if id(p) not in unclipped]
+        head = classifier_weight(model)
+        self._clipped = [p for p in model.parameters() if p is not head]
 
     def param_groups(self, model):
         params = [p for p in model.parameters() if p.requires_grad]
