@@ -33,11 +33,19 @@ Sections (``--sections``):
    before_step), BNP preconditioning (bnp before_step), weight mean (mimicnorm
    after_step). Work spread through forward and backward is measured by difference
    against an otherwise identical model (same seed, same weights) without it: MSR noise
-   (``method.noise_delta=0 method.noise_shift=0``), MSR norm anchors
+   (off by default: ``method.noise_at=conv`` against the default), MSR norm anchors
    (``method.anchor_weight=0``), BNP statistics tracking (tracking switched off on the
    layers). Each share is a percentage of the full step of that method.
 4. Data path. Iterating TensorBatches over Fashion-MNIST at the largest batch size, with
    ``augment=none`` and ``augment=crop_flip``: img/s of the batches alone.
+5. Methods in the real loop, the numbers that count: steps/s of ``train()`` (as in
+   section 1: the runner's own training time over its first N steps) for every method on
+   the first model at ``--loop-batch-sizes`` (default 1, 8, 128, 1024), the methods
+   interleaved, with each round's ratio to ``none`` (the unnormalised network: the
+   limit for every method without BN) and to ``bn``. Every run is preceded by an untimed
+   one-step run of the same setting (warm caches; a method that refuses the batch size
+   is reported with its reason). Validation is off (``dataset.val_size=0``) so the
+   closing evaluation stays short; it is outside the timed span anyway.
 
 A Markdown summary (machine, command, tables) ends the output; ``--out FILE`` writes it.
 
@@ -300,7 +308,7 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
     x, y = fixed_batch(batch_size)
     variants = {  # name -> (method, overrides)
         "msr": ("msr", ()),
-        "msr without noise": ("msr", ("method.noise_delta=0", "method.noise_shift=0")),
+        "msr with noise": ("msr", ("method.noise_at=conv",)),
         "msr without anchors": ("msr", ("method.anchor_weight=0",)),
         "nf": ("nf", ()),
         "bnp": ("bnp", ()),
@@ -348,7 +356,7 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
                 "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
 
     rows = [in_place("msr without anchors", "ZMG (gradient projection)"),
-            by_difference("MSR noise (forward + backward)", "msr", "msr without noise"),
+            by_difference("MSR noise, if on (noise_at=conv; forward + backward)", "msr with noise", "msr"),
             by_difference("norm anchors (in before_step)", "msr", "msr without anchors"),
             in_place("nf", "AGC"),
             in_place("bnp", "BNP preconditioning"),
@@ -377,6 +385,52 @@ def section_data(args) -> list[dict]:
     for row in rows:
         log(f"[4] TensorBatches augment={row['augment']} batch {batch_size}: {row['img_s']:.0f} img/s")
     return rows
+
+
+# ----------------------------------------------------------------------------- 5. loop
+#: Optimizer steps per timed run in section 5: about 2-6 s each on 2 CPU cores (resnet20).
+LOOP_STEPS = {1: 200, 8: 100, 128: 10, 1024: 2}
+
+
+def section_loop(args) -> list[dict]:
+    model_name, rows = args.models[0], []
+    for batch_size in args.loop_batch_sizes:
+        steps = max(1, round(LOOP_STEPS.get(batch_size, max(2, 1280 // batch_size)) * args.loop_scale))
+        runs, skipped = {}, {}
+        for name in args.methods:
+            try:
+                loop_rate(model_name, name, batch_size, 1, args.threads)
+            except ConfigError as e:
+                skipped[name] = str(e).split(";")[0]
+                continue
+            runs[name] = lambda n=name: loop_rate(model_name, n, batch_size, steps, args.threads)
+        res = interleaved(runs, args.repeats)
+        for name in args.methods:
+            row = {"model": model_name, "method": name, "batch": batch_size, "steps": steps}
+            if name in res:
+                row["steps_s"] = statistics.median(res[name])
+                for base in ("none", "bn"):
+                    if base in res:
+                        row[f"vs_{base}"] = statistics.median(a / b for a, b in zip(res[name], res[base]))
+            else:
+                row["skipped"] = skipped[name]
+            rows.append(row)
+            log(f"[5] {model_name}/{name} batch {batch_size}: " + (
+                f"{row['steps_s']:.2f} steps/s, x{row.get('vs_none', float('nan')):.3f} none"
+                if "steps_s" in row else row["skipped"]))
+    return rows
+
+
+def loop_rate(model_name: str, method_name: str, batch_size: int, steps: int, threads: int) -> float:
+    """Steps/s of train() with the method's own defaults (its lr included)."""
+    cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
+                   "dataset=fashion_mnist", "dataset.val_size=0", "dataset.test_size=1000",
+                   f"trainer.max_steps={steps}", "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}",
+                   "trainer.tensorboard=false", "trainer.checkpoint=false", "trainer.progress_bar=false",
+                   "trainer.resume=never", "trainer.divergence_factor=null")
+    with tempfile.TemporaryDirectory() as out_dir:
+        summary = train(cfg, Path(out_dir))
+    return summary["step"] / summary["train_time_s"]
 
 
 # ----------------------------------------------------------------------------- report
@@ -439,6 +493,13 @@ def markdown(args, results: dict, command: str, elapsed: float) -> str:
         out += ["### 4. Data path (TensorBatches, Fashion-MNIST)", "", table(
             ["augment", "batch", "img/s"], [[r["augment"], r["batch"], f"{r['img_s']:.0f}"] for r in results["data"]]),
             ""]
+    if "loop" in results:
+        out += ["### 5. Methods in the real loop", "", table(
+            ["model", "method", "batch", "steps timed", "steps/s", "img/s", "/ none", "/ bn", "note"],
+            [[r["model"], r["method"], r["batch"], r["steps"], f"{r['steps_s']:.2f}" if "steps_s" in r else "n/a",
+              f"{r['steps_s'] * r['batch']:.0f}" if "steps_s" in r else "n/a",
+              f"{r['vs_none']:.3f}" if "vs_none" in r else "", f"{r['vs_bn']:.3f}" if "vs_bn" in r else "",
+              r.get("skipped", "")] for r in results["loop"]]), ""]
     return "\n".join(out)
 
 
@@ -448,7 +509,8 @@ def int_list(text: str) -> list[int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", type=int_list, default=[1, 2, 3, 4], help="which sections to run (default 1,2,3,4)")
+    p.add_argument("--sections", type=int_list, default=[5, 1, 2, 3, 4],
+                   help="which sections to run, in this order (default 5,1,2,3,4)")
     p.add_argument("--models", default="resnet20,resnet18,vgg11",
                    help="models for section 2; the first one is used by sections 1 and 3 (default %(default)s)")
     p.add_argument("--methods", default=",".join(["bn", "msr", "nf", "mimicnorm", "bnp", "none"]),
@@ -456,6 +518,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=int_list, default=[1, 128],
                    help="section 1 runs each; sections 2-4 use the largest, section 2 also gives steps/s of the "
                         "others on the first model (default 1,128)")
+    p.add_argument("--loop-batch-sizes", type=int_list, default=[1, 8, 128, 1024],
+                   help="section 5's batch sizes (default 1,8,128,1024)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     p.add_argument("--runner-method", default="msr", help="method of section 1 (default: msr, the config default)")
@@ -470,7 +534,9 @@ def parse_args(argv=None):
     # Step counts: per round, per timed run.
     args.runner_steps_large, args.runner_steps_small = 12, 150
     args.method_images, args.small_batch_steps, args.hook_steps, args.data_batches = 768, 30, 5, 100
+    args.loop_scale = 1.0
     if args.quick:
+        args.loop_scale = 0.1
         args.models, args.repeats = args.models[:1], 2
         args.runner_steps_large, args.runner_steps_small = 4, 40
         args.method_images, args.small_batch_steps, args.hook_steps, args.data_batches = 256, 10, 1, 20
@@ -487,7 +553,7 @@ def main(argv=None) -> None:
     command = shlex.join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     sections = {1: ("runner", section_runner), 2: ("methods", section_methods), 3: ("hooks", section_hooks),
-                4: ("data", section_data)}
+                4: ("data", section_data), 5: ("loop", section_loop)}
     results = {}
     for number in args.sections:
         key, run = sections[number]
