@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hypothesis import settings
 
@@ -15,6 +16,16 @@ def make_cfg(*overrides: str):
     """The full run config for these command-line overrides."""
     with initialize_config_module("msr_train.conf", version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors this small gain nothing from more threads, and a second thread makes the
+    run many times slower when other processes compete for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

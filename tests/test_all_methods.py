@@ -39,14 +39,7 @@ MARKS = {**dict.fromkeys(("resnet34", "resnet101", "resnet152"), pytest.mark.dee
 MODELS = [pytest.param(name, marks=MARKS[name]) if name in MARKS else name for name in ARCHITECTURES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from more threads, and a second thread makes the
-    run many times slower when other processes compete for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batchnorm_fails_on_one_example(model, x1) -> bool:

@@ -18,6 +18,8 @@ from msr_train.optim import build_optimizer
 from msr_train.train import evaluate, train
 from test_all_methods import MODELS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def bn_pair(channels=3, momentum=0.1, eps=1e-5):
     """A ghost BN layer and a plain one with the same (random) affine parameters, float64."""
