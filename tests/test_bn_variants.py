@@ -77,10 +77,10 @@ def test_bad_bn_settings_are_refused_before_training(tmp_path, overrides, key):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_ghost_batch_of_one_on_one_by_one_maps_is_refused():
+def test_ghost_batch_of_one_on_one_by_one_maps_is_refused(tmp_path):
     cfg = make_cfg("debug=quick", "method=bn", "batch_size=8", "method.ghost_batch_size=1", "model=vgg11")
     with pytest.raises(ConfigError, match="1 example per virtual batch"):
-        train(cfg, "unused")
+        train(cfg, tmp_path)
 
 
 def tiny_bn_net():
