@@ -25,7 +25,8 @@ BatchNorm's own remedies, each off by default (conf/method/bn.yaml):
   over the processes of a distributed run. The EMA of a small batch's statistics lags
   the weights and is noisy; this replaces it by the population statistics of the
   current weights. (fvcore averages the per-batch variances instead, which leaves out
-  the spread of the batch means; here it is the variance over all the inputs.)
+  the spread of the batch means; here it is the variance over all the inputs.) The
+  calibration forward passes run without autocast, in the weights' dtype.
 """
 
 import torch
