@@ -3,8 +3,9 @@ builds, takes three optimizer steps at batch 1 and at batch 32 with a finite los
 steps are train.py's, hooks included), and evaluates. Where BatchNorm cannot train on a
 batch of one, the up-front check must say so instead.
 
-ResNet-34 repeats ResNet-18's basic blocks and ResNet-101 / -152 repeat ResNet-50's
-bottlenecks: they exercise no code their smaller siblings do not, at several times the
+ResNet-34 repeats ResNet-18's basic blocks, ResNet-101 / -152 repeat ResNet-50's
+bottlenecks, ResNet-110 repeats ResNet-20's blocks and VGG-16 / -19 repeat VGG-11/13's
+conv stacks: they exercise no code their smaller siblings do not, at several times the
 cost, and run only when asked for: `pytest -m deep`.
 """
 
@@ -34,8 +35,8 @@ SHAPE = (1, 16, 16)
 NUM_CLASSES = 3
 STEPS = 3
 #: The largest models of each family that CI still runs take seconds each: slow.
-MARKS = {**dict.fromkeys(("resnet34", "resnet101", "resnet152"), pytest.mark.deep),
-         **dict.fromkeys(("resnet50", "resnet110", "vgg16", "vgg19"), pytest.mark.slow)}
+MARKS = {**dict.fromkeys(("resnet34", "resnet101", "resnet152", "resnet110", "vgg16", "vgg19"), pytest.mark.deep),
+         "resnet50": pytest.mark.slow}
 MODELS = [pytest.param(name, marks=MARKS[name]) if name in MARKS else name for name in ARCHITECTURES]
 
 
