@@ -437,7 +437,7 @@ class Run:
         epoch = min(self.state.step // self.steps_per_epoch, self.cfg.epochs - 1)
         micro = (x.contiguous(memory_format=self.memory_format).chunk(self.t.accumulate)
                  for x, _ in self.data.train.replay(epoch))
-        return itertools.islice(((x, None) for chunks in micro for x in chunks), count)
+        return itertools.islice((x for chunks in micro for x in chunks), count)
 
     def evaluate_splits(self) -> dict:
         """Validation (and the best model's update), and the test set at the end or, if

@@ -107,7 +107,7 @@ def test_precise_bn_statistics_are_the_mean_and_variance_over_the_batches():
     with torch.no_grad():
         expected = direct_statistics(net, batches)
     net.eval()
-    recompute_bn_statistics_(net, [(x, None) for x in batches], Context())
+    recompute_bn_statistics_(net, batches, Context())
     assert not net.training  # the mode is restored
     for layer, (mean, var) in zip((net[1], net[4]), expected):
         torch.testing.assert_close(layer.running_mean, mean)
@@ -116,7 +116,7 @@ def test_precise_bn_statistics_are_the_mean_and_variance_over_the_batches():
 
 def _precise_bn_on_half(batches, out_path, *, device, ctx):
     net = tiny_bn_net()
-    mine = [(x[ctx.rank * 2:(ctx.rank + 1) * 2], None) for x in batches]  # each rank: its half of every batch
+    mine = [x[ctx.rank * 2:(ctx.rank + 1) * 2] for x in batches]  # each rank: its half of every batch
     recompute_bn_statistics_(net, mine, ctx)
     torch.save([net[1].running_mean, net[1].running_var, net[4].running_mean], f"{out_path}.{ctx.rank}")
 
@@ -157,7 +157,7 @@ def test_precise_bn_in_a_run_recomputes_the_statistics_evaluation_uses(tmp_path)
     net = build_model("resnet8", build_method(cfg.method), in_channels=data.info.in_channels,
                       num_classes=data.info.num_classes, image_size=data.info.image_size)
     net.load_state_dict(precise)
-    micro = [(h, None) for x, _ in list(data.train.replay(0))[:2] for h in x.chunk(2)][:3]
+    micro = [h for x, _ in list(data.train.replay(0))[:2] for h in x.chunk(2)][:3]
     recompute_bn_statistics_(net, micro, Context())
     torch.testing.assert_close(net.state_dict()[key], precise[key])
 
@@ -185,7 +185,7 @@ def test_every_family_trains_with_ghost_and_precise_bn(model_name):
                 continue  # 1x1 maps: refused up front, as for plain BN
         losses = train_steps(model, method, opt, [(x, y)] * 3)
         assert all(math.isfinite(v) for v in losses)
-    method.before_evaluation(model, lambda n: [(torch.randn(8, 1, 16, 16), None)] * n, Context())
+    method.before_evaluation(model, lambda n: [torch.randn(8, 1, 16, 16)] * n, Context())
     assert all(torch.isfinite(m.running_var).all() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     metrics = evaluate(model, [(torch.randn(4, 1, 16, 16), torch.randint(3, (4,)))], 3)
     assert math.isfinite(metrics["test_loss"])

@@ -164,6 +164,6 @@ class Method:
 
     def before_evaluation(self, model: nn.Module, training_batches: Callable[[int], Iterable], ctx) -> None:
         """Called before every evaluation (all ranks). ``training_batches(n)`` yields n
-        training inputs and labels of the micro-batch size, as training sees them;
+        training inputs of the micro-batch size, as training sees them;
         ``ctx`` (distributed.Context) sums tensors over the processes."""
 

@@ -121,7 +121,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 @torch.no_grad()
 def recompute_bn_statistics_(model: nn.Module, batches, ctx) -> None:
     """Precise BN: every BatchNorm layer's running mean and unbiased variance become those
-    of all its inputs over ``batches`` (inputs, labels), the model in training mode (each
+    of all its inputs over ``batches`` (input tensors), the model in training mode (each
     layer normalising by its batch statistics), summed over the processes with ``ctx``."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     sums = {m: torch.zeros(3, m.num_features, dtype=torch.float64, device=m.running_mean.device) for m in layers}
@@ -133,7 +133,7 @@ def recompute_bn_statistics_(model: nn.Module, batches, ctx) -> None:
     was_training = model.training
     model.train()
     try:
-        for x, _ in batches:
+        for x in batches:
             model(x)
     finally:
         model.train(was_training)

@@ -67,6 +67,7 @@ import math
 import torch
 from torch import nn
 
+from ..clipping import classifier_weight
 from ..distributed import rand_per_sample
 from ..rules import choice, flag, number
 from .base import Method, PostActivationJoin
@@ -225,16 +226,16 @@ class MeanShiftRejection(Method):
                     self._projected.append(m.weight)
                 if m.role != "stem":
                     self._anchored.append(m.weight)
-        classifier = _classifier(model)
+        head = classifier_weight(model)
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-                if self.cfg.zmg_cross_channel and m is not classifier:
+                if self.cfg.zmg_cross_channel and m.weight is not head:
                     with torch.no_grad():
                         m.weight.sub_(m.weight.mean(1, keepdim=True))
                     self._projected.append(m.weight)
-        self._anchored.append(classifier.weight)
+        self._anchored.append(head)
 
     def param_groups(self, model):
         """The authors' two learning rates: conv weights and filter scales at the base lr,
@@ -279,8 +280,3 @@ class MeanShiftRejection(Method):
         alpha = self.cfg.zmg_alpha
         for w in self._projected:
             w.sub_(w.mean(zero_mean_axes(w), keepdim=True), alpha=alpha)
-
-
-def _classifier(model: nn.Module) -> nn.Linear:
-    """The last Linear layer of the model: the one producing logits."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
