@@ -52,6 +52,8 @@ TRAINER_RULES = {
     "grad_clip_norm": number(0, 1e6, lo_open=True, null=True, note="null: off"),
     "agc_clip": number(0, 1e3, lo_open=True, null=True, note="lambda; null: off"),
     "log_norms": flag(note="per-parameter gradient and weight norms at every evaluation"),
+    "stop_at_val_acc": number(0, 1, lo_open=True, null=True,
+                              note="a fraction, e.g. 0.9: stop once validation accuracy reaches it; null: off"),
     "divergence_factor": number(0, lo_open=True, null=True, note="x ln(num_classes); null: NaN/inf only"),
     "resume": choice("auto", "never"),
     "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),

@@ -11,7 +11,7 @@ data order and the noise).
 
 Small datasets (MNIST, Fashion-MNIST, CIFAR, synthetic) live as one uint8 tensor on the
 training device; batches are cut by index, augmented on tensors (4-px pad-crop and
-horizontal flip, batched) and normalised there, so the data path never starves the
+horizontal flip, random erasing; batched) and normalised there, so the data path never starves the
 model and needs no worker processes. ImageNet (ImageFolder layout) streams from disk
 through a DataLoader with ``num_workers`` workers.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,7 @@ def dataset_rules(cfg) -> dict[str, Rule]:
         rules["image_size"] = integer(8)
     else:
         rules["augment"] = choice("none", "crop_flip")
+        rules["random_erasing"] = number(0, 1, note="probability that a training image gets an erased box; 0: off")
     return rules
 
 
@@ -242,7 +244,7 @@ class TensorBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, *, batch_size: int,
                  train: bool, augment: str, seed: int, shard: tuple[int, int] = (0, 1),
-                 indices: torch.Tensor | None = None):
+                 indices: torch.Tensor | None = None, random_erasing: float = 0.0):
         self.x, self.y = x, y
         # Where each image sits in the dataset's own split (the original training set for
         # train and validation batches): what the split tests check.
@@ -253,6 +255,7 @@ class TensorBatches:
         self.mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.random_erasing = random_erasing
         self.epoch = self.start_batch = 0
 
     def __len__(self):
@@ -281,12 +284,7 @@ class TensorBatches:
             if not self.train:
                 x, y = self.x[sl], self.y[sl]
             else:
-                x, y = self.x[order[sl]], self.y[order[sl]]
-                if self.augment == "crop_flip":
-                    # Seeded per batch, so a resumed run draws the same crops without saved state.
-                    g = torch.Generator(device=self.x.device).manual_seed(
-                        (self.seed * 100_003 + self.epoch) * 1_000_003 + i)
-                    x = crop_flip(x, g)
+                x, y = self._augment(self.x[order[sl]], i), self.y[order[sl]]
             if self.world_size > 1:
                 if self.train:
                     part = slice(self.rank * len(y) // self.world_size, (self.rank + 1) * len(y) // self.world_size)
@@ -294,6 +292,15 @@ class TensorBatches:
                     part = slice(self.rank, None, self.world_size)
                 x, y = x[part], y[part]
             yield (x.float() - self.mean) / self.std, y
+
+    def _augment(self, x: torch.Tensor, batch_index: int) -> torch.Tensor:
+        if self.augment == "none" and not self.random_erasing:
+            return x
+        # Seeded per batch, so a resumed run draws the same crops without saved state.
+        g = torch.Generator(device=x.device).manual_seed((self.seed * 100_003 + self.epoch) * 1_000_003 + batch_index)
+        if self.augment == "crop_flip":
+            x = crop_flip(x, g)
+        return random_erase(x, g, self.random_erasing) if self.random_erasing else x
 
 
 def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -308,6 +315,34 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
     rows = torch.arange(h, device=x.device).expand(b, h) + dy
     batch = torch.arange(b, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_erase(x: torch.Tensor, g: torch.Generator, p: float, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
+                 attempts: int = 10) -> torch.Tensor:
+    """Random Erasing (Zhong et al., AAAI 2020, arXiv 1708.04896) for a whole uint8 batch.
+
+    With probability ``p`` an image gets one box, of area a fraction in ``scale`` of the
+    image's and aspect ratio h/w log-uniform in ``ratio``, filled with uniform random pixel
+    values (the paper's choice). As in torchvision's RandomErasing, up to ``attempts``
+    sizes are drawn per image and the first that fits is used; if none fits the image is
+    left as it is."""
+    b, _, h, w = x.shape
+    dev = x.device
+    area = h * w * torch.empty(b, attempts, device=dev).uniform_(*scale, generator=g)
+    aspect = torch.empty(b, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
+    box_h, box_w = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits
+    box_h, box_w = box_h.gather(1, first), box_w.gather(1, first)
+    erased = fits.any(1, keepdim=True) & (torch.rand(b, 1, generator=g, device=dev) < p)
+    top = (torch.rand(b, 1, generator=g, device=dev) * (h - box_h + 1)).long()
+    left = (torch.rand(b, 1, generator=g, device=dev) * (w - box_w + 1)).long()
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    in_rows = (rows >= top) & (rows < top + box_h) & erased
+    in_cols = (cols >= left) & (cols < left + box_w)
+    inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+    fill = torch.randint(0, 256, x.shape, generator=g, device=dev, dtype=torch.int16).to(x.dtype)
+    return torch.where(inside, fill, x)
 
 
 def _subset(size: int | None, n: int, seed: int) -> torch.Tensor:
@@ -355,7 +390,8 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
     def batches(x, y, idx, train):
         return TensorBatches(x[idx].to(device), y[idx].to(device), cfg.mean, cfg.std,
                              batch_size=batch_size if train else eval_batch_size, train=train,
-                             augment=cfg.augment if train else "none", seed=seed, shard=shard, indices=idx)
+                             augment=cfg.augment if train else "none", seed=seed, shard=shard, indices=idx,
+                             random_erasing=cfg.random_erasing if train else 0.0)
     info = DatasetInfo(cfg.name, xtr.shape[1], xtr.shape[-1], cfg.num_classes, len(train_idx), len(test_idx),
                        len(val_idx), source=source)
     return Data(info, batches(xtr, ytr, train_idx, True),

@@ -55,6 +55,9 @@ def end_report(summary: dict, out_dir: Path) -> str:
                      f"final model {100 * final:.2f}%")
     elif summary["status"] == "completed":
         lines.append(f"  test acc  {100 * final:.2f}% (the final model; no validation split)")
+    elif summary["status"] == "reached_target":
+        lines.append(f"  target    validation accuracy {100 * summary['best_val_acc']:.2f}% (trainer.stop_at_val_acc) "
+                     f"after {duration(summary['train_time_s'])} of training; not tested")
     lines += [f"  results   {out_dir}/ (summary.json, metrics.jsonl, checkpoints/)",
               f"  look      tensorboard --logdir {out_dir}    msr-compare {out_dir}"]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = frozenset({
     "dataset.root", "dataset.download", "dataset.num_workers",
     "trainer.progress_bar", "trainer.log_every", "trainer.cpu_threads", "trainer.tensorboard", "trainer.mean_shift",
     "trainer.resume", "trainer.eval_batch_size", "trainer.log_norms",
+    "trainer.stop_at_val_acc",  # when the run ends, not its trajectory: a higher target continues it
 })
 
 #: Settings added after checkpoints were written, with the value that trains as before
@@ -30,6 +31,7 @@ RESUMABLE_CHANGES = frozenset({
 ADDED_SETTINGS = {
     "trainer.grad_clip_norm": None, "trainer.agc_clip": None,
     "method.momentum": 0.1, "method.eps": 1e-5, "method.ghost_batch_size": None, "method.precise_bn_batches": 0,
+    "dataset.random_erasing": 0.0,
 }
 
 

@@ -34,7 +34,7 @@ from .checks import check_batchnorm_trainable, check_parallel, check_writable, s
 from .clipping import GradientClipping
 from .data import build_data
 from .distributed import Context, init_group, launched_group, spawn
-from .errors import RunFailed, describe
+from .errors import ConfigError, RunFailed, describe
 from .methods import build_method
 from .models import build_model
 from .norms import NormProbe
@@ -243,6 +243,10 @@ class Run:
         self.method = build_method(cfg.method, cfg.batch_size)
         self.data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=self.t.eval_batch_size,
                                seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
+        if self.t.stop_at_val_acc is not None and self.data.val is None:
+            raise ConfigError(f"trainer.stop_at_val_acc={self.t.stop_at_val_acc} needs a validation split, but "
+                              f"this run has none (dataset.val_size={cfg.dataset.get('val_size')}); set "
+                              "dataset.val_size > 0")
         self.build_model()
         self.optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.batch_size)
         self.clip = GradientClipping(self.model, self.t.grad_clip_norm, self.t.agc_clip)
@@ -335,7 +339,7 @@ class Run:
             if self.t.compile:
                 note("Compiling the model (trainer.compile=true): the first steps take a while.")
         self.model.train()
-        status = None if self.state.step < self.total_steps else "completed"
+        status = "completed" if self.state.step >= self.total_steps else self.target_status()
         while status is None:
             status = self.train_epoch()
         return status
@@ -392,15 +396,24 @@ class Run:
                 return "diverged"
         if evaluate_now:
             self.evaluate_and_log()
+            stopping = stopping or self.target_status() is not None
         if evaluate_now or stopping:
             self.checkpoint()
             self.tick = time.perf_counter()
+        if stopping and self.target_status() is not None:
+            return self.target_status()
         if stopping:
             if self.ctx.is_main:
                 note(f"{self.stop.received or 'a stop signal'}: stopped at step {step} with a checkpoint; "
                      "resume it with the same settings in the same output dir.")
             return "interrupted"
         return "completed" if step >= self.total_steps else None
+
+    def target_status(self) -> str | None:
+        """"reached_target" once validation accuracy has reached trainer.stop_at_val_acc
+        (time-to-accuracy runs; rank 0's best_val_acc is every rank's: the sums are all-reduced)."""
+        target, best = self.t.stop_at_val_acc, self.state.best_val_acc
+        return "reached_target" if target is not None and best is not None and best >= target else None
 
     def diverged(self, running_loss: float) -> bool:
         """A NaN or infinite loss, or one far above chance level (ln(num_classes)): a

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import make_cfg
-from msr_train.data import _read_idx, build_data, crop_flip
+from msr_train.data import _read_idx, build_data, crop_flip, random_erase
 from msr_train.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -76,6 +76,46 @@ def test_crop_flip_returns_shifted_or_mirrored_crops_of_the_padded_image():
         crops = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
         candidates = crops + [c.flip(-1) for c in crops]
         assert any(torch.equal(out[b], c) for c in candidates)
+
+
+def erased_boxes(p, n=2000, seed=0):
+    """The bounding box (height, width) of the changed pixels of each image of n black
+    28x28 images after random erasing, None where nothing changed."""
+    out = random_erase(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.Generator().manual_seed(seed), p)
+    boxes = []
+    for changed in (out[:, 0] != 0):
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        if len(rows) == 0:
+            boxes.append(None)
+            continue
+        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.float().mean() > 0.9  # one box of noise (a random fill value may be 0)
+        boxes.append((len(box), len(box[0])))
+    return boxes
+
+
+def test_random_erasing_puts_one_box_of_the_papers_sizes_in_a_share_p_of_the_images():
+    boxes = erased_boxes(0.5)
+    share = sum(b is not None for b in boxes) / len(boxes)
+    assert abs(share - 0.5) < 4 * (0.25 / len(boxes)) ** 0.5
+    sizes = [b for b in boxes if b is not None]
+    areas = torch.tensor([h * w / 784 for h, w in sizes])
+    aspects = torch.tensor([h / w for h, w in sizes])
+    # Area 2-40% and aspect 0.3-3.3 of the paper, up to rounding each side to whole pixels.
+    assert areas.min() >= 0.012 and areas.max() <= 0.45 and 0.15 < areas.mean() < 0.25
+    assert aspects.min() >= 0.25 and aspects.max() <= 4 and (aspects < 1).any() and (aspects > 1).any()
+    assert erased_boxes(0.0, n=50) == [None] * 50 and all(erased_boxes(1.0, n=200))
+    assert erased_boxes(0.5, n=50, seed=3) == erased_boxes(0.5, n=50, seed=3)
+
+
+def test_random_erasing_touches_training_batches_only():
+    def first_batches(p):
+        cfg = make_cfg("dataset=synthetic", "dataset.val_size=64", f"dataset.random_erasing={p}").dataset
+        data = build_data(cfg, batch_size=32, eval_batch_size=64, seed=0, device=CPU)
+        return [next(iter(split))[0] for split in (data.train, data.val, data.test)]
+    (train, val, test), (train0, val0, test0) = first_batches(1.0), first_batches(0.0)
+    assert torch.equal(val, val0) and torch.equal(test, test0)
+    assert all(not torch.equal(a, b) for a, b in zip(train, train0))  # every training image got a box
 
 
 def offline(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_cfg
 from msr_train.data import build_data, split_indices
+from msr_train.errors import ConfigError
 from msr_train.methods import build_method
 from msr_train.models import build_model
 from msr_train.train import evaluate, train
@@ -109,3 +110,20 @@ def test_best_model_of_the_resumed_checkpoint_survives_a_kill_between_best_and_l
     nothing = BestModel(None)
     nothing.restore(tmp_path, None, CPU)  # no validation yet: nothing to restore
     assert nothing.state is None
+
+
+def test_stop_at_val_acc_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path):
+    common = ["debug=quick", "dataset.synthetic_test=64", "dataset.image_size=8", "dataset.val_size=64",
+              "method=bn", "epochs=3", "trainer.eval_every=2"]
+    train(make_cfg(*common), tmp_path / "full")
+    full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    # The first evaluation (after the first) that raises the best validation accuracy.
+    k = next(i for i in range(1, len(full) - 1) if full[i]["best_val_acc"] > full[i - 1]["best_val_acc"])
+    target = (full[k - 1]["best_val_acc"] + full[k]["best_val_acc"]) / 2
+    summary = train(make_cfg(*common, f"trainer.stop_at_val_acc={target}"), tmp_path / "target")
+    assert summary["status"] == "reached_target" and summary["step"] == full[k]["step"]
+    assert summary["best_val_acc"] == full[k]["best_val_acc"] and "selected_test_acc" not in summary
+    again = train(make_cfg(*common, f"trainer.stop_at_val_acc={target}"), tmp_path / "target")  # resumed
+    assert again["status"] == "reached_target" and again["step"] == summary["step"]
+    with pytest.raises(ConfigError, match="trainer.stop_at_val_acc=0.5 needs a validation split"):
+        train(make_cfg("debug=quick", "dataset.val_size=0", "trainer.stop_at_val_acc=0.5"), tmp_path / "noval")
