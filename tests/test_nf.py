@@ -55,6 +55,24 @@ def test_scaled_weight_standardization(name, size):
         torch.testing.assert_close(conv(xin).detach().double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_plain_stem_is_an_ordinary_conv_that_sees_brightness():
+    torch.manual_seed(0)
+    plain = build_model("resnet18", nf_method("stem=plain"), in_channels=1, num_classes=10, image_size=28)
+    ws = build_model("resnet18", nf_method(), in_channels=1, num_classes=10, image_size=28)
+    stem = stem_conv(plain)
+    assert type(stem) is nn.Conv2d and not torch.any(stem.bias)
+    assert stem.weight.std().item() == pytest.approx(stem.weight[0].numel() ** -0.5, rel=0.15)
+    body = [m for m in plain.modules() if isinstance(m, nn.Conv2d) and m is not stem]
+    assert body and all(isinstance(c, WSConv2d) for c in body)
+    # Two flat images of different brightness: away from the padding, the standardised
+    # (zero-mean) stem answers both alike, the plain stem does not.
+    dark, bright = torch.full((1, 1, 12, 12), -1.0), torch.full((1, 1, 12, 12), 1.0)
+    with torch.no_grad():
+        for conv, blind in ((stem_conv(ws), True), (stem, False)):
+            same = torch.allclose(conv(dark)[..., 2:-2, 2:-2], conv(bright)[..., 2:-2, 2:-2], atol=1e-5)
+            assert same == blind
+
+
 def test_standardization_floor_keeps_a_constant_filter_finite():
     conv = WSConv2d(4, 2, 3, gamma=RELU_GAMMA)
     with torch.no_grad():

@@ -27,6 +27,10 @@ knobs are in conf/method/nf.yaml):
   1 + alpha^2 after a transition block. The authors reset at every stage's first block,
   which is always a transition in their networks; here a stage whose first block keeps
   stride and width (ResNet-18/34 stage 1) does not reset, since its shortcut is h itself.
+- ``stem``: ``ws`` (the paper: Scaled WS like every other conv) or ``plain`` (an
+  ordinary conv with a bias, N(0, 1/fan_in) init). On a 1-channel image a standardised
+  3x3 stem filter is zero-mean, i.e. blind to local brightness (MSR's zero-mean stem has
+  the same blindness; its plain stem won on validation, docs/results.md).
 - SkipInit: a learnable scalar, initialised to 0, ends every residual branch
   (``skipinit``; off gives no scalar, used to check signal propagation at init).
 - AGC belongs to NFNets (arXiv 2102.06171), not to NF-ResNets (arXiv 2101.08692), which
@@ -138,6 +142,7 @@ class NormalizerFree(Method):
         "activation": choice(*ACTIVATIONS),
         "alpha": number(0, 10, lo_open=True, note="NF-ResNets use 0.2"),
         "skipinit": flag(),
+        "stem": choice("ws", "plain", note="ws: Scaled WS like every conv (the paper); plain: an ordinary conv"),
         "agc_clip": either(choice("auto", note="0.01 at batch >= 1024, off below"),
                            number(0, 1e3, null=True, note="lambda; 0 or null disables AGC")),
         "stochastic_depth": number(0, 1, hi_open=True, note="0 disables it"),
@@ -156,6 +161,11 @@ class NormalizerFree(Method):
         return clip or None
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
+        if role == "stem" and self.cfg.stem == "plain":
+            conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
+            nn.init.normal_(conv.weight, std=conv.weight[0].numel() ** -0.5)  # as WSConv2d's, then left alone
+            nn.init.zeros_(conv.bias)
+            return conv
         gamma = 1.0 if role == "stem" else ACTIVATIONS[self.cfg.activation][1]
         return WSConv2d(in_ch, out_ch, kernel_size, stride, gamma=gamma)
 
