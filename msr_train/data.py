@@ -11,7 +11,7 @@ data order and the noise).
 
 Small datasets (MNIST, Fashion-MNIST, CIFAR, synthetic) live as one uint8 tensor on the
 training device; batches are cut by index, augmented on tensors (4-px pad-crop and
-horizontal flip, random erasing; batched) and normalised there, so the data path never starves the
+horizontal flip, or flip alone; random erasing; batched) and normalised there, so the data path never starves the
 model and needs no worker processes. ImageNet (ImageFolder layout) streams from disk
 through a DataLoader with ``num_workers`` workers.
 
@@ -233,7 +233,7 @@ def dataset_rules(cfg) -> dict[str, Rule]:
     if cfg.name == "imagenet":
         rules["image_size"] = integer(8)
     else:
-        rules["augment"] = choice("none", "crop_flip")
+        rules["augment"] = choice("none", "flip", "crop_flip")
         rules["random_erasing"] = number(0, 1, note="probability that a training image gets an erased box; 0: off")
     return rules
 
@@ -298,13 +298,13 @@ class TensorBatches:
             return x
         # Seeded per batch, so a resumed run draws the same crops without saved state.
         g = torch.Generator(device=x.device).manual_seed((self.seed * 100_003 + self.epoch) * 1_000_003 + batch_index)
-        if self.augment == "crop_flip":
-            x = crop_flip(x, g)
+        if self.augment != "none":
+            x = crop_flip(x, g, pad=4 if self.augment == "crop_flip" else 0)  # pad 0: flip only
         return random_erase(x, g, self.random_erasing) if self.random_erasing else x
 
 
 def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random 4-px pad-and-crop plus horizontal flip for a whole batch at once."""
+    """Random ``pad``-px pad-and-crop plus horizontal flip for a whole batch at once."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=g, device=x.device)

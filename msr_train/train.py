@@ -53,20 +53,21 @@ SLOW_TEST_SET = 10_000
 
 
 def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: Precision = FULL,
-               on_gradients: Callable[[], None] | None = None):
+               on_gradients: Callable[[], None] | None = None, label_smoothing: float = 0.0):
     """One optimizer step over ``accumulate`` equal micro-batches, with the method's hooks.
     With BatchNorm each micro-batch is normalised with its own statistics. ``model`` may be
     a DistributedDataParallel wrapper: gradients are all-reduced once, in the last
     micro-batch's backward, so the hooks see the reduced (and unscaled) gradients:
     ``on_gradients`` (the loop's norm probe and clipping) first, then the method's. Returns
-    the summed data loss and the number of correct predictions, as tensors (no device sync)."""
+    the summed data loss (with ``label_smoothing``, the smoothed loss that is trained on)
+    and the number of correct predictions, as tensors (no device sync)."""
     loss_sum = correct = 0
     for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
         last = i == accumulate - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with precision.autocast():
                 logits = model(xm)
-                loss = F.cross_entropy(logits.float(), ym)
+                loss = F.cross_entropy(logits.float(), ym, label_smoothing=label_smoothing)
             precision.backward(loss / accumulate)
         loss_sum = loss_sum + loss.detach() * len(ym)
         correct = correct + (logits.argmax(1) == ym).sum()
@@ -356,7 +357,8 @@ class Run:
             for x, y in self.data.train:
                 loss_sum, correct = train_step(self.net, self.method, self.optimizer,
                                                x.contiguous(memory_format=self.memory_format), y,
-                                               self.t.accumulate, self.precision, self.gradients_ready)
+                                               self.t.accumulate, self.precision, self.gradients_ready,
+                                               self.t.label_smoothing)
                 self.window.add(loss_sum, correct, len(y) * self.ctx.world_size)
                 self.scheduler.step()
                 self.state.step += 1

@@ -78,6 +78,16 @@ def test_crop_flip_returns_shifted_or_mirrored_crops_of_the_padded_image():
         assert any(torch.equal(out[b], c) for c in candidates)
 
 
+def test_flip_alone_mirrors_or_keeps_each_image():
+    cfg = make_cfg("dataset=synthetic", "dataset.augment=flip").dataset
+    flipped = build_data(cfg, batch_size=64, eval_batch_size=64, seed=0, device=CPU).train
+    plain = build_data(make_cfg("dataset=synthetic").dataset, batch_size=64, eval_batch_size=64, seed=0,
+                       device=CPU).train
+    (x, _), (x0, _) = next(iter(flipped)), next(iter(plain))
+    mirrored = [torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in zip(x, x0)]
+    assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, x, x0)) and 10 < sum(mirrored) < 54
+
+
 def erased_boxes(p, n=2000, seed=0):
     """The bounding box (height, width) of the changed pixels of each image of n black
     28x28 images after random erasing, None where nothing changed."""

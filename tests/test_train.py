@@ -120,3 +120,25 @@ def test_mean_shift_charts_only_when_asked_for(tmp_path, on):
     events.Reload()
     charts = [t for t in events.Tags()["scalars"] if t.startswith("mean_shift/")]
     assert len(charts) == (7 if on else 0)  # ResNet-8: stem + 3 blocks x 2 convs
+
+
+def test_label_smoothing_trains_on_the_smoothed_loss():
+    from msr_train.methods import build_method
+    from msr_train.train import train_step
+    method = build_method(make_cfg("method=none").method)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    x, y = torch.randn(6, 3, 2, 2), torch.randint(5, (6,))
+    # By hand: (1 - eps) x cross-entropy + eps x the mean over classes of -log p.
+    logp = torch.log_softmax(net(x), 1)
+    expected = (0.9 * -logp[torch.arange(6), y] - 0.1 * logp.mean(1)).mean()
+    expected.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    seen = {}
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    loss_sum, _ = train_step(net, method, opt, x, y, label_smoothing=0.1,
+                             on_gradients=lambda: seen.update(g=[p.grad.clone() for p in net.parameters()]))
+    assert float(loss_sum) / 6 == pytest.approx(float(expected), rel=1e-6)
+    for got, want in zip(seen["g"], grads):
+        torch.testing.assert_close(got, want)
