@@ -83,6 +83,9 @@ def validate_config(cfg) -> None:
              f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate={cfg.trainer.accumulate}: "
              "each step splits the batch into that many equal micro-batches")
     check_optimizer_links(cfg.optimizer)
+    _require(not (cfg.trainer.grad_clip_norm and cfg.method.get("grad_clip_norm")),
+             f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
+             f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
 
 
 def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device]:

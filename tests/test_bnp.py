@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_cfg
+from msr_train.errors import ConfigError
 from msr_train.methods import build_method
 from msr_train.methods.bnp import BNPConv2d, BNPLinear
 from msr_train.models import build_model
@@ -18,8 +19,9 @@ from msr_train.train import train
 LR = 0.3
 
 
-def bnp_method():
-    return build_method(make_cfg("method=bnp").method)
+def bnp_method(*overrides):
+    """bnp's preconditioner alone (its default clipping off) unless overridden."""
+    return build_method(make_cfg("method=bnp", "method.grad_clip_norm=null", *overrides).method)
 
 
 def skewed_input(shape, feature_dim, generator):
@@ -191,3 +193,19 @@ def test_trains_at_batch_size_one(tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     means = [v for k, v in state.items() if k.endswith("running_mean")]
     assert means and all(m.abs().sum() > 0 for m in means)  # statistics were collected and saved
+
+
+def test_its_own_clipping_is_the_trainers_global_norm_clip_before_preconditioning(tmp_path):
+    common = ["debug=quick", "method=bnp", "dataset.image_size=8", "dataset.synthetic_train=64", "epochs=1",
+              "batch_size=8", "method.lr=0.05"]
+    runs = {"own": ["method.grad_clip_norm=0.05"],
+            "trainer": ["method.grad_clip_norm=null", "trainer.grad_clip_norm=0.05"],
+            "none": ["method.grad_clip_norm=null"]}
+    weights = {}
+    for name, extra in runs.items():
+        train(make_cfg(*common, *extra), tmp_path / name)
+        weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights["own"][k], weights["trainer"][k]) for k in weights["own"])
+    assert not all(torch.equal(weights["own"][k], weights["none"][k]) for k in weights["own"])
+    with pytest.raises(ConfigError, match="clip every gradient twice"):
+        train(make_cfg(*common, "trainer.grad_clip_norm=1.0"), tmp_path / "both")

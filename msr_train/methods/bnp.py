@@ -50,8 +50,12 @@ variance: D_j = var_j + eps + ``damping`` * mean_k(var_k), the mean over the lay
 features. No feature's step can then exceed 1/``damping`` times the typical feature's;
 damping = 0 is the plain definition (what the tests check against the
 reparametrisation), damping -> infinity is SGD with a per-layer step of
-1/(damping * mean var). The default damping and BNP's own learning rate (``method.lr``,
-the default optimizer.lr) were chosen on validation accuracy: docs/results.md.
+1/(damping * mean var). Damping bought no usable learning rate (docs/results.md), so
+its default is 0. What does is ``grad_clip_norm``: the raw gradients' global norm is
+clipped (exactly as ``trainer.grad_clip_norm`` would, all parameters together) before
+they are preconditioned, which bounds the rare steps where a large gradient meets a small
+variance. The default clip, BNP's own learning rate (``method.lr``, the default
+optimizer.lr) and damping were chosen on validation accuracy: docs/results.md.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ class BNPreconditioning(Method):
         "momentum": number(0, 1, lo_open=True, note="default 0.1, BatchNorm's"),
         "eps": number(0, 1, lo_open=True, note="default 1e-5, BatchNorm's"),
         "damping": number(0, 1e3, note="0: the undamped preconditioner"),
+        "grad_clip_norm": number(0, 1e6, lo_open=True, null=True,
+                                 note="the raw gradients' global norm bound, before preconditioning; null: off"),
     }
 
     def _stats(self) -> dict:
@@ -155,7 +161,10 @@ class BNPreconditioning(Method):
 
     def finalize(self, model):
         self._layers = [m for m in model.modules() if isinstance(m, Preconditioned)]
+        self._params = [p for p in model.parameters() if p.requires_grad]
 
     def before_step(self, model, optimizer):
+        if self.cfg.grad_clip_norm is not None:  # what trainer.grad_clip_norm does, as bnp's default
+            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip_norm)
         for layer in self._layers:
             layer.precondition_grad_()
