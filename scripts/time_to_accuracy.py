@@ -79,7 +79,7 @@ def markdown(args, rows: list[dict], command: str, elapsed: float) -> str:
             f"{args.epochs}-epoch schedule, target validation accuracy {100 * args.target:g}%, evaluated every "
             f"{args.eval_every} steps; medians over {args.rounds} interleaved round(s) (seed = round).", ""]
     body = [[r["method"], f"{r['reached']}/{r['rounds']}", f"{r['step']:.0f}" if "step" in r else "not reached",
-             f"{r['train_s']:.0f}" if "train_s" in r else "", f"{r['eval_s']:.0f}" if "eval_s" in r else "",
+             f"{r['train_s']:.1f}" if "train_s" in r else "", f"{r['eval_s']:.1f}" if "eval_s" in r else "",
              f"{r['ratio']:.2f}" if "ratio" in r else "", f"{100 * r['best_val']:.2f}"] for r in rows]
     return "\n".join(head + [table(["method", "reached", "steps", "training time (s)", "evaluation time (s)",
                                     f"time / {args.reference}", "best val acc (%)"], body)])
