@@ -87,6 +87,19 @@ def continue_command(hydra_cfg) -> str:
     return shlex.join(["msr-train", *overrides, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"])
 
 
+def share_cpu_threads(cfg, hydra_cfg) -> None:
+    """Jobs of a local parallel sweep (joblib's ``n_jobs``) split the cores between them
+    when ``trainer.cpu_threads`` is null: two 2-thread runs on 2 cores spin-wait on each
+    other and train 3-25x slower than two 1-thread runs (docs/benchmarks.md, "CPU
+    threads"). The share is written into the run's config, which records it."""
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if hydra_cfg.mode.name == "MULTIRUN" else None
+    if cfg.trainer.cpu_threads is not None or not isinstance(n_jobs, int) or n_jobs == 1:
+        return
+    cores = os.cpu_count() or 1
+    jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 all cores, -2 all but one
+    cfg.trainer.cpu_threads = max(1, cores // jobs)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://msr_train.conf", config_name="config")
 def _run(cfg) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
@@ -94,6 +107,7 @@ def _run(cfg) -> float | None:
     sweep = hydra_cfg.mode.name == "MULTIRUN"
     try:
         check_objective(cfg, hydra_cfg)
+        share_cpu_threads(cfg, hydra_cfg)
         summary = train(cfg, Path(hydra_cfg.runtime.output_dir), job_num=hydra_cfg.job.num if sweep else None)
     except (ConfigError, RunFailed) as e:
         print(f"msr-train: error: {e}", file=sys.stderr)

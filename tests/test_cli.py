@@ -176,6 +176,10 @@ def test_sweep_job_folders_are_named_from_what_varies(tmp_path, launcher):
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == [
         "method=msr,seed=0", "method=msr,seed=1", "method=none,seed=0", "method=none,seed=1"]
+    # Parallel joblib jobs (n_jobs -1: one per core) split the cores; sequential jobs keep all.
+    threads = {json.loads(p.read_text())["config"]["trainer"]["cpu_threads"]
+               for p in (tmp_path / "sweep").glob("*/summary.json")}
+    assert threads == ({1} if launcher == "joblib" else {None})
 
 
 def test_a_long_sweep_folder_name_is_cut_and_stays_unique(monkeypatch):
