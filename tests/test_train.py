@@ -84,7 +84,7 @@ def test_top5_is_reported_for_more_than_ten_classes(tmp_path):
 
 
 def test_each_method_brings_its_own_default_lr_and_an_override_wins():
-    assert make_cfg("method=bnp").optimizer.lr == 0.003
+    assert make_cfg("method=bnp").optimizer.lr == 0.03
     assert make_cfg("method=nf").optimizer.lr == 0.2
     assert make_cfg("method=bn").optimizer.lr == 0.1
     assert make_cfg("method=bnp", "optimizer.lr=0.02").optimizer.lr == 0.02
