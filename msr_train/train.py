@@ -396,14 +396,16 @@ class Run:
             running, stopping = self.read_window(bar)
             if self.diverged(running):
                 return "diverged"
+        reached = None
         if evaluate_now:
             self.evaluate_and_log()
-            stopping = stopping or self.target_status() is not None
+            reached = self.target_status()
+            stopping = stopping or reached is not None
         if evaluate_now or stopping:
             self.checkpoint()
             self.tick = time.perf_counter()
-        if stopping and self.target_status() is not None:
-            return self.target_status()
+        if reached is not None:
+            return reached
         if stopping:
             if self.ctx.is_main:
                 note(f"{self.stop.received or 'a stop signal'}: stopped at step {step} with a checkpoint; "

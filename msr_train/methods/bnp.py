@@ -63,6 +63,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..clipping import GradientClipping
 from ..rules import number
 from .base import Method
 
@@ -161,10 +162,11 @@ class BNPreconditioning(Method):
 
     def finalize(self, model):
         self._layers = [m for m in model.modules() if isinstance(m, Preconditioned)]
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        # The trainer's own global-norm clipping, as bnp's default (before preconditioning).
+        self._clip = GradientClipping(model, self.cfg.grad_clip_norm, None)
 
     def before_step(self, model, optimizer):
-        if self.cfg.grad_clip_norm is not None:  # what trainer.grad_clip_norm does, as bnp's default
-            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip_norm)
+        if self._clip.active:
+            self._clip()
         for layer in self._layers:
             layer.precondition_grad_()
