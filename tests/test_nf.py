@@ -36,7 +36,8 @@ def test_scaled_weight_standardization(name, size):
         with torch.no_grad():
             conv.gain.uniform_(0.5, 2.0)
             conv.bias.normal_()
-        gamma = 1.0 if conv is stem_conv(model) else RELU_GAMMA
+        # input_scale: 1 / beta, moved in from the join for the convs reading act(h) / beta.
+        gamma = (1.0 if conv is stem_conv(model) else RELU_GAMMA) * conv.input_scale
         n = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         w = conv.weight.detach().double()
         gain = conv.gain.detach().double().view(-1, 1, 1, 1)
@@ -89,6 +90,7 @@ def test_transitions_get_projection_shortcuts_in_cifar_resnets():
     for b in transitions:
         assert isinstance(b.shortcut[0], WSConv2d) and b.shortcut[0].kernel_size == (1, 1)
         assert b.shortcut[0].gamma == RELU_GAMMA  # it reads act(h) / beta
+        assert b.shortcut[0].input_scale == b.branch[0].input_scale == 1 / b.join.beta
 
 
 @pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 32)])
@@ -215,7 +217,7 @@ def test_stochastic_depth_rate_grows_linearly_with_block_index():
 
 def test_skipinit_and_classifier():
     model = build_model("resnet20", nf_method("dropout=0.3"), in_channels=3, num_classes=10, image_size=32)
-    gains = [b.branch[-1].gain for b in model.modules() if isinstance(b, ResidualBlock)]
+    gains = [b.join.skip_gain for b in model.modules() if isinstance(b, ResidualBlock)]
     assert len(gains) == 9 and all(g.item() == 0 and g.requires_grad for g in gains)
     assert isinstance(model.head[0], nn.Dropout) and model.head[0].p == 0.3
     assert isinstance(model.head[1], nn.Linear)
@@ -233,3 +235,56 @@ def test_gains_biases_and_skipinit_scalars_get_no_weight_decay():
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in free["params"]} == {n for n in names.values() if n.endswith(("gain", "bias"))}
     assert {names[id(p)] for p in decayed["params"]} == {n for n in names.values() if n.endswith("weight")}
+
+
+def reference_ws_conv(conv, x):
+    """Scaled WS from its formula, gamma and gain only: gain * gamma * (W - mean) /
+    sqrt(max(N var, eps))."""
+    w = conv.weight
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    w_hat = conv.gain.view(-1, 1, 1, 1) * conv.gamma * (w - mean) / torch.sqrt(torch.clamp(var * w[0].numel(), min=conv.eps))
+    return F.conv2d(x, w_hat, conv.bias, conv.stride, conv.padding)
+
+
+def reference_block(block, x, keep):
+    """h + alpha * g * mask / keep * f(relu(h) / beta) written out, step by step (the mask
+    drawn as the join draws it); the shortcut at a transition reads relu(h) / beta too."""
+    join = block.join
+    pre = torch.relu(x) / join.beta
+    out = reference_ws_conv(block.branch[3], torch.relu(reference_ws_conv(block.branch[0], pre)))
+    out = out * join.skip_gain
+    mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+    out = out * mask / keep
+    stream = reference_ws_conv(block.shortcut[0], pre) if join.transition else x
+    return stream + join.alpha * out
+
+
+@pytest.mark.parametrize("transition", [False, True])
+def test_fused_join_equals_the_formula_in_float64(transition):
+    """The join's fusions (alpha, SkipInit and stochastic depth in one addcmul; 1 / beta
+    folded into the reading convs) change no value and no gradient."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", nf_method("stochastic_depth=0.5"), in_channels=3, num_classes=10,
+                        image_size=32).double().train()
+    block = next(b for b in model.modules() if isinstance(b, ResidualBlock) and b.join.transition == transition
+                 and b.join.beta > 1)
+    assert block.join.input_scale_folded
+    block.join.drop_rate = 0.5
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # SkipInit away from 0, gains and biases away from 1 and 0
+    x = torch.randn(8, block.branch[0].in_channels, 8, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, *block.parameters()]
+    results = []
+    for forward in (lambda: block(x), lambda: reference_block(block, x, 1 - block.join.drop_rate)):
+        torch.manual_seed(1)
+        y = forward()
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), params)
+        results.append((y, grads))
+    (y, grads), (y_ref, grads_ref) = results
+    if not transition:  # the mask drops some samples (the block is the identity there), keeps others
+        assert 0 < (y_ref == x).flatten(1).all(1).sum() < x.shape[0]
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

@@ -32,7 +32,8 @@ knobs are in conf/method/nf.yaml):
   3x3 stem filter is zero-mean, i.e. blind to local brightness (MSR's zero-mean stem has
   the same blindness; its plain stem won on validation, docs/results.md).
 - SkipInit: a learnable scalar, initialised to 0, ends every residual branch
-  (``skipinit``; off gives no scalar, used to check signal propagation at init).
+  (``skipinit``; off gives no scalar, used to check signal propagation at init). It is
+  applied in the join (``NFJoin.skip_gain``), fused with alpha, not as a module of its own.
 - AGC belongs to NFNets (arXiv 2102.06171), not to NF-ResNets (arXiv 2101.08692), which
   trained without it. ``agc_clip`` = lambda; ``auto`` (the default) is NFNets' 0.01 for
   optimizer steps of 1024 examples or more and off below (NFNets report that smaller
@@ -67,7 +68,7 @@ from torch import nn
 
 from ..clipping import adaptive_clip_, classifier_weight
 from ..rules import choice, either, flag, number
-from .base import BranchGain, Method
+from .base import Method
 
 #: The activations docs/methods.md lists, with gamma = 1 / sqrt(Var[act(z)]) for z ~ N(0, 1).
 ACTIVATIONS = {
@@ -80,13 +81,14 @@ ACTIVATIONS = {
 
 class WSConv2d(nn.Conv2d):
     """Conv with Scaled Weight Standardization, a learnable gain and a bias:
-    W_hat = gain * gamma * (W - mean) / sqrt(max(N * var, eps)), per output channel over
-    the fan-in N."""
+    W_hat = gain * gamma * input_scale * (W - mean) / sqrt(max(N * var, eps)), per output
+    channel over the fan-in N. ``input_scale`` is a constant its ``NFJoin`` may move into
+    it (``NFJoin.fold_input_scale``); 1 otherwise."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
                  gamma: float, eps: float = 1e-4):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
-        self.gamma, self.eps = gamma, eps
+        self.gamma, self.eps, self.input_scale = gamma, eps, 1.0
         self.gain = nn.Parameter(torch.ones(out_ch))
         nn.init.normal_(self.weight, std=self.weight[0].numel() ** -0.5)
         nn.init.zeros_(self.bias)
@@ -95,37 +97,76 @@ class WSConv2d(nn.Conv2d):
         w = self.weight
         var, mean = torch.var_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
         scale = torch.rsqrt(torch.clamp(var * w[0].numel(), min=self.eps))
-        return (w - mean) * scale * (self.gain * self.gamma).view(-1, 1, 1, 1)
+        return (w - mean) * scale * (self.gain * (self.gamma * self.input_scale)).view(-1, 1, 1, 1)
 
     def forward(self, x):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, gamma={self.gamma}"
+        return f"{super().extra_repr()}, gamma={self.gamma}, input_scale={self.input_scale:.4f}"
+
+
+def leading_ws_conv(module: nn.Module) -> WSConv2d | None:
+    """The Scaled WS conv a branch or shortcut starts with, if it starts with one."""
+    first = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+    return first if isinstance(first, WSConv2d) else None
 
 
 class NFJoin(nn.Module):
-    """h + alpha * branch(act(h) / beta); at a transition the shortcut reads act(h) / beta
-    too. ``beta`` and ``drop_rate`` (stochastic depth) depend on the block's position
-    (``NormalizerFree.residual_join``)."""
+    """h + alpha * g * branch(act(h) / beta), g the SkipInit gain (a learnable scalar, init
+    0; 1 with ``skipinit`` off); at a transition the shortcut reads act(h) / beta too.
+    ``beta`` and ``drop_rate`` (stochastic depth) depend on the block's position
+    (``NormalizerFree.residual_join``).
 
-    def __init__(self, act: nn.Module, alpha: float, transition: bool, beta: float = 1.0, drop_rate: float = 0.0):
+    Written for speed on activations, with the same math: the merge's factors (alpha, g,
+    and stochastic depth's mask / keep) multiply into one scalar or per-sample factor
+    applied by a single ``addcmul``, and ``fold_input_scale`` moves 1 / beta into the convs
+    that read act(h) / beta. Unfused, they were five extra passes over every block's
+    activation forward and backward (docs/benchmarks.md, "nf's merge")."""
+
+    def __init__(self, act: nn.Module, alpha: float, transition: bool, beta: float = 1.0,
+                 drop_rate: float = 0.0, skipinit: bool = False):
         super().__init__()
         self.act, self.alpha, self.transition = act, alpha, transition
         self.beta, self.drop_rate = beta, drop_rate
+        self.skip_gain = nn.Parameter(torch.zeros(())) if skipinit else None
+        self.input_scale_folded = False
 
-    def forward(self, x, branch: nn.Module, shortcut: nn.Module):
-        pre = self.act(x) / self.beta
-        out = branch(pre)
+    def fold_input_scale(self, branch: nn.Module, shortcut: nn.Module) -> None:
+        """Move 1 / beta into the Scaled WS convs that read act(h) / beta (exact in real
+        arithmetic: a conv is linear in its input and adds its bias after), if every
+        reader is one."""
+        readers = [leading_ws_conv(branch)] + ([leading_ws_conv(shortcut)] if self.transition else [])
+        if all(r is not None for r in readers):
+            for r in readers:
+                r.input_scale = 1.0 / self.beta
+            self.input_scale_folded = True
+
+    def branch_factor(self, out: torch.Tensor) -> torch.Tensor | None:
+        """alpha * g * mask / keep: a scalar tensor, per-sample (N, 1, ...) under stochastic
+        depth, or None where it is the constant alpha."""
+        factor = None if self.skip_gain is None else self.skip_gain * self.alpha
         if self.training and self.drop_rate > 0:
             keep = 1.0 - self.drop_rate
             mask = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(keep)
-            out = out * mask / keep
-        return (shortcut(pre) if self.transition else x) + self.alpha * out
+            mask.mul_(self.alpha / keep)
+            factor = mask if factor is None else mask * self.skip_gain
+        return factor
+
+    def forward(self, x, branch: nn.Module, shortcut: nn.Module):
+        pre = self.act(x)
+        if not self.input_scale_folded:
+            pre = pre / self.beta
+        out = branch(pre)
+        stream = shortcut(pre) if self.transition else x
+        factor = self.branch_factor(out)
+        if factor is None:
+            return torch.add(stream, out, alpha=self.alpha)
+        return torch.addcmul(stream, out, factor)
 
     def extra_repr(self):
         return (f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.transition}, "
-                f"drop_rate={self.drop_rate:.4f}")
+                f"drop_rate={self.drop_rate:.4f}, input_scale_folded={self.input_scale_folded}")
 
 
 class Classifier(nn.Sequential):
@@ -179,16 +220,17 @@ class NormalizerFree(Method):
         nn.init.zeros_(linear.bias)
         return Classifier(nn.Dropout(self.cfg.dropout), linear)
 
-    def branch_end(self, position):
-        return BranchGain(0.0) if self.cfg.skipinit else nn.Identity()
-
     def residual_join(self, position):
         # The stream's expected variance: 1 where it starts, + alpha^2 per branch added.
         expected_var = 1.0 + self.cfg.alpha ** 2 * position.stream_depth
         return NFJoin(self.act(), self.cfg.alpha, position.transition, beta=math.sqrt(expected_var),
-                      drop_rate=self.cfg.stochastic_depth * position.index / position.count)
+                      drop_rate=self.cfg.stochastic_depth * position.index / position.count,
+                      skipinit=self.cfg.skipinit)
 
     def finalize(self, model):
+        for block in model.modules():  # residual blocks: a join with its branch and shortcut
+            if isinstance(getattr(block, "join", None), NFJoin):
+                block.join.fold_input_scale(block.branch, block.shortcut)
         head = classifier_weight(model)
         self._clipped = [p for p in model.parameters() if p is not head]
 
