@@ -259,6 +259,7 @@ class Run:
             if ctx.parallel else self.model
         if self.t.compile:
             self.net = torch.compile(self.net)
+            self.method.compile_step_hooks()
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, self.t.max_steps or math.inf)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,
