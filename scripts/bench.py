@@ -399,11 +399,11 @@ def section_loop(args) -> list[dict]:
         runs, skipped = {}, {}
         for name in args.methods:
             try:
-                loop_rate(model_name, name, batch_size, 1, args.threads)
+                loop_rate(model_name, name, batch_size, 1, args.threads, args.compile)
             except ConfigError as e:
                 skipped[name] = str(e).split(";")[0]
                 continue
-            runs[name] = lambda n=name: loop_rate(model_name, n, batch_size, steps, args.threads)
+            runs[name] = lambda n=name: loop_rate(model_name, n, batch_size, steps, args.threads, args.compile)
         res = interleaved(runs, args.repeats)
         for name in args.methods:
             row = {"model": model_name, "method": name, "batch": batch_size, "steps": steps}
@@ -421,16 +421,31 @@ def section_loop(args) -> list[dict]:
     return rows
 
 
-def loop_rate(model_name: str, method_name: str, batch_size: int, steps: int, threads: int) -> float:
-    """Steps/s of train() with the method's own defaults (its lr included)."""
+def loop_rate(model_name: str, method_name: str, batch_size: int, steps: int, threads: int,
+              compile: bool = False) -> float:
+    """Steps/s of train() with the method's own defaults (its lr included). Compiled
+    (``trainer.compile=true``), each run compiles in its first steps: the rate is that of
+    the steps a longer run takes beyond a shorter one."""
+    if not compile:
+        done, seconds = loop_time(model_name, method_name, batch_size, steps, threads)
+        return done / seconds
+    warm = max(2, steps // 4)
+    longer = loop_time(model_name, method_name, batch_size, warm + steps, threads, "trainer.compile=true")
+    shorter = loop_time(model_name, method_name, batch_size, warm, threads, "trainer.compile=true")
+    return (longer[0] - shorter[0]) / (longer[1] - shorter[1])
+
+
+def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, threads: int,
+              *overrides: str) -> tuple[int, float]:
+    """Steps done (fewer if the run diverged to NaN) and the loop's own time (train_time_s)."""
     cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
                    "dataset=fashion_mnist", "dataset.val_size=0", "dataset.test_size=1000",
                    f"trainer.max_steps={steps}", "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}",
                    "trainer.tensorboard=false", "trainer.checkpoint=false", "trainer.progress_bar=false",
-                   "trainer.resume=never", "trainer.divergence_factor=null")
+                   "trainer.resume=never", "trainer.divergence_factor=null", *overrides)
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(cfg, Path(out_dir))
-    return summary["step"] / summary["train_time_s"]
+    return summary["step"], summary["train_time_s"]
 
 
 # ----------------------------------------------------------------------------- report
@@ -494,7 +509,7 @@ def markdown(args, results: dict, command: str, elapsed: float) -> str:
             ["augment", "batch", "img/s"], [[r["augment"], r["batch"], f"{r['img_s']:.0f}"] for r in results["data"]]),
             ""]
     if "loop" in results:
-        out += ["### 5. Methods in the real loop", "", table(
+        out += ["### 5. Methods in the real loop" + (" (trainer.compile=true)" if args.compile else ""), "", table(
             ["model", "method", "batch", "steps timed", "steps/s", "img/s", "/ none", "/ bn", "note"],
             [[r["model"], r["method"], r["batch"], r["steps"], f"{r['steps_s']:.2f}" if "steps_s" in r else "n/a",
               f"{r['steps_s'] * r['batch']:.0f}" if "steps_s" in r else "n/a",
@@ -523,6 +538,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     p.add_argument("--runner-method", default="msr", help="method of section 1 (default: msr, the config default)")
+    p.add_argument("--compile", action="store_true",
+                   help="section 5 with trainer.compile=true (the rate after each run's compile)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet20 only, 2 rounds, a few steps")
     p.add_argument("--out", type=Path, help="also write the Markdown summary to this file")
     p.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "METHOD", "BATCH"), help=argparse.SUPPRESS)
