@@ -12,7 +12,8 @@ after the stem and after every residual block:
 - ``avg_var``: the variance of each channel (over batch and positions), averaged over
   channels.
 - ``branch_var``: the same average channel variance of the residual branch's output
-  (``ResidualBlock.branch``, before the join scales or adds it).
+  (``ResidualBlock.branch``, before the join scales or adds it; for nf that is before
+  SkipInit's gain and alpha too, which live in its join).
 
 VGG has no residual blocks: there the record is taken after every conv-norm-activation
 unit, and ``branch_var`` is None.

@@ -430,7 +430,11 @@ def loop_rate(model_name: str, method_name: str, batch_size: int, steps: int, th
         done, seconds = loop_time(model_name, method_name, batch_size, steps, threads)
         return done / seconds
     warm = max(2, steps // 4)
+    # Each run compiles from scratch (the on-disk cache helps both alike): dynamo stops
+    # compiling a function after 8 recompiles in one process and silently runs it eagerly.
+    torch._dynamo.reset()
     longer = loop_time(model_name, method_name, batch_size, warm + steps, threads, "trainer.compile=true")
+    torch._dynamo.reset()
     shorter = loop_time(model_name, method_name, batch_size, warm, threads, "trainer.compile=true")
     return (longer[0] - shorter[0]) / (longer[1] - shorter[1])
 

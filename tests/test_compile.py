@@ -25,7 +25,8 @@ def hooked_gradients(method_name: str, compiled: bool, *overrides: str):
     return raw, [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("method_name,overrides", [("msr", ()), ("nf", ("batch_size=1024",))])
+@pytest.mark.parametrize("method_name,overrides", [("msr", ()), ("msr", ("method.zmg_operator=authors",)),
+                                                   ("nf", ("batch_size=1024",))])
 def test_compiled_step_hooks_equal_eager(method_name, overrides, one_thread):
     """MSR's anchors + ZMG, nf's AGC (on at batch 1024)."""
     raw, eager = hooked_gradients(method_name, False, *overrides)

@@ -293,3 +293,19 @@ def test_defaults_are_the_validation_choice_plain_stem_and_no_noise():
     net.train()
     x = torch.randn(4, 1, 16, 16)
     assert torch.equal(net(x), net(x))  # no noise drawn in training
+
+
+@pytest.mark.parametrize("operator", ["project", "authors"])
+def test_hooks_leave_weights_without_gradients_alone(operator):
+    """A weight that got no gradient (frozen, unused) gets the anchors' gradient only, the
+    others the usual ZMG; with no gradient at all the hooks still run."""
+    net, method = build(zmg_operator=operator)
+    method.before_step(net, None)  # no gradients anywhere
+    stem, conv = net.stem[0], net.stages[0][0].branch[0]
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    stem.weight.grad = None
+    method.before_step(net, None)
+    assert stem.weight.grad is None  # the zero-mean stem is projected, not anchored
+    if operator == "project":
+        assert conv.weight.grad.mean((2, 3)).abs().max() < 1e-6

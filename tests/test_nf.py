@@ -253,20 +253,23 @@ def reference_block(block, x, keep):
     join = block.join
     pre = torch.relu(x) / join.beta
     out = reference_ws_conv(block.branch[3], torch.relu(reference_ws_conv(block.branch[0], pre)))
-    out = out * join.skip_gain
-    mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
-    out = out * mask / keep
+    if join.skip_gain is not None:
+        out = out * join.skip_gain
+    if block.training:
+        mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+        out = out * mask / keep
     stream = reference_ws_conv(block.shortcut[0], pre) if join.transition else x
     return stream + join.alpha * out
 
 
-@pytest.mark.parametrize("transition", [False, True])
-def test_fused_join_equals_the_formula_in_float64(transition):
+@pytest.mark.parametrize("transition,skipinit,training", [(False, True, True), (True, True, True),
+                                                          (False, False, True), (True, True, False)])
+def test_fused_join_equals_the_formula_in_float64(transition, skipinit, training):
     """The join's fusions (alpha, SkipInit and stochastic depth in one addcmul; 1 / beta
     folded into the reading convs) change no value and no gradient."""
     torch.manual_seed(0)
-    model = build_model("resnet20", nf_method("stochastic_depth=0.5"), in_channels=3, num_classes=10,
-                        image_size=32).double().train()
+    model = build_model("resnet20", nf_method("stochastic_depth=0.5", f"skipinit={skipinit}"), in_channels=3,
+                        num_classes=10, image_size=32).double().train(training)
     block = next(b for b in model.modules() if isinstance(b, ResidualBlock) and b.join.transition == transition
                  and b.join.beta > 1)
     assert block.join.input_scale_folded
@@ -283,8 +286,25 @@ def test_fused_join_equals_the_formula_in_float64(transition):
         grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), params)
         results.append((y, grads))
     (y, grads), (y_ref, grads_ref) = results
-    if not transition:  # the mask drops some samples (the block is the identity there), keeps others
+    if not transition and training:  # the mask drops some samples (the block is the identity there), keeps others
         assert 0 < (y_ref == x).flatten(1).all(1).sum() < x.shape[0]
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoints_with_skipinit_at_the_branch_end_still_load():
+    """Before SkipInit's gain moved into the join it was the branch's last module
+    (``branch.5.gain``); such a state dict loads into today's model."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", nf_method(), in_channels=1, num_classes=10, image_size=16)
+    with torch.no_grad():
+        for b in model.modules():
+            if isinstance(b, ResidualBlock):
+                b.join.skip_gain.normal_()
+    old = {k.replace("join.skip_gain", "branch.5.gain"): v.clone() for k, v in model.state_dict().items()}
+    assert sum(k.endswith("branch.5.gain") for k in old) == 3
+    fresh = build_model("resnet8", nf_method(), in_channels=1, num_classes=10, image_size=16)
+    fresh.load_state_dict(old)
+    for (k, v), w in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k

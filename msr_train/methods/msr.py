@@ -166,6 +166,8 @@ def add_anchor_grad_(weights: list[torch.Tensor], target: float, strength: float
     ||w_r||) w_r. In closed form, without autograd (as a loss term it cost ~30% of a
     batch-1 step in graph overhead), and in foreach ops over all weights, one row-norm op
     per weight aside (at batch 1 a step is mostly per-op overhead)."""
+    if not weights:
+        return
     coefs = [w.flatten(1).norm(dim=1) for w in weights]
     torch._foreach_clamp_min_(coefs, 1e-12)
     torch._foreach_reciprocal_(coefs)
@@ -173,8 +175,9 @@ def add_anchor_grad_(weights: list[torch.Tensor], target: float, strength: float
     torch._foreach_add_(coefs, 2 * strength)
     coefs = [c.view((-1,) + (1,) * (w.dim() - 1)) for c, w in zip(coefs, weights)]
     with_grad = [i for i, w in enumerate(weights) if w.grad is not None]
-    torch._foreach_addcmul_([weights[i].grad for i in with_grad], [weights[i] for i in with_grad],
-                            [coefs[i] for i in with_grad])
+    if with_grad:  # foreach ops refuse empty lists
+        torch._foreach_addcmul_([weights[i].grad for i in with_grad], [weights[i] for i in with_grad],
+                                [coefs[i] for i in with_grad])
     for w, coef in zip(weights, coefs):
         if w.grad is None:
             w.grad = w * coef
@@ -277,6 +280,8 @@ class MeanShiftRejection(Method):
         if self.cfg.anchor_weight:
             add_anchor_grad_(self._anchored, self.cfg.init_magnitude, self.cfg.anchor_weight)
         grads = [w.grad for w in self._projected if w.grad is not None]
+        if not grads:
+            return
         if self.cfg.zmg_operator == "authors":  # (1 + m) (g - m / (1 + m) mean(g))
             m = self.cfg.zmg_m
             torch._foreach_mul_(grads, 1 + m)

@@ -62,6 +62,7 @@ knobs are in conf/method/nf.yaml):
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -145,7 +146,9 @@ class NFJoin(nn.Module):
     def branch_factor(self, out: torch.Tensor) -> torch.Tensor | None:
         """alpha * g * mask / keep: a scalar tensor, per-sample (N, 1, ...) under stochastic
         depth, or None where it is the constant alpha."""
-        factor = None if self.skip_gain is None else self.skip_gain * self.alpha
+        # In the activations' dtype: under autocast a float32 factor would promote the
+        # whole residual stream to float32.
+        factor = None if self.skip_gain is None else (self.skip_gain * self.alpha).to(out.dtype)
         if self.training and self.drop_rate > 0:
             keep = 1.0 - self.drop_rate
             mask = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(keep)
@@ -167,6 +170,16 @@ class NFJoin(nn.Module):
     def extra_repr(self):
         return (f"alpha={self.alpha}, beta={self.beta:.4f}, transition={self.transition}, "
                 f"drop_rate={self.drop_rate:.4f}, input_scale_folded={self.input_scale_folded}")
+
+
+def rename_branch_end_gains(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook of the whole model: checkpoints written before SkipInit's
+    gain moved into the join (``NFJoin.skip_gain``) keep it as the scalar ``gain`` of the
+    branch's last module, e.g. ``stages.0.0.branch.5.gain``."""
+    for key in [k for k, v in state_dict.items() if v.dim() == 0]:
+        match = re.fullmatch(r"(.*\.)branch\.\d+\.gain", key)
+        if match and match[1] + "join.skip_gain" not in state_dict:
+            state_dict[match[1] + "join.skip_gain"] = state_dict.pop(key)
 
 
 class Classifier(nn.Sequential):
@@ -231,6 +244,8 @@ class NormalizerFree(Method):
         for block in model.modules():  # residual blocks: a join with its branch and shortcut
             if isinstance(getattr(block, "join", None), NFJoin):
                 block.join.fold_input_scale(block.branch, block.shortcut)
+        if self.cfg.skipinit:
+            model.register_load_state_dict_pre_hook(rename_branch_end_gains)
         head = classifier_weight(model)
         self._clipped = [p for p in model.parameters() if p is not head]
 
