@@ -436,7 +436,10 @@ def loop_rate(model_name: str, method_name: str, batch_size: int, steps: int, th
     longer = loop_time(model_name, method_name, batch_size, warm + steps, threads, "trainer.compile=true")
     torch._dynamo.reset()
     shorter = loop_time(model_name, method_name, batch_size, warm, threads, "trainer.compile=true")
-    return (longer[0] - shorter[0]) / (longer[1] - shorter[1])
+    rate = (longer[0] - shorter[0]) / (longer[1] - shorter[1])
+    log(f"[5] {model_name}/{method_name} batch {batch_size}: compile (the shorter run's time beyond its "
+        f"steps at that rate) ~{shorter[1] - shorter[0] / rate:.1f} s")
+    return rate
 
 
 def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, threads: int,
