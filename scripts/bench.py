@@ -399,7 +399,7 @@ def section_loop(args) -> list[dict]:
         runs, skipped = {}, {}
         for name in args.methods:
             try:
-                loop_rate(model_name, name, batch_size, 1, args.threads, args.compile)
+                loop_rate(model_name, name, batch_size, 1, args.threads)  # refused? (eager: no compile)
             except ConfigError as e:
                 skipped[name] = str(e).split(";")[0]
                 continue
@@ -545,6 +545,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     p.add_argument("--runner-method", default="msr", help="method of section 1 (default: msr, the config default)")
+    p.add_argument("--loop-scale", type=float, default=1.0,
+                   help="section 5: steps timed x this (default 1; compiled runs want more)")
     p.add_argument("--compile", action="store_true",
                    help="section 5 with trainer.compile=true (the rate after each run's compile)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet20 only, 2 rounds, a few steps")
@@ -558,7 +560,6 @@ def parse_args(argv=None):
     # Step counts: per round, per timed run.
     args.runner_steps_large, args.runner_steps_small = 12, 150
     args.method_images, args.small_batch_steps, args.hook_steps, args.data_batches = 768, 30, 5, 100
-    args.loop_scale = 1.0
     if args.quick:
         args.loop_scale = 0.1
         args.models, args.repeats = args.models[:1], 2
