@@ -123,7 +123,8 @@ class NFJoin(nn.Module):
     and stochastic depth's mask / keep) multiply into one scalar or per-sample factor
     applied by a single ``addcmul``, and ``fold_input_scale`` moves 1 / beta into the convs
     that read act(h) / beta. Unfused, they were five extra passes over every block's
-    activation forward and backward (docs/benchmarks.md, "nf's merge")."""
+    activation forward and backward (docs/benchmarks.md, "Every method against the
+    unnormalised network, session 7")."""
 
     def __init__(self, act: nn.Module, alpha: float, transition: bool, beta: float = 1.0,
                  drop_rate: float = 0.0, skipinit: bool = False):
