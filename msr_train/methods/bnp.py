@@ -166,7 +166,6 @@ class BNPreconditioning(Method):
         self._clip = GradientClipping(model, self.cfg.grad_clip_norm, None)
 
     def before_step(self, model, optimizer):
-        if self._clip.active:
-            self._clip()
+        self._clip()
         for layer in self._layers:
             layer.precondition_grad_()

@@ -174,13 +174,10 @@ def add_anchor_grad_(weights: list[torch.Tensor], target: float, strength: float
     torch._foreach_mul_(coefs, -2 * strength * target)
     torch._foreach_add_(coefs, 2 * strength)
     coefs = [c.view((-1,) + (1,) * (w.dim() - 1)) for c, w in zip(coefs, weights)]
-    with_grad = [i for i, w in enumerate(weights) if w.grad is not None]
-    if with_grad:  # foreach ops refuse empty lists
-        torch._foreach_addcmul_([weights[i].grad for i in with_grad], [weights[i] for i in with_grad],
-                                [coefs[i] for i in with_grad])
-    for w, coef in zip(weights, coefs):
-        if w.grad is None:
-            w.grad = w * coef
+    for w in weights:
+        if w.grad is None:  # a weight without a gradient gets the anchors' alone
+            w.grad = torch.zeros_like(w)
+    torch._foreach_addcmul_([w.grad for w in weights], weights, coefs)
 
 
 @torch.no_grad()
