@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import make_cfg
 from msr_train.methods import build_method
-from msr_train.methods.nf import NFJoin, WSConv2d
+from msr_train.methods.nf import NFJoin, ScaledWeightStandardization, WSConv2d
 from msr_train.models import build_model
 from msr_train.models.resnet import ResidualBlock
 
@@ -72,6 +72,32 @@ def test_plain_stem_is_an_ordinary_conv_that_sees_brightness():
         for conv, blind in ((stem_conv(ws), True), (stem, False)):
             same = torch.allclose(conv(dark)[..., 2:-2, 2:-2], conv(bright)[..., 2:-2, 2:-2], atol=1e-5)
             assert same == blind
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 1, 3, 3), (7, 8, 1, 1)])
+def test_standardization_node_equals_autograd_of_the_formula_in_float64(shape):
+    """The closed-form backward against autograd through the formula, on filters that are
+    ordinary, constant (clamped, centred to 0) and nearly constant (N var below eps, so
+    the clamp holds the scale fixed), and against finite differences."""
+    torch.manual_seed(0)
+    const, eps = 1.7, 1e-4
+    weight = torch.randn(shape, dtype=torch.float64)
+    weight[1] = 0.3
+    weight[2] = 0.3 + 1e-4 * torch.randn(shape[1:], dtype=torch.float64)
+    weight.requires_grad_(True)
+    gain = torch.empty(shape[0], dtype=torch.float64).uniform_(0.5, 2).requires_grad_(True)
+    upstream = torch.randn(shape, dtype=torch.float64)
+
+    var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
+    formula = const * gain.view(-1, 1, 1, 1) * (weight - mean) / torch.clamp(var * weight[0].numel(), min=eps).sqrt()
+    fused = ScaledWeightStandardization.apply(weight, gain, const, eps)
+    torch.testing.assert_close(fused, formula, rtol=1e-12, atol=1e-14)
+    expected = torch.autograd.grad((formula * upstream).sum(), (weight, gain))
+    got = torch.autograd.grad((fused * upstream).sum(), (weight, gain))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    ordinary = weight.detach()[3:].clone().requires_grad_(True), gain.detach()[3:].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, g: ScaledWeightStandardization.apply(w, g, const, eps), ordinary)
 
 
 def test_standardization_floor_keeps_a_constant_filter_finite():
