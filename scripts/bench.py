@@ -35,7 +35,8 @@ Sections (``--sections``):
    against an otherwise identical model (same seed, same weights) without it: MSR noise
    (off by default: ``method.noise_at=conv`` against the default), MSR norm anchors
    (``method.anchor_weight=0``), BNP statistics tracking (tracking switched off on the
-   layers). Each share is a percentage of the full step of that method.
+   layers), and what nf's closed-form Scaled WS node saves (the formula through autograd
+   against it). Each share is a percentage of the full step of that method.
 4. Data path. Iterating TensorBatches over Fashion-MNIST at the largest batch size, with
    ``augment=none`` and ``augment=crop_flip``: img/s of the batches alone.
 5. Methods in the real loop, the numbers that count: steps/s of ``train()`` (as in
@@ -76,6 +77,7 @@ from msr_train.data import build_data
 from msr_train.errors import ConfigError
 from msr_train.methods import METHODS, build_method
 from msr_train.methods.bnp import Preconditioned
+from msr_train.methods.nf import WSConv2d
 from msr_train.models import build_model
 from msr_train.optim import build_optimizer
 from msr_train.train import train, train_step
@@ -113,7 +115,7 @@ def train_batches(batch_size: int, augment: str = "none"):
     if key not in _batches:
         cfg = make_cfg(f"batch_size={batch_size}", f"dataset.augment={augment}")
         _batches[key] = build_data(cfg.dataset, batch_size=batch_size, eval_batch_size=1000, seed=cfg.seed,
-                                   device=torch.device("cpu"))[1]
+                                   device=torch.device("cpu")).train
     return _batches[key]
 
 
@@ -296,6 +298,15 @@ def _skip_tracking(h, sample_dims):
     """Stands in for Preconditioned._track to switch BNP's statistics off."""
 
 
+def _ws_through_autograd(conv: WSConv2d) -> torch.Tensor:
+    """Scaled WS written as the formula, differentiated by autograd: the reference that
+    nf's closed-form node (``ScaledWeightStandardization``) replaced."""
+    w = conv.weight
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
+    scale = torch.rsqrt(torch.clamp(var * w[0].numel(), min=conv.eps))
+    return (w - mean) * scale * (conv.gain * (conv.gamma * conv.input_scale)).view(-1, 1, 1, 1)
+
+
 def section_hooks(args) -> list[dict]:
     rows = []
     for batch_size in args.batch_sizes:
@@ -311,6 +322,7 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
         "msr with noise": ("msr", ("method.noise_at=conv",)),
         "msr without anchors": ("msr", ("method.anchor_weight=0",)),
         "nf": ("nf", ()),
+        "nf, WS through autograd": ("nf", ()),
         "bnp": ("bnp", ()),
         "bnp without tracking": ("bnp", ()),
         "mimicnorm": ("mimicnorm", ()),
@@ -324,6 +336,10 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
         except ConfigError as e:  # BatchNorm-based methods at batch 1
             log(f"[3] {name} at batch {batch_size}: skipped ({e})")
             continue
+        if name == "nf, WS through autograd":
+            for conv in model.modules():
+                if isinstance(conv, WSConv2d):
+                    conv.standardized_weight = _ws_through_autograd.__get__(conv)
         if name == "bnp without tracking":
             for layer in model.modules():
                 if isinstance(layer, Preconditioned):
@@ -359,6 +375,8 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
             by_difference("MSR noise, if on (noise_at=conv; forward + backward)", "msr with noise", "msr"),
             by_difference("norm anchors (in before_step)", "msr", "msr without anchors"),
             in_place("nf", "AGC"),
+            by_difference("Scaled WS: autograd's graph over nf's closed-form node",
+                          "nf, WS through autograd", "nf"),
             in_place("bnp", "BNP preconditioning"),
             by_difference("BNP statistics tracking", "bnp", "bnp without tracking")]
     if "mimicnorm" in res:
