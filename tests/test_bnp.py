@@ -196,10 +196,12 @@ def test_trains_at_batch_size_one(tmp_path):
 
 
 def test_its_own_clipping_is_the_trainers_global_norm_clip_before_preconditioning(tmp_path):
+    """At batch 8 bnp's bound, given at batch 128, is 0.05 x sqrt(128 / 8) = 0.2: the same
+    run as the trainer's clipping at 0.2."""
     common = ["debug=quick", "method=bnp", "dataset.image_size=8", "dataset.synthetic_train=64", "epochs=1",
               "batch_size=8", "method.lr=0.05"]
-    runs = {"own": ["method.grad_clip_norm=0.05"],
-            "trainer": ["method.grad_clip_norm=null", "trainer.grad_clip_norm=0.05"],
+    runs = {"own": ["method.grad_clip_norm=0.05", "method.reference_batch=128"],
+            "trainer": ["method.grad_clip_norm=null", "trainer.grad_clip_norm=0.2"],
             "none": ["method.grad_clip_norm=null"]}
     weights = {}
     for name, extra in runs.items():
@@ -209,3 +211,19 @@ def test_its_own_clipping_is_the_trainers_global_norm_clip_before_preconditionin
     assert not all(torch.equal(weights["own"][k], weights["none"][k]) for k in weights["own"])
     with pytest.raises(ConfigError, match="clip every gradient twice"):
         train(make_cfg(*common, "trainer.grad_clip_norm=1.0"), tmp_path / "both")
+
+
+@pytest.mark.parametrize("batch_size,ref,clip,momentum", [(128, 128, 1.0, 0.1), (2, 128, 8.0, 1 - 0.9 ** (1 / 64)),
+                                                          (1024, 128, 0.5 ** 1.5, 1 - 0.9 ** 8),
+                                                          (2, None, 1.0, 0.1), (None, 128, 1.0, 0.1)])
+def test_clip_and_statistics_window_follow_the_batch_size(batch_size, ref, clip, momentum):
+    """grad_clip_norm and momentum hold at reference_batch; at batch B the bound is x
+    sqrt(ref / B) (sampling noise) and the momentum keeps as many examples in its window:
+    (1 - m_B)^(1 / B) = (1 - m)^(1 / ref). null, or an unknown batch (a model built outside
+    a run), keeps both. The layers are built with that momentum."""
+    cfg = make_cfg("method=bnp", "method.grad_clip_norm=1.0", "method.momentum=0.1",
+                   f"method.reference_batch={'null' if ref is None else ref}")
+    method = build_method(cfg.method, batch_size)
+    assert method.grad_clip_norm == pytest.approx(clip, rel=1e-12)
+    assert method.statistics_momentum == pytest.approx(momentum, rel=1e-12)
+    assert method.conv(3, 4, 3).momentum == method.linear(3, 4).momentum == method.statistics_momentum

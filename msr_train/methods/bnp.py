@@ -27,7 +27,8 @@ Choices made here where the sources leave room (conf/method/bnp.yaml):
   (pooled post-ReLU features) has a large mean and uneven scales, the ill-conditioning
   BNP targets. Every such layer has a bias (the reparametrisation needs c).
 - Running statistics (buffers ``running_mean`` / ``running_var``, so checkpoints keep
-  them) are updated in every training-mode forward with momentum m = 0.1. They describe
+  them) are updated in every training-mode forward with momentum m (BN's 0.1 at batch
+  128; at other batches the m whose window holds as many examples, below). They describe
   the exponentially weighted mixture of all batches seen: mean <- (1-m) mean + m
   batch_mean, var <- (1-m) var + m batch_var + m (1-m) (batch_mean - mean)^2 with the
   biased within-batch variance. The between-batch term is what makes batch size 1 work:
@@ -54,11 +55,22 @@ reparametrisation), damping -> infinity is SGD with a per-layer step of
 its default is 0. What does is ``grad_clip_norm``: the raw gradients' global norm is
 clipped (exactly as ``trainer.grad_clip_norm`` would, all parameters together) before
 they are preconditioned, which bounds the rare steps where a large gradient meets a small
-variance. The default clip, BNP's own learning rate (``method.lr``, the default
-optimizer.lr) and damping were chosen on validation accuracy: docs/results.md.
+variance. At its default bound (1 at batch 128, where the median raw norm is ~2.6) it
+clips nearly every step, so bnp in practice takes steps of length lr x bound along the
+preconditioned direction. The default clip, BNP's own learning rate (``method.lr``, the
+default optimizer.lr) and damping were chosen on validation accuracy: docs/results.md.
+
+Batch size. ``momentum`` and ``grad_clip_norm`` are given at ``reference_batch`` (128).
+At batch B the bound is grad_clip_norm x sqrt(128 / B), since the raw gradient's norm is
+mostly sampling noise at small batches, and the momentum is 1 - (1 - m)^(B / 128), which
+keeps the statistics' window at the same number of examples (BN's 0.1 at batch 2 would
+average ~20 examples). With the bound and momentum of batch 128, bnp at batch 2 was 7
+points below bn; with both scaled it is level (docs/results.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -141,15 +153,46 @@ class BNPreconditioning(Method):
 
     rules = {
         **Method.rules,
-        "momentum": number(0, 1, lo_open=True, note="default 0.1, BatchNorm's"),
+        "momentum": number(0, 1, lo_open=True, note="at batch reference_batch; default 0.1, BatchNorm's"),
         "eps": number(0, 1, lo_open=True, note="default 1e-5, BatchNorm's"),
         "damping": number(0, 1e3, note="0: the undamped preconditioner"),
         "grad_clip_norm": number(0, 1e6, lo_open=True, null=True,
-                                 note="the raw gradients' global norm bound, before preconditioning; null: off"),
+                                 note="the raw gradients' global norm bound at batch reference_batch, "
+                                      "before preconditioning; null: off"),
+        "reference_batch": number(1, 1e9, null=True,
+                                  note="the batch momentum and grad_clip_norm are given at; null: the same "
+                                       "values at every batch"),
     }
 
+    def _batch_ratio(self) -> float | None:
+        """batch_size / reference_batch; None where either is unknown or off."""
+        ref = self.cfg.get("reference_batch")
+        return self.batch_size / ref if ref and self.batch_size else None
+
+    @property
+    def grad_clip_norm(self) -> float | None:
+        """The bound this run clips to: ``grad_clip_norm`` x sqrt(``reference_batch`` /
+        batch_size). A small batch's gradient is mostly sampling noise, whose norm grows
+        about as 1 / sqrt(batch) (median raw norm measured on the grid: 2.6 at batch 128,
+        8.1 at 8, 13.0 at 2), so the bound of batch 128 clips every small-batch step to a
+        fraction of its length; this one clips steps of about the same share of their
+        typical length at every batch (docs/results.md)."""
+        clip, ratio = self.cfg.grad_clip_norm, self._batch_ratio()
+        if not clip or ratio is None:
+            return clip or None
+        return clip / math.sqrt(ratio)
+
+    @property
+    def statistics_momentum(self) -> float:
+        """The running statistics' momentum: ``momentum`` at ``reference_batch``, and at
+        batch B the momentum whose window holds as many examples, 1 - (1 - m)^(B / ref).
+        BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp lost
+        ~0.6 points at batch 2 to it, docs/results.md)."""
+        m, ratio = self.cfg.momentum, self._batch_ratio()
+        return m if ratio is None or ratio == 1 else 1 - (1 - m) ** ratio
+
     def _stats(self) -> dict:
-        return {"momentum": self.cfg.momentum, "eps": self.cfg.eps, "damping": self.cfg.damping}
+        return {"momentum": self.statistics_momentum, "eps": self.cfg.eps, "damping": self.cfg.damping}
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         return BNPConv2d(in_ch, out_ch, kernel_size, stride, **self._stats())
@@ -163,7 +206,7 @@ class BNPreconditioning(Method):
     def finalize(self, model):
         self._layers = [m for m in model.modules() if isinstance(m, Preconditioned)]
         # The trainer's own global-norm clipping, as bnp's default (before preconditioning).
-        self._clip = GradientClipping(model, self.cfg.grad_clip_norm, None)
+        self._clip = GradientClipping(model, self.grad_clip_norm, None)
 
     def before_step(self, model, optimizer):
         self._clip()
