@@ -241,7 +241,8 @@ class Run:
         self.cfg, self.t, self.out_dir, self.device, self.ctx = cfg, cfg.trainer, Path(out_dir), device, ctx
         self.ckpt_dir = self.out_dir / "checkpoints"
         torch.manual_seed(cfg.seed)
-        self.method = build_method(cfg.method, cfg.batch_size)
+        self.method = build_method(cfg.method, cfg.batch_size,
+                                   micro_batch=cfg.batch_size // (self.t.accumulate * ctx.world_size))
         self.data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=self.t.eval_batch_size,
                                seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
         if self.t.stop_at_val_acc is not None and self.data.val is None:
@@ -280,9 +281,8 @@ class Run:
         self.model = build_model(self.cfg.model.name, self.method, in_channels=info.in_channels,
                                  num_classes=info.num_classes, image_size=info.image_size,
                                  small_input=self.cfg.model.get("small_input", "auto")).to(self.device)
-        micro_batch = self.cfg.batch_size // (self.t.accumulate * ctx.world_size)
-        self.method.check_micro_batch(micro_batch)
-        check_batchnorm_trainable(self.model, micro_batch, self.input_shape)
+        self.method.check_micro_batch(self.method.micro_batch)
+        check_batchnorm_trainable(self.model, self.method.micro_batch, self.input_shape)
         if ctx.parallel:
             self.model = self.method.convert_for_processes(self.model)
         self.memory_format = torch.channels_last if self.t.channels_last else torch.contiguous_format

@@ -97,7 +97,7 @@ def build(model_name: str, method_name: str, batch_size: int, *overrides: str):
     cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
                    "dataset=fashion_mnist", *overrides)
     torch.manual_seed(cfg.seed)
-    method = build_method(cfg.method)
+    method = build_method(cfg.method, batch_size)
     model = build_model(cfg.model.name, method, in_channels=INPUT_SHAPE[0], num_classes=cfg.dataset.num_classes,
                         image_size=INPUT_SHAPE[-1], small_input=cfg.model.get("small_input", "auto"))
     check_batchnorm_trainable(model, batch_size, INPUT_SHAPE)

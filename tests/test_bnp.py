@@ -227,3 +227,12 @@ def test_clip_and_statistics_window_follow_the_batch_size(batch_size, ref, clip,
     assert method.grad_clip_norm == pytest.approx(clip, rel=1e-12)
     assert method.statistics_momentum == pytest.approx(momentum, rel=1e-12)
     assert method.conv(3, 4, 3).momentum == method.linear(3, 4).momentum == method.statistics_momentum
+
+
+def test_statistics_window_counts_the_examples_of_one_forward_pass():
+    """With gradient accumulation (or several processes) the statistics are updated once
+    per micro-batch: the momentum follows the micro-batch, the clip the global batch."""
+    cfg = make_cfg("method=bnp", "method.grad_clip_norm=1.0", "method.momentum=0.1", "method.reference_batch=128")
+    method = build_method(cfg.method, 512, micro_batch=128)
+    assert method.statistics_momentum == 0.1
+    assert method.grad_clip_norm == pytest.approx(0.5, rel=1e-12)

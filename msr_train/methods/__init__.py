@@ -16,12 +16,13 @@ for _module in pkgutil.iter_modules(__path__):
 METHODS: dict[str, type[Method]] = dict(sorted(Method.registry.items()))
 
 
-def build_method(cfg, batch_size: int | None = None) -> Method:
+def build_method(cfg, batch_size: int | None = None, micro_batch: int | None = None) -> Method:
     """The method ``cfg`` describes, for a run whose optimizer steps see ``batch_size``
-    examples (None: unknown, e.g. a model built outside a run)."""
+    examples (None: unknown, e.g. a model built outside a run) in forward passes of
+    ``micro_batch`` examples per process (default: ``batch_size``)."""
     name = cfg.name
     if name not in METHODS:
         raise unknown("method", name, METHODS)
-    method = METHODS[name](cfg, batch_size)
+    method = METHODS[name](cfg, batch_size, micro_batch)
     method.check(cfg)
     return method

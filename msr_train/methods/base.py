@@ -92,10 +92,13 @@ class Method:
         if "name" in cls.__dict__:
             Method.registry[cls.name] = cls
 
-    def __init__(self, cfg=None, batch_size: int | None = None):
+    def __init__(self, cfg=None, batch_size: int | None = None, micro_batch: int | None = None):
         self.cfg = cfg
         #: The global batch of one optimizer step, for defaults that depend on it (None: unknown).
         self.batch_size = batch_size
+        #: The examples of one forward pass in one process (batch_size without gradient
+        #: accumulation or several processes).
+        self.micro_batch = micro_batch or batch_size
 
     # ------------------------------------------------------------------ layer factories
     def conv(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,

@@ -62,9 +62,10 @@ default optimizer.lr) and damping were chosen on validation accuracy: docs/resul
 
 Batch size. ``momentum`` and ``grad_clip_norm`` are given at ``reference_batch`` (128).
 At batch B the bound is grad_clip_norm x sqrt(128 / B), since the raw gradient's norm is
-mostly sampling noise at small batches, and the momentum is 1 - (1 - m)^(B / 128), which
-keeps the statistics' window at the same number of examples (BN's 0.1 at batch 2 would
-average ~20 examples). With the bound and momentum of batch 128, bnp at batch 2 was 7
+mostly sampling noise at small batches, and the momentum is 1 - (1 - m)^(b / 128) for
+statistics updated with micro-batches of b examples (b = B without accumulation or
+several processes), which keeps the statistics' window at the same number of examples
+(BN's 0.1 at batch 2 would average ~20 examples). With the bound and momentum of batch 128, bnp at batch 2 was 7
 points below bn; with both scaled it is level (docs/results.md).
 """
 
@@ -164,10 +165,10 @@ class BNPreconditioning(Method):
                                        "values at every batch"),
     }
 
-    def _batch_ratio(self) -> float | None:
-        """batch_size / reference_batch; None where either is unknown or off."""
+    def _ratio_to_reference(self, batch: int | None) -> float | None:
+        """batch / reference_batch; None where either is unknown or off."""
         ref = self.cfg.get("reference_batch")
-        return self.batch_size / ref if ref and self.batch_size else None
+        return batch / ref if ref and batch else None
 
     @property
     def grad_clip_norm(self) -> float | None:
@@ -177,18 +178,20 @@ class BNPreconditioning(Method):
         8.1 at 8, 13.0 at 2), so the bound of batch 128 clips every small-batch step to a
         fraction of its length; this one clips steps of about the same share of their
         typical length at every batch (docs/results.md)."""
-        clip, ratio = self.cfg.grad_clip_norm, self._batch_ratio()
+        clip, ratio = self.cfg.grad_clip_norm, self._ratio_to_reference(self.batch_size)
         if not clip or ratio is None:
             return clip or None
         return clip / math.sqrt(ratio)
 
     @property
     def statistics_momentum(self) -> float:
-        """The running statistics' momentum: ``momentum`` at ``reference_batch``, and at
-        batch B the momentum whose window holds as many examples, 1 - (1 - m)^(B / ref).
-        BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp lost
-        ~0.6 points at batch 2 to it, docs/results.md)."""
-        m, ratio = self.cfg.momentum, self._batch_ratio()
+        """The running statistics' momentum: ``momentum`` at ``reference_batch``, and for
+        updates of B examples the momentum whose window holds as many examples,
+        1 - (1 - m)^(B / ref). B is the micro-batch: the statistics are updated at every
+        forward pass, and in a DDP run rank 0's, which every rank uses, see its shard
+        only. BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp
+        lost ~0.6 points at batch 2 to it, docs/results.md)."""
+        m, ratio = self.cfg.momentum, self._ratio_to_reference(self.micro_batch)
         return m if ratio is None or ratio == 1 else 1 - (1 - m) ** ratio
 
     def _stats(self) -> dict:
