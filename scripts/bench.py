@@ -47,6 +47,11 @@ Sections (``--sections``):
    one-step run of the same setting (warm caches; a method that refuses the batch size
    is reported with its reason). Validation is off (``dataset.val_size=0``) so the
    closing evaluation stays short; it is outside the timed span anyway.
+6. Operator calls per step (not in the default ``--sections``): aten calls (nested ones
+   included) and autograd nodes per ``train_step`` on one fixed batch, for every method
+   on the first model at ``--batch-sizes``, counted with torch.profiler. At small batches
+   a step is mostly per-op overhead, so the counts say where it goes; they do not depend
+   on the machine's load.
 
 A Markdown summary (machine, command, tables) ends the output; ``--out FILE`` writes it.
 
@@ -474,6 +479,54 @@ def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, th
 
 
 # ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- 6. ops
+#: Steps profiled per (method, batch) in section 6; the counts do not vary between steps.
+OPS_STEPS = 3
+
+
+def section_ops(args) -> list[dict]:
+    rows = []
+    for batch_size in args.batch_sizes:
+        x, y = fixed_batch(batch_size)
+        for name in args.methods:
+            try:
+                _, model, method, optimizer = build(args.models[0], name, batch_size)
+            except ConfigError as e:
+                rows.append({"method": name, "batch": batch_size, "skipped": str(e).split(";")[0]})
+                continue
+            rows.append({"method": name, "batch": batch_size, **op_counts(model, method, optimizer, x, y)})
+            log(f"[6] {name} batch {batch_size}: {rows[-1]['aten']:.0f} aten calls, "
+                f"{rows[-1]['nodes']:.0f} autograd nodes per step")
+    return rows
+
+
+def op_counts(model, method, optimizer, x, y) -> dict:
+    """aten operator calls (nested ones included: each is a dispatch) and autograd nodes
+    run per optimizer step, counted by torch.profiler over a few steps after two untimed."""
+    for _ in range(2):
+        train_step(model, method, optimizer, x, y)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(OPS_STEPS):
+            train_step(model, method, optimizer, x, y)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {"aten": sum(v for k, v in counts.items() if k.startswith("aten::")) / OPS_STEPS,
+            "nodes": sum(v for k, v in counts.items() if k.startswith("autograd::engine::evaluate_function"))
+            / OPS_STEPS}
+
+
+def ops_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        base = next((b for b in rows if b["batch"] == r["batch"] and b["method"] == "none" and "aten" in b), None)
+        if "skipped" in r:
+            body.append([r["method"], r["batch"], "n/a", "n/a", "", r["skipped"]])
+            continue
+        body.append([r["method"], r["batch"], f"{r['aten']:.0f}", f"{r['nodes']:.0f}",
+                     f"{r['aten'] - base['aten']:+.0f}" if base else "", ""])
+    return table(["method", "batch", "aten calls per step", "autograd nodes per step", "aten calls - none's", "note"],
+                 body)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -533,6 +586,8 @@ def markdown(args, results: dict, command: str, elapsed: float) -> str:
         out += ["### 4. Data path (TensorBatches, Fashion-MNIST)", "", table(
             ["augment", "batch", "img/s"], [[r["augment"], r["batch"], f"{r['img_s']:.0f}"] for r in results["data"]]),
             ""]
+    if "ops" in results:
+        out += ["### 6. Operator calls per step (torch.profiler)", "", ops_table(results["ops"]), ""]
     if "loop" in results:
         out += ["### 5. Methods in the real loop" + (" (trainer.compile=true)" if args.compile else ""), "", table(
             ["model", "method", "batch", "steps timed", "steps/s", "img/s", "/ none", "/ bn", "note"],
@@ -596,7 +651,7 @@ def main(argv=None) -> None:
     command = shlex.join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     sections = {1: ("runner", section_runner), 2: ("methods", section_methods), 3: ("hooks", section_hooks),
-                4: ("data", section_data), 5: ("loop", section_loop)}
+                4: ("data", section_data), 5: ("loop", section_loop), 6: ("ops", section_ops)}
     results = {}
     for number in args.sections:
         key, run = sections[number]

@@ -26,3 +26,22 @@ def test_time_to_accuracy_reports_each_methods_steps_and_ratio(tmp_path, monkeyp
                            "--target", "1.0", "--rounds", "1", "--out", str(out), "debug=quick",
                            "dataset.val_size=64", "dataset.image_size=8"])
     assert "| bn | 0/1 | not reached |" in out.read_text()
+
+
+def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread):
+    """Sections 3 and 6 on real Fashion-MNIST batches (sections 2-4 once failed on the data
+    loader's return type unnoticed): every hook row is reported, and the operator counts
+    rank the methods as their extra work does (msr and nf add ops to the plain network)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("bench", None)
+    import bench
+    out = tmp_path / "bench.md"
+    bench.main(["--quick", "--sections", "3,6", "--models", "resnet8", "--batch-sizes", "2",
+                "--methods", "none,msr,nf", "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    for hook in ("ZMG (gradient projection)", "norm anchors", "AGC", "Scaled WS", "BNP preconditioning"):
+        assert f"| {hook}" in text
+    counts = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[2]) for line in text.splitlines()
+              if line.startswith(("| none | 2 ", "| msr | 2 ", "| nf | 2 "))}
+    assert set(counts) == {"none", "msr", "nf"}
+    assert counts["none"] < counts["msr"] and counts["none"] < counts["nf"]
