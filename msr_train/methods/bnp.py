@@ -60,13 +60,16 @@ clips nearly every step, so bnp in practice takes steps of length lr x bound alo
 preconditioned direction. The default clip, BNP's own learning rate (``method.lr``, the
 default optimizer.lr) and damping were chosen on validation accuracy: docs/results.md.
 
-Batch size. ``momentum`` and ``grad_clip_norm`` are given at ``reference_batch`` (128).
-At batch B the bound is grad_clip_norm x sqrt(128 / B), since the raw gradient's norm is
-mostly sampling noise at small batches, and the momentum is 1 - (1 - m)^(b / 128) for
-statistics updated with micro-batches of b examples (b = B without accumulation or
-several processes), which keeps the statistics' window at the same number of examples
-(BN's 0.1 at batch 2 would average ~20 examples). With the bound and momentum of batch 128, bnp at batch 2 was 7
-points below bn; with both scaled it is level (docs/results.md).
+Batch size. ``momentum`` and ``grad_clip_norm`` are given at ``reference_batch`` (128)
+and hold at larger batches. Below it the bound is grad_clip_norm x sqrt(128 / B), since
+the raw gradient's norm is mostly sampling noise at small batches, and the momentum is
+1 - (1 - m)^(b / 128) for statistics updated with micro-batches of b examples (b = B
+without accumulation or several processes), which keeps the statistics' window at the
+same number of examples (BN's 0.1 at batch 2 would average ~20 examples). With the bound
+and momentum of batch 128, bnp at batch 2 was 7 points below bn and at batch 1 10 points
+below the unnormalised network; with both scaled it is level with each (docs/results.md).
+Scaled the same way above 128 (bound / 2.8, momentum 0.57 at batch 1024) they cost bnp 15
+points at batch 1024, so they are not.
 """
 
 from __future__ import annotations
@@ -166,18 +169,21 @@ class BNPreconditioning(Method):
     }
 
     def _ratio_to_reference(self, batch: int | None) -> float | None:
-        """batch / reference_batch; None where either is unknown or off."""
+        """batch / reference_batch below the reference batch; None at or above it (where
+        the reference values hold) or where either is unknown or off."""
         ref = self.cfg.get("reference_batch")
-        return batch / ref if ref and batch else None
+        return batch / ref if ref and batch and batch < ref else None
 
     @property
     def grad_clip_norm(self) -> float | None:
         """The bound this run clips to: ``grad_clip_norm`` x sqrt(``reference_batch`` /
-        batch_size). A small batch's gradient is mostly sampling noise, whose norm grows
-        about as 1 / sqrt(batch) (median raw norm measured on the grid: 2.6 at batch 128,
-        8.1 at 8, 13.0 at 2), so the bound of batch 128 clips every small-batch step to a
-        fraction of its length; this one clips steps of about the same share of their
-        typical length at every batch (docs/results.md)."""
+        batch_size) below the reference batch, ``grad_clip_norm`` above it. A small batch's
+        gradient is mostly sampling noise, whose norm grows about as 1 / sqrt(batch)
+        (median raw norm measured on the grid: 2.6 at batch 128, 8.1 at 8, 13.0 at 2), so
+        the bound of batch 128 clips every small-batch step to a fraction of its length;
+        this one clips steps of about the same share of their typical length. Above the
+        reference the scaled bound (and momentum) cost bnp 15 points at batch 1024 in the
+        grid's 27 steps (docs/results.md)."""
         clip, ratio = self.cfg.grad_clip_norm, self._ratio_to_reference(self.batch_size)
         if not clip or ratio is None:
             return clip or None
@@ -185,9 +191,9 @@ class BNPreconditioning(Method):
 
     @property
     def statistics_momentum(self) -> float:
-        """The running statistics' momentum: ``momentum`` at ``reference_batch``, and for
-        updates of B examples the momentum whose window holds as many examples,
-        1 - (1 - m)^(B / ref). B is the micro-batch: the statistics are updated at every
+        """The running statistics' momentum: ``momentum`` at and above ``reference_batch``,
+        and for updates of B < ref examples the momentum whose window holds as many
+        examples, 1 - (1 - m)^(B / ref). B is the micro-batch: the statistics are updated at every
         forward pass, and in a DDP run rank 0's, which every rank uses, see its shard
         only. BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp
         lost ~0.6 points at batch 2 to it, docs/results.md)."""
