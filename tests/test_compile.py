@@ -36,10 +36,12 @@ def test_compiled_step_hooks_equal_eager(method_name, overrides, one_thread):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_run_matches_the_eager_run(tmp_path, one_thread):
-    """A short msr run with trainer.compile=true logs the eager run's losses (to float32
-    rounding through a different kernel order)."""
-    common = ["debug=quick", "method=msr", "trainer.max_steps=4", "epochs=1"]
+@pytest.mark.parametrize("method_name", ["msr", "nf"])
+def test_compiled_run_matches_the_eager_run(tmp_path, method_name, one_thread):
+    """A short run with trainer.compile=true logs the eager run's losses (to float32
+    rounding through a different kernel order); nf's model holds a custom autograd node
+    (its Scaled WS)."""
+    common = ["debug=quick", f"method={method_name}", "trainer.max_steps=4", "epochs=1"]
     train(make_cfg(*common), tmp_path / "eager")
     train(make_cfg(*common, "trainer.compile=true"), tmp_path / "compiled")
     eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
