@@ -193,12 +193,12 @@ class BNPreconditioning(Method):
     def statistics_momentum(self) -> float:
         """The running statistics' momentum: ``momentum`` at and above ``reference_batch``,
         and for updates of B < ref examples the momentum whose window holds as many
-        examples, 1 - (1 - m)^(B / ref). B is the micro-batch: the statistics are updated at every
-        forward pass, and in a DDP run rank 0's, which every rank uses, see its shard
-        only. BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp
+        examples, 1 - (1 - m)^(B / ref). B is the micro-batch: the statistics are updated
+        at every forward pass, and in a DDP run rank 0's, which every rank uses, see its
+        shard only. BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp
         lost ~0.6 points at batch 2 to it, docs/results.md)."""
         m, ratio = self.cfg.momentum, self._ratio_to_reference(self.micro_batch)
-        return m if ratio is None or ratio == 1 else 1 - (1 - m) ** ratio
+        return m if ratio is None else 1 - (1 - m) ** ratio
 
     def _stats(self) -> dict:
         return {"momentum": self.statistics_momentum, "eps": self.cfg.eps, "damping": self.cfg.damping}
