@@ -53,6 +53,8 @@ TRAINER_RULES = {
     "agc_clip": number(0, 1e3, lo_open=True, null=True, note="lambda; null: off"),
     "log_norms": flag(note="per-parameter gradient and weight norms at every evaluation"),
     "label_smoothing": number(0, 1, hi_open=True, note="of the training loss (evaluation losses are plain); 0: off"),
+    "ema_decay": number(0, 1, lo_open=True, hi_open=True, null=True,
+                        note="e.g. 0.999: evaluate an average of the weights; null: off"),
     "stop_at_val_acc": number(0, 1, lo_open=True, null=True,
                               note="a fraction, e.g. 0.9: stop once validation accuracy reaches it; null: off"),
     "divergence_factor": number(0, lo_open=True, null=True, note="x ln(num_classes); null: NaN/inf only"),

@@ -33,7 +33,8 @@ def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, p
         f"  model     {cfg.model.name} ({params:,} parameters), method {cfg.method.name}",
         f"  training  batch {cfg.batch_size}, lr {scaled_lr(o, cfg.batch_size):.4g} ({o.name}; optimizer.lr "
         f"{o.lr:g} at batch {o.base_batch_size}, {o.lr_scaling} scaling), {cfg.epochs} epochs = "
-        f"{total_steps:,} steps",
+        f"{total_steps:,} steps" + (f"; evaluates an EMA of the weights (decay {cfg.trainer.ema_decay:g})"
+                                    if cfg.trainer.get("ema_decay") else ""),
     ])
 
 

@@ -34,6 +34,7 @@ from .checks import check_batchnorm_trainable, check_parallel, check_writable, s
 from .clipping import GradientClipping
 from .data import build_data
 from .distributed import Context, init_group, launched_group, spawn
+from .ema import WeightEMA
 from .errors import ConfigError, RunFailed, describe
 from .methods import build_method
 from .models import build_model
@@ -250,6 +251,9 @@ class Run:
                               f"this run has none (dataset.val_size={cfg.dataset.get('val_size')}); set "
                               "dataset.val_size > 0")
         self.build_model()
+        # With trainer.ema_decay, the average of the weights is what is evaluated, selected and tested.
+        self.ema = WeightEMA(self.model, self.t.ema_decay) if self.t.ema_decay else None
+        self.eval_model = self.model if self.ema is None else self.ema.module
         self.optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.batch_size)
         self.clip = GradientClipping(self.model, self.t.grad_clip_norm, self.t.agc_clip)
         self.norms = NormProbe(self.model) if self.t.log_norms else None
@@ -307,6 +311,8 @@ class Run:
 
     def apply_checkpoint(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("precision", {}))
@@ -362,6 +368,8 @@ class Run:
                                                self.t.label_smoothing)
                 self.window.add(loss_sum, correct, len(y) * self.ctx.world_size)
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.state.step)
                 self.state.step += 1
                 bar.update()
                 status = self.after_step(bar)
@@ -463,21 +471,23 @@ class Run:
         step, info, ctx = self.state.step, self.data.info, self.ctx
         metrics = {}
         if self.data.val is not None:
-            metrics.update(evaluate(self.model, self.data.val, info.num_classes, ctx, self.precision, split="val"))
+            metrics.update(evaluate(self.eval_model, self.data.val, info.num_classes, ctx, self.precision,
+                                    split="val"))
             if self.state.best_val_acc is None or metrics["val_acc"] > self.state.best_val_acc:
                 self.state.best_val_acc, self.state.best_val_step = metrics["val_acc"], step
-                self.best.update(self.model, step, metrics["val_acc"])
+                self.best.update(self.eval_model, step, metrics["val_acc"])
             metrics["best_val_acc"] = self.state.best_val_acc
         if step == self.total_steps or self.t.test_every_eval:
             if step == self.total_steps and ctx.is_main and info.test_size >= SLOW_TEST_SET:
                 note(f"Testing the final model on {info.test_size:,} images.")
-            metrics.update(evaluate(self.model, self.data.test, info.num_classes, ctx, self.precision, split="test"))
+            metrics.update(evaluate(self.eval_model, self.data.test, info.num_classes, ctx, self.precision,
+                                    split="test"))
         return metrics
 
     def evaluate_and_log(self) -> None:
         step, ctx = self.state.step, self.ctx
-        self.method.before_evaluation(self.model, self.training_batches, ctx)
-        ctx.broadcast_buffers(self.model)  # every shard is evaluated with rank 0's running statistics
+        self.method.before_evaluation(self.eval_model, self.training_batches, ctx)
+        ctx.broadcast_buffers(self.eval_model)  # every shard is evaluated with rank 0's running statistics
         metrics = self.evaluate_splits()
         n = max(self.window.n, 1)
         loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))
@@ -513,7 +523,7 @@ class Run:
             "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(),
             "step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
             "config": OmegaConf.to_container(self.cfg, resolve=True), "loop": self.state.state_dict(),
-            "rng": rng_state(self.device),
+            "rng": rng_state(self.device), **({} if self.ema is None else {"ema": self.ema.state_dict()}),
         })
 
     def select_and_test(self, record: dict) -> dict:
@@ -523,8 +533,8 @@ class Run:
         final = {k: v for k, v in record.items() if k.startswith("test_")}
         if self.best.state is None or self.state.best_val_step == self.state.step:
             return final
-        self.model.load_state_dict(self.best.state)
-        return evaluate(self.model, self.data.test, self.data.info.num_classes, self.ctx, self.precision,
+        self.eval_model.load_state_dict(self.best.state)
+        return evaluate(self.eval_model, self.data.test, self.data.info.num_classes, self.ctx, self.precision,
                         split="test")
 
     def summarise(self, status: str) -> dict:

@@ -83,6 +83,7 @@ REPORTED = [
     (["trainer.checkpoint=no"], "trainer.checkpoint"), (["trainer.progress_bar=maybe"], "trainer.progress_bar"),
     (["dataset.augment=rotate"], "dataset.augment"), (["dataset.random_erasing=1.5"], "dataset.random_erasing"),
     (["trainer.stop_at_val_acc=90"], "trainer.stop_at_val_acc"),
+    (["trainer.ema_decay=1"], "trainer.ema_decay"),
     (["method=msr", "method.noise_delta=5"], "method.noise_delta"),
     (["+method.foo=1"], "method.foo"), (["+trainer.foo=1"], "trainer.foo"), (["+foo=1"], "foo"),
     (["optimizer.lr=1e308"], "optimizer.lr"), (["dataset.num_classes=1"], "dataset.num_classes"),

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -
 
 # Augmentation and MSR noise (on here; off by default) both draw random numbers: resuming
 # must restore them exactly.
-# 128 of the 640 images are held out for validation: selection (best.pt) must survive a resume too.
+# 128 of the 640 images are held out for validation: selection (best.pt) must survive a resume too,
+# and so must the EMA of the weights, which is what is evaluated and selected.
 RUN = ["debug=quick", "dataset.synthetic_train=640", "dataset.val_size=128", "dataset.image_size=12",
-       "dataset.augment=crop_flip", "method=msr", "method.noise_at=conv", "trainer.eval_every=5", "trainer.tensorboard=true"]
+       "dataset.augment=crop_flip", "method=msr", "method.noise_at=conv", "trainer.eval_every=5", "trainer.tensorboard=true",
+       "trainer.ema_decay=0.8"]
 
 
 def cli(*args, cwd):
@@ -39,7 +41,9 @@ def records(run_dir):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    """The model's weights and their average, flattened into one dict."""
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return {**saved["model"], **{f"ema.{k}": v for k, v in saved["ema"].items()}}
 
 
 def assert_same_run(a, b):
