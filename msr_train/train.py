@@ -477,6 +477,9 @@ class Run:
                 self.state.best_val_acc, self.state.best_val_step = metrics["val_acc"], step
                 self.best.update(self.eval_model, step, metrics["val_acc"])
             metrics["best_val_acc"] = self.state.best_val_acc
+            if self.ema is not None:  # the trained weights on the same trajectory: what the average adds
+                metrics.update(evaluate(self.model, self.data.val, info.num_classes, ctx, self.precision,
+                                        split="val_raw"))
         if step == self.total_steps or self.t.test_every_eval:
             if step == self.total_steps and ctx.is_main and info.test_size >= SLOW_TEST_SET:
                 note(f"Testing the final model on {info.test_size:,} images.")
@@ -488,6 +491,8 @@ class Run:
         step, ctx = self.state.step, self.ctx
         self.method.before_evaluation(self.eval_model, self.training_batches, ctx)
         ctx.broadcast_buffers(self.eval_model)  # every shard is evaluated with rank 0's running statistics
+        if self.ema is not None:
+            ctx.broadcast_buffers(self.model)
         metrics = self.evaluate_splits()
         n = max(self.window.n, 1)
         loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))

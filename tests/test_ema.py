@@ -55,6 +55,7 @@ def test_a_run_evaluates_the_average_and_trains_the_model_unchanged(tmp_path, on
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ema")
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # the average never touches training
     assert [r["val_loss"] for r in a] != [r["val_loss"] for r in b]  # what is evaluated is the average
+    assert [r["val_loss"] for r in a] == [r["val_raw_loss"] for r in b]  # beside the trained weights
     last = torch.load(tmp_path / "ema" / "checkpoints" / "last.pt", weights_only=True)
     plain_last = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(last["model"][k], plain_last["model"][k]) for k in last["model"])
