@@ -45,3 +45,21 @@ def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread
               if line.startswith(("| none | 2 ", "| msr | 2 ", "| nf | 2 "))}
     assert set(counts) == {"none", "msr", "nf"}
     assert counts["none"] < counts["msr"] and counts["none"] < counts["nf"]
+
+
+def test_bench_loop_reports_each_ratio_with_its_range_over_rounds(tmp_path, monkeypatch, one_thread):
+    """Section 5 (the real loop): each method's ratio to none is the median of the rounds'
+    ratios, printed with their range, which must contain it."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("bench", None)
+    import bench
+    out = tmp_path / "bench.md"
+    bench.main(["--quick", "--sections", "5", "--models", "resnet8", "--loop-batch-sizes", "2",
+                "--methods", "none,msr", "--threads", "1", "--repeats", "3", "--out", str(out)])
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| resnet8 | ")}
+    assert set(rows) == {"none", "msr"}
+    assert rows["none"][6] == "1.000 (1.000-1.000)"
+    median, spread = rows["msr"][6].split(" ")
+    lo, hi = (float(v) for v in spread.strip("()").split("-"))
+    assert 0 < lo <= float(median) <= hi
