@@ -27,8 +27,8 @@ STEPS = ["dataset=fashion_mnist", "dataset.train_size=640", "dataset.val_size=20
          "trainer.eval_batch_size=100", "trainer.progress_bar=false", "optimizer.lr=0.05"]
 
 
-def losses(run_dir):
-    return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def losses(run_dir, key="train_loss"):
+    return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def cli(*args, cwd):
@@ -36,8 +36,9 @@ def cli(*args, cwd):
                           timeout=600)
 
 
-# MSR with its noise on (off by default) and its zero-mean stem: every random draw is tested.
-@pytest.mark.parametrize("method", ["msr method.noise_at=conv method.stem=msr", "nf", "none"])
+# MSR with its noise on (off by default) and its zero-mean stem: every random draw is tested;
+# with an EMA of the weights, what is evaluated is the average, kept on every rank.
+@pytest.mark.parametrize("method", ["msr method.noise_at=conv method.stem=msr", "nf", "none trainer.ema_decay=0.8"])
 def test_two_processes_follow_the_single_process_trajectory(tmp_path, method):
     """2-process gloo DDP with global batch 16 = 1 process with batch 16, step for step
     (MSR's noise included: it is drawn for the global batch), and the 2-process run leaves
@@ -50,6 +51,8 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, method):
     assert len(single) == len(parallel) == 20
     assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-4
     assert abs(single[-1] - single[0]) > 1e-3  # it trained
+    val_single, val_parallel = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
+    assert max(abs(a - b) for a, b in zip(val_single, val_parallel)) < 1e-4
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["step"] == 20 and summary["examples_seen"] == 320
     two = tmp_path / "two"
