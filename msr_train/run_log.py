@@ -60,14 +60,18 @@ def flat_hparams(cfg) -> dict:
             key = f"{prefix}{k}"
             if isinstance(v, dict):
                 walk(key + ".", v)
-            elif isinstance(v, (bool, int, float, str)):
-                out[key] = v
-            elif v is None:
-                out[key] = "null"
             else:
-                out[key] = str(v)
+                out[key] = hparam_value(v)
     walk("", OmegaConf.to_container(cfg, resolve=True))
     return out
+
+
+def hparam_value(value):
+    """A config value as ``flat_hparams`` records it: scalars as they are, null as "null",
+    anything else (a list) as its text."""
+    if value is None:
+        return "null"
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 #: Shown first in the HParams tab (TensorBoard puts the hparams marked as differing first,

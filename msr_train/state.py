@@ -14,7 +14,7 @@ from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpo
                          remove_torn_writes, write_checkpoint_file)
 from .distributed import Context
 from .errors import ConfigError
-from .run_log import flat_hparams
+from .run_log import flat_hparams, hparam_value
 
 #: The only settings a resumed run may change: where things are and how the run is
 #: watched. Everything else (max_steps, eval_every, accumulate, precision, devices, ...)
@@ -147,7 +147,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def changed_settings(saved_cfg: dict, cfg) -> list[str]:
     """The settings of ``cfg`` that differ from a checkpoint's and may not change on resume."""
     saved, now = flat_hparams(OmegaConf.create(saved_cfg)), flat_hparams(cfg)
-    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
+    saved = {**{k: hparam_value(v) for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
     return [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
             if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
 

@@ -142,3 +142,17 @@ def test_label_smoothing_trains_on_the_smoothed_loss():
     assert float(loss_sum) / 6 == pytest.approx(float(expected.detach()), rel=1e-6)
     for got, want in zip(seen["g"], grads):
         torch.testing.assert_close(got, want)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_the_settings_old_behaviour():
+    """Settings added later (state.ADDED_SETTINGS) are filled in with the value that trains as
+    before; one whose old value is null once compared None with the config's "null"."""
+    from omegaconf import OmegaConf
+    from msr_train.state import changed_settings
+    cfg = make_cfg(*QUICK)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("ema_decay", "grad_clip_norm", "agc_clip", "label_smoothing"):
+        del saved["trainer"][key]
+    assert changed_settings(saved, make_cfg(*QUICK, "trainer.label_smoothing=0")) == []
+    assert changed_settings(saved, make_cfg(*QUICK, "trainer.label_smoothing=0", "trainer.ema_decay=0.9")) == [
+        "trainer.ema_decay: null -> 0.9"]
