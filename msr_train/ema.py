@@ -17,6 +17,11 @@ Written here rather than with ``torch.optim.swa_utils.AveragedModel``: that clas
 its device-side update counter on the host at every step (a device sync on a GPU), and
 its decay is fixed. Here the count is the loop's own step, the decay a Python number,
 and the update one ``_foreach_lerp_`` over all tensors: no sync, no host-side tensor.
+The average keeps references to the model's own parameters and buffers, read at every update, so
+the model must be changed in place after it is built (optimizer steps, ``load_state_dict``
+and DDP's broadcasts all are); it is made after every conversion (SyncBN, memory format).
+BN layers' running statistics are averaged like the weights (as timm does); with precise
+BN (``method.precise_bn_batches``) they are recomputed for the average before evaluation.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ class WeightEMA:
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self._averaged = [(a, w) for a, w in pairs if a.is_floating_point()]
-        self._copied = [(a, w) for a, w in pairs if not a.is_floating_point()]
+        self._averaged = [list(t) for t in zip(*[(a, w) for a, w in pairs if a.is_floating_point()])]
+        self._copied = [list(t) for t in zip(*[(a, w) for a, w in pairs if not a.is_floating_point()])]
 
     def decay_at(self, update: int) -> float:
         """The decay of the ``update``-th update (0-based): ``decay`` after the warmup."""
@@ -46,10 +51,9 @@ class WeightEMA:
     def update(self, update: int) -> None:
         """Move the average towards the model's current weights (call after the step)."""
         if self._averaged:
-            averages, weights = zip(*self._averaged)
-            torch._foreach_lerp_(list(averages), list(weights), 1 - self.decay_at(update))
-        for average, weight in self._copied:
-            average.copy_(weight)
+            torch._foreach_lerp_(*self._averaged, 1 - self.decay_at(update))
+        if self._copied:
+            torch._foreach_copy_(*self._copied)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -25,6 +25,7 @@ from .checkpoint import atomic_write, write_json
 TB_TAGS = {
     "train_acc": "train/acc",
     "val_loss": "val/loss", "val_acc": "val/acc", "val_top5": "val/top5", "best_val_acc": "val/best_acc",
+    "val_raw_loss": "val_raw/loss", "val_raw_acc": "val_raw/acc",  # the trained weights beside their EMA
     "test_loss": "test/loss", "test_acc": "test/acc", "test_top5": "test/top5",
     "img_per_s": "throughput/img_per_s",
 }

@@ -88,6 +88,7 @@ def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precisi
     """Loss and accuracy on ``batches`` as ``{split}_loss``, ``{split}_acc`` (and top-5 for
     more than 10 classes); with several processes each takes its shard of the set and the
     sums are all-reduced, so every rank returns the whole set's metrics."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, correct top-5, n
@@ -98,7 +99,7 @@ def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precisi
                              (logits.argmax(1) == y).sum().double(),
                              (logits.topk(min(5, num_classes), 1).indices == y[:, None]).any(1).sum().double(),
                              torch.tensor(len(y), dtype=torch.float64, device=device)])
-    model.train()
+    model.train(was_training)
     loss, correct, correct5, n = ctx.sum(sums).tolist()
     out = {f"{split}_loss": loss / n, f"{split}_acc": correct / n}
     if num_classes > 10:
@@ -489,10 +490,10 @@ class Run:
 
     def evaluate_and_log(self) -> None:
         step, ctx = self.state.step, self.ctx
-        self.method.before_evaluation(self.eval_model, self.training_batches, ctx)
-        ctx.broadcast_buffers(self.eval_model)  # every shard is evaluated with rank 0's running statistics
-        if self.ema is not None:
-            ctx.broadcast_buffers(self.model)
+        # With an EMA both the average and the trained weights are evaluated, alike.
+        for model in (self.eval_model,) if self.ema is None else (self.eval_model, self.model):
+            self.method.before_evaluation(model, self.training_batches, ctx)
+            ctx.broadcast_buffers(model)  # every shard is evaluated with rank 0's running statistics
         metrics = self.evaluate_splits()
         n = max(self.window.n, 1)
         loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))

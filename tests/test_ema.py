@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from conftest import make_cfg
+from msr_train.data import build_data
 from msr_train.ema import WeightEMA
-from msr_train.train import train
+from msr_train.methods import build_method
+from msr_train.models import build_model
+from msr_train.train import evaluate, train
 
 
 def test_the_average_follows_the_formula_and_copies_integer_buffers():
@@ -60,10 +63,26 @@ def test_a_run_evaluates_the_average_and_trains_the_model_unchanged(tmp_path, on
     plain_last = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(last["model"][k], plain_last["model"][k]) for k in last["model"])
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
-    best = torch.load(tmp_path / "ema" / "checkpoints" / "best.pt", weights_only=True)
-    if best["step"] == last["step"]:  # the selected weights are the average's, not the model's
-        assert all(torch.equal(best["model"][k], last["ema"][k]) for k in last["ema"])
     assert averaged["status"] == plain["status"] == "completed"
+    # Evaluated again here: the last record's val_acc is the average's, val_raw_acc the
+    # model's, and best.pt holds the weights that scored best_val_acc.
+    cfg = make_cfg(*RUN, "trainer.ema_decay=0.9")
+    net, val = validation_of(cfg)
+    record = b[-1]
+    for weights, acc in ((last["ema"], record["val_acc"]), (last["model"], record["val_raw_acc"]),
+                         (torch.load(tmp_path / "ema" / "checkpoints" / "best.pt", weights_only=True)["model"],
+                          averaged["best_val_acc"])):
+        net.load_state_dict(weights)
+        assert evaluate(net, val, cfg.dataset.num_classes, split="val")["val_acc"] == acc
+
+
+def validation_of(cfg):
+    """A fresh model of the run's kind and the run's validation batches."""
+    data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
+                      seed=cfg.seed, device=torch.device("cpu"))
+    net = build_model(cfg.model.name, build_method(cfg.method), in_channels=data.info.in_channels,
+                      num_classes=data.info.num_classes, image_size=data.info.image_size)
+    return net, data.val
 
 
 def test_an_average_that_follows_the_weights_at_once_logs_the_plain_run(tmp_path, one_thread):
@@ -73,3 +92,12 @@ def test_an_average_that_follows_the_weights_at_once_logs_the_plain_run(tmp_path
     a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ema")
     assert [r["val_acc"] for r in a] == [r["val_acc"] for r in b]
     assert [r["val_loss"] for r in a] == pytest.approx([r["val_loss"] for r in b], rel=1e-5)
+
+
+def test_with_precise_bn_both_the_average_and_the_weights_are_evaluated_with_it(tmp_path, one_thread):
+    """An average that follows the weights at once (decay 1e-9) scores what they score, so
+    both were given the same recomputed statistics."""
+    train(make_cfg(*RUN, "method=bn", "method.precise_bn_batches=2", "trainer.ema_decay=1e-9"), tmp_path)
+    for record in metrics(tmp_path):
+        assert record["val_acc"] == record["val_raw_acc"]
+        assert record["val_loss"] == pytest.approx(record["val_raw_loss"], rel=1e-4)
