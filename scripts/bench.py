@@ -43,15 +43,18 @@ Sections (``--sections``):
    section 1: the runner's own training time over its first N steps) for every method on
    the first model at ``--loop-batch-sizes`` (default 1, 8, 128, 1024), the methods
    interleaved, with each round's ratio to ``none`` (the unnormalised network: the
-   limit for every method without BN) and to ``bn``. Every run is preceded by an untimed
-   one-step run of the same setting (warm caches; a method that refuses the batch size
-   is reported with its reason). Validation is off (``dataset.val_size=0``) so the
+   limit for every method without BN) and to ``bn``, each median with the rounds' range.
+   Before the rounds each setting runs once untimed for one step (warm caches; a method
+   that refuses the batch size is reported with its reason). Validation is off (``dataset.val_size=0``) so the
    closing evaluation stays short; it is outside the timed span anyway.
 6. Operator calls per step (not in the default ``--sections``): aten calls (nested ones
    included) and autograd nodes per ``train_step`` on one fixed batch, for every method
    on the first model at ``--batch-sizes``, counted with torch.profiler. At small batches
    a step is mostly per-op overhead, so the counts say where it goes; they do not depend
    on the machine's load.
+7. Evaluation (not in the default ``--sections``): img/s of the loop's ``evaluate`` over
+   5,000 images (the default validation split) at ``--eval-batch-sizes``, under no_grad
+   (as the loop runs it) and under inference_mode.
 
 A Markdown summary (machine, command, tables) ends the output; ``--out FILE`` writes it.
 
@@ -62,6 +65,7 @@ A Markdown summary (machine, command, tables) ends the output; ``--out FILE`` wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -85,7 +89,7 @@ from msr_train.methods.bnp import Preconditioned
 from msr_train.methods.nf import WSConv2d
 from msr_train.models import build_model
 from msr_train.optim import build_optimizer
-from msr_train.train import train, train_step
+from msr_train.train import evaluate, train, train_step
 
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
 
@@ -479,6 +483,35 @@ def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, th
     return summary["step"], summary["train_time_s"]
 
 
+# ----------------------------------------------------------------------------- 7. evaluation
+def section_eval(args) -> list[dict]:
+    """img/s of the loop's ``evaluate`` over ``args.eval_images`` Fashion-MNIST images
+    (5,000: the default validation split) at each eval batch size, as the loop runs it
+    (under no_grad) and under inference_mode; interleaved rounds."""
+    _, model, _, _ = build(args.models[0], args.runner_method, 128)
+    x, y = fixed_batch(args.eval_images)
+    runs = {}
+    for eval_batch in args.eval_batch_sizes:
+        batches = list(zip(x.split(eval_batch), y.split(eval_batch)))
+        for mode in ("no_grad", "inference_mode"):
+            runs[eval_batch, mode] = lambda b=batches, m=mode: eval_rate(model, b, m)
+    res = interleaved(runs, args.repeats)
+    rows = []
+    for (eval_batch, mode), rates in res.items():
+        plain = res[eval_batch, "no_grad"]
+        rows.append({"batch": eval_batch, "mode": mode, "img_s": statistics.median(rates),
+                     "vs_no_grad": statistics.median(a / b for a, b in zip(rates, plain))})
+        log(f"[7] evaluate, eval batch {eval_batch}, {mode}: {rows[-1]['img_s']:.0f} img/s")
+    return rows
+
+
+def eval_rate(model, batches, mode: str) -> float:
+    tick = time.perf_counter()
+    with torch.inference_mode() if mode == "inference_mode" else contextlib.nullcontext():
+        evaluate(model, batches, num_classes=10)
+    return sum(len(y) for _, y in batches) / (time.perf_counter() - tick)
+
+
 # ----------------------------------------------------------------------------- report
 # ----------------------------------------------------------------------------- 6. ops
 #: Steps profiled per (method, batch) in section 6; the counts do not vary between steps.
@@ -597,6 +630,10 @@ def markdown(args, results: dict, command: str, elapsed: float) -> str:
             ""]
     if "ops" in results:
         out += ["### 6. Operator calls per step (torch.profiler)", "", ops_table(results["ops"]), ""]
+    if "eval" in results:
+        out += [f"### 7. Evaluation ({args.eval_images:,} images, the loop's evaluate())", "", table(
+            ["eval batch", "mode", "img/s", "/ no_grad (as the loop runs)"],
+            [[r["batch"], r["mode"], f"{r['img_s']:.0f}", f"{r['vs_no_grad']:.3f}"] for r in results["eval"]]), ""]
     if "loop" in results:
         out += ["### 5. Methods in the real loop" + (" (trainer.compile=true)" if args.compile else ""), "", table(
             ["model", "method", "batch", "steps timed", "steps/s", "img/s", "/ none (range over rounds)",
@@ -625,6 +662,8 @@ def parse_args(argv=None):
                         "others on the first model (default 1,128)")
     p.add_argument("--loop-batch-sizes", type=int_list, default=[1, 8, 128, 1024],
                    help="section 5's batch sizes (default 1,8,128,1024)")
+    p.add_argument("--eval-batch-sizes", type=int_list, default=[100, 1000, 5000],
+                   help="section 7's eval batch sizes (default 100,1000,5000)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     p.add_argument("--runner-method", default="msr", help="method of section 1 (default: msr, the config default)")
@@ -643,7 +682,9 @@ def parse_args(argv=None):
     # Step counts: per round, per timed run.
     args.runner_steps_large, args.runner_steps_small = 12, 150
     args.method_images, args.small_batch_steps, args.hook_steps, args.data_batches = 768, 30, 5, 100
+    args.eval_images = 5000
     if args.quick:
+        args.eval_images = 500
         args.loop_scale = 0.1
         args.models, args.repeats = args.models[:1], 2
         args.runner_steps_large, args.runner_steps_small = 4, 40
@@ -661,7 +702,8 @@ def main(argv=None) -> None:
     command = shlex.join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     sections = {1: ("runner", section_runner), 2: ("methods", section_methods), 3: ("hooks", section_hooks),
-                4: ("data", section_data), 5: ("loop", section_loop), 6: ("ops", section_ops)}
+                4: ("data", section_data), 5: ("loop", section_loop), 6: ("ops", section_ops),
+                7: ("eval", section_eval)}
     results = {}
     for number in args.sections:
         key, run = sections[number]

@@ -29,16 +29,20 @@ def test_time_to_accuracy_reports_each_methods_steps_and_ratio(tmp_path, monkeyp
 
 
 def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread):
-    """Sections 3 and 6 on real Fashion-MNIST batches (sections 2-4 once failed on the data
+    """Sections 3, 6 and 7 on real Fashion-MNIST batches (sections 2-4 once failed on the data
     loader's return type unnoticed): every hook row is reported, and the operator counts
     rank the methods as their extra work does (msr and nf add ops to the plain network)."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     sys.modules.pop("bench", None)
     import bench
     out = tmp_path / "bench.md"
-    bench.main(["--quick", "--sections", "3,6", "--models", "resnet8", "--batch-sizes", "2",
-                "--methods", "none,msr,nf", "--threads", "1", "--out", str(out)])
+    bench.main(["--quick", "--sections", "3,6,7", "--models", "resnet8", "--batch-sizes", "2",
+                "--methods", "none,msr,nf", "--threads", "1", "--eval-batch-sizes", "100,500", "--out", str(out)])
     text = out.read_text()
+    evals = [line.split(" | ") for line in text.splitlines() if line.startswith(("| 100 | ", "| 500 | "))]
+    assert sorted((cells[0].strip("| "), cells[1]) for cells in evals) == [
+        ("100", "inference_mode"), ("100", "no_grad"), ("500", "inference_mode"), ("500", "no_grad")]
+    assert all(float(cells[2]) > 0 for cells in evals)
     for hook in ("ZMG (gradient projection)", "norm anchors", "AGC", "Scaled WS", "BNP preconditioning"):
         assert f"| {hook}" in text
     counts = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[2]) for line in text.splitlines()
