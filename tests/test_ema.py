@@ -15,25 +15,25 @@ from msr_train.models import build_model
 from msr_train.train import evaluate, train
 
 
-def test_the_average_follows_the_formula_and_copies_integer_buffers():
+def test_the_average_follows_the_formula_and_copies_integer_buffers(one_thread):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.LazyLinear(4))
     model(torch.randn(2, 2, 5, 5))
-    ema = WeightEMA(model, decay=0.95)
+    ema = WeightEMA(model, decay=0.8)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    for n in range(200):  # through the warmup (d < 0.95 up to n = 170) and past it
+    for n in range(40):  # through the warmup (d < 0.8 up to n = 26) and past it
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         model(torch.randn(2, 2, 5, 5))  # BN's running statistics and batch counter move
         ema.update(n)
-        d = min(0.95, (1 + n) / (10 + n))
+        d = min(0.8, (1 + n) / (10 + n))
         for k, v in model.state_dict().items():
             expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
     averaged = ema.state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(averaged[k], v, rtol=1e-5, atol=1e-6)
-    assert averaged["1.num_batches_tracked"].item() == 201  # the lazy layer's first pass, then 200
+    assert averaged["1.num_batches_tracked"].item() == 41  # the lazy layer's first pass, then 40
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
@@ -52,15 +52,22 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_evaluates_the_average_and_trains_the_model_unchanged(tmp_path, one_thread):
-    plain = train(make_cfg(*RUN), tmp_path / "plain")
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, one_thread):
+    """The run without an average: (its summary, its folder)."""
+    out = tmp_path_factory.mktemp("plain")
+    return train(make_cfg(*RUN), out), out
+
+
+def test_a_run_evaluates_the_average_and_trains_the_model_unchanged(tmp_path, plain_run):
+    plain, plain_dir = plain_run
     averaged = train(make_cfg(*RUN, "trainer.ema_decay=0.9"), tmp_path / "ema")
-    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ema")
+    a, b = metrics(plain_dir), metrics(tmp_path / "ema")
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # the average never touches training
     assert [r["val_loss"] for r in a] != [r["val_loss"] for r in b]  # what is evaluated is the average
     assert [r["val_loss"] for r in a] == [r["val_raw_loss"] for r in b]  # beside the trained weights
     last = torch.load(tmp_path / "ema" / "checkpoints" / "last.pt", weights_only=True)
-    plain_last = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
+    plain_last = torch.load(plain_dir / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(last["model"][k], plain_last["model"][k]) for k in last["model"])
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
     assert averaged["status"] == plain["status"] == "completed"
@@ -85,11 +92,10 @@ def validation_of(cfg):
     return net, data.val
 
 
-def test_an_average_that_follows_the_weights_at_once_logs_the_plain_run(tmp_path, one_thread):
+def test_an_average_that_follows_the_weights_at_once_logs_the_plain_run(tmp_path, plain_run):
     """decay 1e-9 keeps (almost exactly) the current weights: every evaluation matches."""
-    train(make_cfg(*RUN), tmp_path / "plain")
     train(make_cfg(*RUN, "trainer.ema_decay=1e-9"), tmp_path / "ema")
-    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ema")
+    a, b = metrics(plain_run[1]), metrics(tmp_path / "ema")
     assert [r["val_acc"] for r in a] == [r["val_acc"] for r in b]
     assert [r["val_loss"] for r in a] == pytest.approx([r["val_loss"] for r in b], rel=1e-5)
 
