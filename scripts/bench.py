@@ -86,6 +86,7 @@ from msr_train.data import build_data
 from msr_train.errors import ConfigError
 from msr_train.methods import METHODS, build_method
 from msr_train.methods.bnp import Preconditioned
+from msr_train.methods.msr import MSRConv2d
 from msr_train.methods.nf import WSConv2d
 from msr_train.models import build_model
 from msr_train.optim import build_optimizer
@@ -330,6 +331,7 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
         "msr": ("msr", ()),
         "msr with noise": ("msr", ("method.noise_at=conv",)),
         "msr without anchors": ("msr", ("method.anchor_weight=0",)),
+        "msr, scale always on the weight": ("msr", ()),
         "nf": ("nf", ()),
         "nf, WS through autograd": ("nf", ()),
         "bnp": ("bnp", ()),
@@ -349,6 +351,10 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
             for conv in model.modules():
                 if isinstance(conv, WSConv2d):
                     conv.standardized_weight = _ws_through_autograd.__get__(conv)
+        if name == "msr, scale always on the weight":  # before session 9: folded in at every layer
+            for conv in model.modules():
+                if isinstance(conv, MSRConv2d):
+                    conv.scales_output = lambda x: False
         if name == "bnp without tracking":
             for layer in model.modules():
                 if isinstance(layer, Preconditioned):
@@ -383,6 +389,8 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
     rows = [in_place("msr without anchors", "ZMG (gradient projection)"),
             by_difference("MSR noise, if on (noise_at=conv; forward + backward)", "msr with noise", "msr"),
             by_difference("norm anchors (in before_step)", "msr", "msr without anchors"),
+            by_difference("MSR scale: always on the weight over the smaller of weight and output",
+                          "msr, scale always on the weight", "msr"),
             in_place("nf", "AGC"),
             by_difference("Scaled WS: autograd's graph over nf's closed-form node",
                           "nf, WS through autograd", "nf"),

@@ -122,17 +122,21 @@ def test_noise_is_per_sample_and_channel_and_train_only():
     assert spread.max() > 1e-3 and not torch.equal(conv(x), conv(x))
 
 
-def test_msr_conv_is_scale_times_noised_raw_conv_output():
-    """Folding exp(theta) into the weight must give exactly g * (conv(x) - s) * n, with
-    the same gradients for the weight, the bias and theta as the unfused formula (in float64,
-    where the two orders of the products agree to rounding)."""
-    x = torch.randn(6, 3, 7, 7, dtype=torch.float64)
+# 6 x 7 x 7 output pixels per channel against 27 weights: the scale is folded into the
+# weight; 1 x 2 x 2 against 27: it multiplies the output.
+@pytest.mark.parametrize("shape,on_output", [((6, 3, 7, 7), False), ((1, 3, 2, 2), True)])
+def test_msr_conv_is_scale_times_noised_raw_conv_output(shape, on_output):
+    """Applying exp(theta) to the weight or to the output must give exactly g * (conv(x) -
+    s) * n, with the same gradients for the weight, the bias and theta as the unfused
+    formula (in float64, where the orders of the products agree to rounding)."""
+    x = torch.randn(*shape, dtype=torch.float64)
     for delta, shift in ((0.1, 0.1), (0.3, 0.0)):
         conv = noisy_conv(delta, shift).double()
+        assert conv.scales_output(x) == on_output
         torch.manual_seed(1)
         y = conv(x)
         torch.manual_seed(1)
-        n, s = noise_factors(6, 4, delta, shift, dtype=torch.float64)
+        n, s = noise_factors(shape[0], 4, delta, shift, dtype=torch.float64)
         g = conv.log_scale.exp().view(1, -1, 1, 1)
         ref = g * (nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) - s) * n
         torch.testing.assert_close(y, ref)

@@ -43,7 +43,7 @@ def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread
     assert sorted((cells[0].strip("| "), cells[1]) for cells in evals) == [
         ("100", "inference_mode"), ("100", "no_grad"), ("500", "inference_mode"), ("500", "no_grad")]
     assert all(float(cells[2]) > 0 for cells in evals)
-    for hook in ("ZMG (gradient projection)", "norm anchors", "AGC", "Scaled WS", "BNP preconditioning"):
+    for hook in ("ZMG (gradient projection)", "norm anchors", "MSR scale", "AGC", "Scaled WS", "BNP preconditioning"):
         assert f"| {hook}" in text
     counts = {line.split(" | ")[0].strip("| "): float(line.split(" | ")[2]) for line in text.splitlines()
               if line.startswith(("| none | 2 ", "| msr | 2 ", "| nf | 2 "))}

@@ -110,11 +110,14 @@ class MSRConv2d(nn.Conv2d):
         y = exp(theta) * (conv(x) - s) * n    (training; y = exp(theta) * conv(x) in eval)
 
     with one (n, s) per (sample, channel) from ``noise_factors``. The scale is per output
-    channel, so it is folded into the (small) weight and bias instead of multiplying the
-    (large) output: conv(x, g W, g b) = g conv(x, W, b), exactly. The noise is then a single
-    ``addcmul`` on the output whose only saved tensor is the (N, C) multiplier, so MSR keeps
-    no activation beyond what the unnormalised network keeps; a separate scale module would
-    save a full copy of every conv output for theta's gradient.
+    channel, so it is applied to whichever is smaller, the weight or the output:
+    conv(x, g W, g b) = g conv(x, W, b), exactly. Usually the weight is (folded in, MSR
+    keeps no activation beyond what the unnormalised network keeps, where a scale on the
+    output would save a full copy of every conv output for theta's gradient); at small
+    batches on wide layers (resnet18 at batch 1: 2.4M weights against 8k outputs in its
+    last stage) the output is, and the weight-sized products, forward and backward, would
+    dominate the step. The noise is then a single ``addcmul`` on the output whose only
+    saved tensor is the (N, C) multiplier.
 
     ``role`` ('stem', 'body', 'shortcut') tells the MSR hooks which convs to anchor."""
 
@@ -125,10 +128,19 @@ class MSRConv2d(nn.Conv2d):
         self.log_scale = nn.Parameter(torch.full((self.out_channels,), math.log(scale_init)))
         self.noise_delta, self.noise_shift = noise_delta, noise_shift
 
+    def scales_output(self, x: torch.Tensor) -> bool:
+        """Whether the scale multiplies the output (smaller than the weight for this input)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        out_pixels = x.shape[0] * ((x.shape[-2] + 2 * ph - kh) // sh + 1) * ((x.shape[-1] + 2 * pw - kw) // sw + 1)
+        return out_pixels < self.weight[0].numel()
+
     def forward(self, x):
         scale = self.log_scale.exp()
-        bias = None if self.bias is None else self.bias * scale
-        y = self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
+        if self.scales_output(x):
+            y = self._conv_forward(x, self.weight, self.bias) * scale.view(1, -1, 1, 1)
+        else:
+            bias = None if self.bias is None else self.bias * scale
+            y = self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
         if not self.training or (self.noise_delta == 0 and self.noise_shift == 0):
             return y
         n, s = noise_factors(y.shape[0], y.shape[1], self.noise_delta, self.noise_shift,
