@@ -45,8 +45,9 @@ Sections (``--sections``):
    interleaved, with each round's ratio to ``none`` (the unnormalised network: the
    limit for every method without BN) and to ``bn``, each median with the rounds' range.
    Before the rounds each setting runs once untimed for one step (warm caches; a method
-   that refuses the batch size is reported with its reason). Validation is off (``dataset.val_size=0``) so the
-   closing evaluation stays short; it is outside the timed span anyway.
+   that refuses the batch size is reported with its reason). Validation is off
+   (``dataset.val_size=0``) so the closing evaluation stays short; it is outside the
+   timed span anyway.
 6. Operator calls per step (not in the default ``--sections``): aten calls (nested ones
    included) and autograd nodes per ``train_step`` on one fixed batch, for every method
    on the first model at ``--batch-sizes``, counted with torch.profiler. At small batches
@@ -491,36 +492,6 @@ def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, th
     return summary["step"], summary["train_time_s"]
 
 
-# ----------------------------------------------------------------------------- 7. evaluation
-def section_eval(args) -> list[dict]:
-    """img/s of the loop's ``evaluate`` over ``args.eval_images`` Fashion-MNIST images
-    (5,000: the default validation split) at each eval batch size, as the loop runs it
-    (under no_grad) and under inference_mode; interleaved rounds."""
-    _, model, _, _ = build(args.models[0], args.runner_method, 128)
-    x, y = fixed_batch(args.eval_images)
-    runs = {}
-    for eval_batch in args.eval_batch_sizes:
-        batches = list(zip(x.split(eval_batch), y.split(eval_batch)))
-        for mode in ("no_grad", "inference_mode"):
-            runs[eval_batch, mode] = lambda b=batches, m=mode: eval_rate(model, b, m)
-    res = interleaved(runs, args.repeats)
-    rows = []
-    for (eval_batch, mode), rates in res.items():
-        plain = res[eval_batch, "no_grad"]
-        rows.append({"batch": eval_batch, "mode": mode, "img_s": statistics.median(rates),
-                     "vs_no_grad": statistics.median(a / b for a, b in zip(rates, plain))})
-        log(f"[7] evaluate, eval batch {eval_batch}, {mode}: {rows[-1]['img_s']:.0f} img/s")
-    return rows
-
-
-def eval_rate(model, batches, mode: str) -> float:
-    tick = time.perf_counter()
-    with torch.inference_mode() if mode == "inference_mode" else contextlib.nullcontext():
-        evaluate(model, batches, num_classes=10)
-    return sum(len(y) for _, y in batches) / (time.perf_counter() - tick)
-
-
-# ----------------------------------------------------------------------------- report
 # ----------------------------------------------------------------------------- 6. ops
 #: Steps profiled per (method, batch) in section 6; the counts do not vary between steps.
 OPS_STEPS = 3
@@ -569,6 +540,36 @@ def ops_table(rows: list[dict]) -> str:
                  body)
 
 
+# ----------------------------------------------------------------------------- 7. evaluation
+def section_eval(args) -> list[dict]:
+    """img/s of the loop's ``evaluate`` over ``args.eval_images`` Fashion-MNIST images
+    (5,000: the default validation split) at each eval batch size, as the loop runs it
+    (under no_grad) and under inference_mode; interleaved rounds."""
+    _, model, _, _ = build(args.models[0], args.runner_method, 128)
+    x, y = fixed_batch(args.eval_images)
+    runs = {}
+    for eval_batch in args.eval_batch_sizes:
+        batches = list(zip(x.split(eval_batch), y.split(eval_batch)))
+        for mode in ("no_grad", "inference_mode"):
+            runs[eval_batch, mode] = lambda b=batches, m=mode: eval_rate(model, b, m)
+    res = interleaved(runs, args.repeats)
+    rows = []
+    for (eval_batch, mode), rates in res.items():
+        plain = res[eval_batch, "no_grad"]
+        rows.append({"batch": eval_batch, "mode": mode, "img_s": statistics.median(rates),
+                     "vs_no_grad": statistics.median(a / b for a, b in zip(rates, plain))})
+        log(f"[7] evaluate, eval batch {eval_batch}, {mode}: {rows[-1]['img_s']:.0f} img/s")
+    return rows
+
+
+def eval_rate(model, batches, mode: str) -> float:
+    tick = time.perf_counter()
+    with torch.inference_mode() if mode == "inference_mode" else contextlib.nullcontext():
+        evaluate(model, batches, num_classes=10)
+    return sum(len(y) for _, y in batches) / (time.perf_counter() - tick)
+
+
+# ----------------------------------------------------------------------------- report
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
