@@ -33,6 +33,7 @@ Conventions (the same whichever started the processes):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,12 +105,22 @@ def launched_group() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_group(device: torch.device, rank: int, world_size: int) -> Context:
+@contextlib.contextmanager
+def process_group(device: torch.device, rank: int, world_size: int):
+    """This process's membership of the run's process group, as a Context. On the way out
+    the group is torn down; after a run that ended normally only once every rank is done
+    with its collectives: a rank that tore the group down while another's last operation
+    was in flight made that one abort at exit (gloo: "terminate called without an active
+    exception", SIGABRT after a completed run)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                             device_id=device if device.type == "cuda" else None)
-    return Context(rank, world_size)
+    try:
+        yield Context(rank, world_size)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -123,11 +134,8 @@ def _worker(index: int, fn, devices: list[torch.device], port: int, args: tuple)
     # forwards it once, so kill -INT <parent> and Ctrl-C act alike.
     os.setpgrp()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    ctx = init_group(devices[index], index, len(devices))
-    try:
+    with process_group(devices[index], index, len(devices)) as ctx:
         fn(*args, device=devices[index], ctx=ctx)
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn(fn, devices: list[torch.device], args: tuple) -> None:

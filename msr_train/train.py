@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -33,7 +32,7 @@ from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint, write_j
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .clipping import GradientClipping
 from .data import build_data
-from .distributed import Context, init_group, launched_group, spawn
+from .distributed import Context, launched_group, process_group, spawn
 from .ema import WeightEMA
 from .errors import ConfigError, RunFailed, describe
 from .methods import build_method
@@ -182,11 +181,8 @@ def train_in_group(cfg, out_dir: Path, method, device: torch.device, rank: int, 
     """This process's part of a run in a process group that torchrun or SLURM started."""
     device = torch.device("cuda", local_rank) if device.type == "cuda" else device
     check_parallel(cfg, method, world_size, device)
-    ctx = init_group(device, rank, world_size)
-    try:
+    with process_group(device, rank, world_size) as ctx:
         return train_process(cfg, out_dir, device=device, ctx=ctx)
-    finally:
-        dist.destroy_process_group()
 
 
 def set_cpu_threads(trainer_cfg, device: torch.device, ctx: Context) -> None:
