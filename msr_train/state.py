@@ -32,7 +32,7 @@ ADDED_SETTINGS = {
     "trainer.grad_clip_norm": None, "trainer.agc_clip": None,
     "method.momentum": 0.1, "method.eps": 1e-5, "method.ghost_batch_size": None, "method.precise_bn_batches": 0,
     "dataset.random_erasing": 0.0, "method.stem": "ws", "trainer.label_smoothing": 0.0,
-    "method.grad_clip_norm": None, "trainer.ema_decay": None,
+    "method.grad_clip_norm": None, "trainer.ema_decay": None, "method.lr_mult.stem": None,
 }
 
 

@@ -219,11 +219,14 @@ class MeanShiftRejection(Method):
         "weight_decay": number(0, 1, null=True, note="null: optimizer.weight_decay"),
         "lr_mult.conv": number(0, 1e3),
         "lr_mult.other": number(0, 1e3),
+        "lr_mult.stem": number(0, 1e3, null=True, note="null: the conv rate for stem=msr, the other rate for stem=plain"),
     }
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         if role == "stem" and self.cfg.stem == "plain":
-            return nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=self.cfg.stem_bias)
+            stem = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=self.cfg.stem_bias)
+            stem.role = role  # for param_groups' lr_mult.stem
+            return stem
         noise = self.cfg.noise_at == "conv"
         return MSRConv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
                          bias=role == "stem" and self.cfg.stem_bias, role=role,
@@ -263,18 +266,27 @@ class MeanShiftRejection(Method):
         self._anchored.append(head)
 
     def param_groups(self, model):
-        """The authors' two learning rates: conv weights and filter scales at the base lr,
-        biases and linear layers (the classifier) at ``lr_mult.other`` times it."""
-        conv, other = [], []
+        """The authors' two learning rates: conv weights and filter scales at
+        ``lr_mult.conv`` times the base lr, biases and linear layers (the classifier) at
+        ``lr_mult.other`` times it. ``lr_mult.stem`` puts the stem's weight in a group of
+        its own: the authors' plain stem weight (``Conv1Weight``) is in their conv group
+        (trainer.py, lines 2669-2676), at 0.4 where their biases and classifier train at 0.1."""
+        conv, other, stem = [], [], []
         for m in model.modules():
             params = list(m.parameters(recurse=False))
-            if isinstance(m, MSRConv2d):
+            if self.cfg.lr_mult.stem is not None and getattr(m, "role", None) == "stem":
+                stem.append(m.weight)
+                other += [m.bias] if m.bias is not None else []
+                conv += [m.log_scale] if isinstance(m, MSRConv2d) else []
+            elif isinstance(m, MSRConv2d):
                 conv += [m.weight, m.log_scale]
                 other += [m.bias] if m.bias is not None else []
             else:
                 other += params
         groups = [{"params": conv, "lr_mult": self.cfg.lr_mult.conv},
                   {"params": other, "lr_mult": self.cfg.lr_mult.other}]
+        if stem:
+            groups.append({"params": stem, "lr_mult": self.cfg.lr_mult.stem})
         if self.cfg.weight_decay is not None:
             for group in groups:
                 group["weight_decay"] = self.cfg.weight_decay

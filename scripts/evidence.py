@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Every run behind docs/results.md's converged protocol, normalization-batch table and
+depth figure, run two at a time and resumably: re-running the same command skips what
+finished, resumes what was interrupted (each run is one msr-train run dir) and starts the
+rest, so a sweep of many hours survives sessions, kills and reboots.
+
+    python scripts/evidence.py                 # everything, 2 runs at a time
+    python scripts/evidence.py --list          # what is done, running-able and waiting
+
+The plan, in order of priority (method by method, so that complete 5-seed comparisons
+land first):
+
+1. ``converged``: ``experiment=fashion_mnist_converged`` per method. The learning rate is
+   screened at 0.5x / 1x / 2x the method's default on seed 0; the rate with the best
+   validation accuracy (never a test number; a diverged run never wins) then runs seeds
+   1-4, so seed 0 of the 5 is the screen's run at that rate.
+2. ``norm_batch``: bn at its chosen rate with ghost batches of 1, 2, 8 and 32 (5 seeds
+   each), and one run of msr at ``trainer.accumulate=16`` (its result must not depend on
+   the micro-batch).
+3. ``depth``: ResNet-8/20/56/110 for bn, msr, nf, gn_ws and none at their chosen rates, 3
+   seeds, 3 epochs (the same budget for every depth); then VGG-11/16 for bn, msr, none.
+
+Runs land in ``outputs/evidence/<part>/<name>``; each run's console output goes to
+``outputs/evidence/logs/<part>-<name>.log``. A run whose summary says ``completed`` or
+``diverged`` is done; one that ``failed`` is reported and not retried (read its log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+PROTOCOL = "experiment=fashion_mnist_converged"
+METHODS = ("bn", "msr_paper", "msr_authors", "nf", "gn_ws", "gn", "mimicnorm", "bnp", "none")
+LR_MULTS = (0.5, 1.0, 2.0)
+SEEDS = (0, 1, 2, 3, 4)
+GHOST_BATCHES = (1, 2, 8, 32)
+DEPTH_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110")
+DEPTH_METHODS = ("bn", "msr_paper", "nf", "gn_ws", "none")
+VGG_MODELS, VGG_METHODS = ("vgg11", "vgg16"), ("bn", "msr_paper", "none")
+DEPTH_SEEDS, DEPTH_EPOCHS = (0, 1, 2), 3
+DONE = ("completed", "diverged")
+
+
+@dataclass
+class Job:
+    part: str
+    name: str
+    overrides: list[str]
+    priority: tuple
+    needs: list[str] = field(default_factory=list)  # methods whose learning rate must be chosen first
+
+    def dir(self, root: Path) -> Path:
+        return root / self.part / self.name
+
+    def status(self, root: Path) -> str | None:
+        summary = self.dir(root) / "summary.json"
+        try:
+            return json.loads(summary.read_text()).get("status")
+        except (OSError, ValueError):
+            return None
+
+
+def default_lr(method: str) -> float:
+    with initialize_config_module("msr_train.conf", version_base="1.3"):
+        return compose("config", [PROTOCOL, f"method={method}"]).optimizer.lr
+
+
+def screen_name(method: str, mult: float, seed: int) -> str:
+    return f"{method}-lr{mult:g}x-seed{seed}"
+
+
+def chosen_mult(root: Path, method: str) -> float | None:
+    """The screened multiple with the best validation accuracy, once all three finished."""
+    scores = {}
+    for mult in LR_MULTS:
+        path = root / "converged" / screen_name(method, mult, 0) / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if summary.get("status") not in DONE:
+            return None
+        ok = summary["status"] == "completed" and summary.get("best_val_acc") is not None
+        scores[mult] = summary["best_val_acc"] if ok else float("-inf")
+    return max(LR_MULTS, key=lambda m: (scores[m], m == 1.0))  # a tie keeps the default
+
+
+def plan(root: Path, lrs: dict[str, float]) -> list[Job]:
+    """Every job whose inputs are known now (the seeds of a method wait for its screen)."""
+    jobs, mults = [], {m: chosen_mult(root, m) for m in METHODS}
+    for i, method in enumerate(METHODS):
+        for mult in LR_MULTS:
+            jobs.append(Job("converged", screen_name(method, mult, 0),
+                            [PROTOCOL, f"method={method}", f"optimizer.lr={lrs[method] * mult:g}", "seed=0"], (i, 0)))
+        for seed in SEEDS[1:]:
+            if mults[method] is not None:
+                mult = mults[method]
+                jobs.append(Job("converged", screen_name(method, mult, seed),
+                                [PROTOCOL, f"method={method}", f"optimizer.lr={lrs[method] * mult:g}", f"seed={seed}"],
+                                (i, 1)))
+            else:
+                jobs.append(Job("converged", f"{method}-seed{seed}", [], (i, 1), needs=[method]))
+    jobs += later_parts(lrs, mults)
+    return jobs
+
+
+def chosen_lr(method: str, lrs, mults) -> str:
+    return f"optimizer.lr={lrs[method] * mults[method]:g}"
+
+
+def later_parts(lrs, mults) -> list[Job]:
+    """The normalization-batch and depth runs, each at its method's chosen rate."""
+    jobs = []
+    for g in GHOST_BATCHES:
+        for seed in SEEDS:
+            jobs.append(Job("norm_batch", f"bn-ghost{g}-seed{seed}", [PROTOCOL, "method=bn", f"method.ghost_batch_size={g}",
+                            f"seed={seed}"], (len(METHODS), g, seed), needs=["bn"]))
+    jobs.append(Job("norm_batch", "msr_paper-accumulate16-seed0",
+                    [PROTOCOL, "method=msr_paper", "trainer.accumulate=16", "seed=0"], (len(METHODS), 99), needs=["msr_paper"]))
+    for k, (models, methods) in enumerate(((DEPTH_MODELS, DEPTH_METHODS), (VGG_MODELS, VGG_METHODS))):
+        for seed in DEPTH_SEEDS:
+            for model in models:
+                for method in methods:
+                    jobs.append(Job("depth", f"{model}-{method}-seed{seed}",
+                                    [PROTOCOL, f"model={model}", f"method={method}", f"epochs={DEPTH_EPOCHS}",
+                                     f"seed={seed}"], (len(METHODS) + 1 + k, seed, model), needs=[method]))
+    for job in jobs:  # the chosen rate, once known
+        if all(mults[m] is not None for m in job.needs):
+            job.overrides.append(chosen_lr(job.needs[0], lrs, mults))
+            job.needs = []
+    return jobs
+
+
+def start(job: Job, root: Path) -> subprocess.Popen:
+    log = root / "logs" / f"{job.part}-{job.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["msr-train", *job.overrides, f"hydra.run.dir={job.dir(root)}"]
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def runnable(jobs: list[Job], root: Path, running: dict, failed: set) -> list[Job]:
+    names = {(j.part, j.name) for j in running.values()}
+    return sorted((j for j in jobs if not j.needs and j.status(root) not in DONE and (j.part, j.name) not in names
+                   and (j.part, j.name) not in failed), key=lambda j: j.priority)
+
+
+def run_all(root: Path, n_jobs: int) -> int:
+    lrs = {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
+    running, failed = {}, set()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while True:
+            todo = runnable(plan(root, lrs), root, running, failed)
+            while todo and len(running) < n_jobs and not stop:
+                job = todo.pop(0)
+                print(f"{time.strftime('%H:%M:%S')} start {job.part}/{job.name}", flush=True)
+                running[start(job, root).pid] = job
+            if not running:
+                break
+            pid, _ = os.wait()
+            job = running.pop(pid, None)
+            if job is not None:
+                status = job.status(root)
+                print(f"{time.strftime('%H:%M:%S')} {status or 'no summary'}: {job.part}/{job.name}", flush=True)
+                if status not in DONE:
+                    failed.add((job.part, job.name))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for pid in running:  # each run checkpoints and exits on SIGTERM; re-running resumes it
+            os.kill(pid, signal.SIGTERM)
+    print(f"not finished (see their logs): {sorted(failed)}" if failed else "nothing failed")
+    return 1 if failed else 0
+
+
+def list_jobs(root: Path) -> None:
+    lrs = {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
+    for job in sorted(plan(root, lrs), key=lambda j: j.priority):
+        state = "waits for " + ", ".join(job.needs) if job.needs else (job.status(root) or "to run")
+        print(f"{job.part}/{job.name}: {state}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, default=Path("outputs/evidence"))
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--list", action="store_true", help="list the plan and each run's state, run nothing")
+    args = p.parse_args()
+    if args.list:
+        list_jobs(args.root)
+        return 0
+    return run_all(args.root, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
