@@ -144,7 +144,7 @@ def later_parts(lrs, mults) -> list[Job]:
 def start(job: Job, root: Path) -> subprocess.Popen:
     log = root / "logs" / f"{job.part}-{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["msr-train", *job.overrides, f"hydra.run.dir={job.dir(root)}"]
+    cmd = [sys.executable, "-m", "msr_train.cli", *job.overrides, f"hydra.run.dir={job.dir(root)}"]
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
