@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 from omegaconf import OmegaConf
 
+from . import stats
 from .errors import ConfigError
 from .run_log import read_jsonl
 from .signal_prop import FILENAME as SIGNAL_PROP_FILE
@@ -45,6 +46,9 @@ METRICS, SUMMARY = "metrics.jsonl", "summary.json"
 RUN_FILES = (METRICS, SUMMARY, SIGNAL_PROP_FILE)
 #: Hydra's copy of the run's config: the only config of a run that has no summary yet.
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+#: Hydra's own settings for the run; ``runtime.choices`` names the config chosen in each
+#: group (``method=msr_paper``), which the config's values alone do not.
+HYDRA_SETTINGS = Path(".hydra") / "hydra.yaml"
 #: The status of a run without summary.json: still running, or killed.
 INCOMPLETE = "incomplete"
 _MISSING = object()
@@ -54,6 +58,13 @@ class MissingKey(KeyError):
     pass
 
 
+def _choices(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    choices = OmegaConf.to_container(OmegaConf.load(path)).get("hydra", {}).get("runtime", {}).get("choices")
+    return {k: v for k, v in (choices or {}).items() if not k.startswith("hydra/") and v is not None}
+
+
 @dataclass
 class Run:
     path: Path
@@ -61,6 +72,7 @@ class Run:
     summary: dict            # summary.json; {} until the run ends
     config: dict             # the run's config as nested dicts
     signal_prop: list[dict]  # signal_prop.jsonl
+    choices: dict            # the config chosen in each group (Hydra's runtime.choices), {} if unknown
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -72,7 +84,8 @@ class Run:
             config = OmegaConf.to_container(OmegaConf.load(path / HYDRA_CONFIG))
         return cls(path, read_jsonl(path / METRICS) if (path / METRICS).exists() else [], summary,
                    config or {},
-                   read_jsonl(path / SIGNAL_PROP_FILE) if (path / SIGNAL_PROP_FILE).exists() else [])
+                   read_jsonl(path / SIGNAL_PROP_FILE) if (path / SIGNAL_PROP_FILE).exists() else [],
+                   _choices(path / HYDRA_SETTINGS))
 
     @property
     def status(self) -> str:
@@ -81,10 +94,19 @@ class Run:
     def get(self, key: str, default=_MISSING):
         """A summary field (method, batch_size, model, status, ...) or a dotted config path
         (optimizer.lr, method.zmg_alpha). A config group stands for its name (method ->
-        method.name), so runs without summary.json yet group like finished ones. Without
-        the key: ``default`` if given, else MissingKey."""
+        method.name), so runs without summary.json yet group like finished ones;
+        ``choices.<group>`` is the config file chosen for it (``choices.method``:
+        msr_paper, where method is msr). Without the key: ``default`` if given, else
+        MissingKey."""
         if key == "status":
             return self.status
+        if key.startswith("choices."):
+            group = key.removeprefix("choices.")
+            if group in self.choices:
+                return self.choices[group]
+            if default is _MISSING:
+                raise MissingKey(key)
+            return default
         if key in self.summary and not isinstance(self.summary[key], (dict, list)):
             return self.summary[key]
         node = self.config
@@ -102,6 +124,7 @@ class Run:
     def keys(self) -> set[str]:
         """Every key ``get`` answers."""
         out = {"status"} | {k for k, v in self.summary.items() if not isinstance(v, (dict, list))}
+        out |= {f"choices.{group}" for group in self.choices}
 
         def walk(prefix, node):
             for k, v in node.items():
@@ -267,6 +290,64 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: _fmt(v) if k in STAT_COLUMNS else v for k, v in row.items()} for row in rows)
+
+
+def _by_seed(runs: list[Run], where: str) -> dict:
+    """{seed: val-selected test accuracy in points} over the completed runs; two runs with
+    one seed would be pooled unlike runs: a ConfigError says how to tell them apart."""
+    values: dict = {}
+    for run in runs:
+        if run.status != "completed" or run.summary.get("selected_test_acc") is None:
+            continue
+        seed = run.get("seed", None)
+        if seed in values:
+            same = [str(r.path) for r in runs if r.get("seed", None) == seed]
+            raise ConfigError(f"{where} has {len(same)} completed runs with seed {seed} ({', '.join(same[:3])}): "
+                              "a paired comparison needs one run per seed. Group by a key that tells them apart "
+                              "(e.g. --by choices.method) or pass only the runs to compare")
+        values[seed] = 100 * run.summary["selected_test_acc"]
+    return values
+
+
+def baseline_comparisons(runs: list[Run], by: str, x: str | None, baseline: str,
+                         margin: float) -> tuple[list[stats.Comparison], list[str]]:
+    """Every other ``by`` group against ``baseline`` at every ``x`` value (stats.py), and
+    notes on the pairs that could not be compared."""
+    keys = [by] if x is None else [by, x]
+    groups = group_runs(runs, keys)
+    names = sorted({label(k[0]) for k in groups})
+    if baseline not in names:
+        raise ConfigError(f"--baseline {baseline!r} is not a {by} of these runs; the {by} values are: "
+                          f"{', '.join(names)}")
+    comparisons, notes = [], []
+    for x_value in sorted({k[1] if x else "" for k in groups}, key=_order):
+        at = {label(k[0]): v for k, v in groups.items() if (k[1] if x else "") == x_value}
+        where = f" at {x}={label(x_value)}" if x else ""
+        base = _by_seed(at.get(baseline, []), f"{by}={baseline}{where}")
+        for name, group in at.items():
+            if name == baseline:
+                continue
+            test = _by_seed(group, f"{by}={name}{where}")
+            if len(base) < 2 or len(test) < 2:
+                notes.append(f"not compared: {name} vs {baseline}{where} ({len(test)} and {len(base)} completed "
+                             "runs; a test needs 2 or more on each side)")
+                continue
+            comparisons.append(stats.Comparison(by, label(x_value), baseline, name, n_baseline=len(base),
+                                                n_test=len(test), **stats.paired_or_welch(base, test)))
+    if not comparisons:
+        raise ConfigError("nothing to compare: " + "; ".join(notes or [f"only {baseline} has runs"]))
+    return stats.judge(comparisons, margin), notes
+
+
+def write_stats(out: Path, comparisons: list[stats.Comparison], notes: list[str], x: str | None,
+                margin: float) -> list[Path]:
+    with open(out / "stats.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=stats.COLUMNS)
+        writer.writeheader()
+        writer.writerows(stats.row(c) for c in comparisons)
+    (out / "stats.md").write_text(stats.markdown(comparisons, x_key=x, margin=margin, notes=notes,
+                                                 metric="The val-selected test accuracy"))
+    return [out / "stats.md", out / "stats.csv"]
 
 
 # ---------------------------------------------------------------------------- plotting
@@ -508,11 +589,14 @@ def _filename(key: str) -> str:
 DPI = 120
 
 
-def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean") -> list[Path]:
-    """Curves, table and (with ``x``) the sweep figure into ``out``; returns the files."""
+def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean", baseline: str | None = None,
+            margin: float = 0.5) -> list[Path]:
+    """Curves, table, (with ``x``) the sweep figure and (with ``baseline``) the statistics
+    into ``out``; returns the files."""
     runs = find_runs(paths)
     keys = [by] if x is None else [by, x]
     rows = table_rows(group_runs(runs, keys), keys)
+    tested = baseline_comparisons(runs, by, x, baseline, margin) if baseline is not None else None
     figures = {out / f"curves_{name}.png": fig for name, fig in curve_figures(runs, by, x, seeds).items()}
     if x is not None:
         figures[out / f"sweep_{_filename(x)}.png"] = sweep_figure(runs, by, x)
@@ -525,6 +609,8 @@ def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean") -> li
     if x is not None:
         tables.append(out / f"table_{_filename(x)}.md")
         tables[-1].write_text(pivot_markdown(runs, by, x))
+    if tested is not None:
+        tables += write_stats(out, *tested, x, margin)
     return [*figures, *tables]
 
 
@@ -550,6 +636,10 @@ def main(argv=None) -> None:
                    "against this key, e.g. batch_size")
     p.add_argument("--seeds", choices=("mean", "all"), default="mean",
                    help="curves: the mean over each group's runs with a min-max band (default), or every run")
+    p.add_argument("--baseline", metavar="GROUP", help="compare every other --by group with this one at each "
+                   "--x value: paired t-tests over seeds, 95%% CIs, Holm-adjusted p and a verdict (stats.md, stats.csv)")
+    p.add_argument("--margin", type=float, default=0.5, metavar="POINTS",
+                   help="with --baseline: the equivalence margin in accuracy points (default 0.5)")
     p.add_argument("--signal-prop", action="store_true",
                    help="plot the signal propagation records (signal_prop.jsonl) instead")
     p.add_argument("--epoch", type=int, metavar="N", help="with --signal-prop: the epoch to plot (default 0, init)")
@@ -558,18 +648,24 @@ def main(argv=None) -> None:
         p.error("--x applies to curves and tables, not to --signal-prop")
     if args.epoch is not None and not args.signal_prop:
         p.error("--epoch applies to --signal-prop only")
+    if args.baseline is not None and args.signal_prop:
+        p.error("--baseline applies to curves and tables, not to --signal-prop")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        p.error(f"--margin {args.margin:g}: the equivalence margin is a number of accuracy points >= 0, e.g. 0.5")
     if args.x is not None and args.x == args.by:
         p.error(f"--x and --by are both {args.by!r}; group by another key, e.g. --by method --x {args.x}")
     try:
         if args.signal_prop:
             written = compare_signal_prop(args.paths, args.out, args.by, args.epoch or 0)
         else:
-            written = compare(args.paths, args.out, args.by, args.x, args.seeds)
+            written = compare(args.paths, args.out, args.by, args.x, args.seeds, args.baseline, args.margin)
     except ConfigError as e:
         print(f"msr-compare: error: {e}", file=sys.stderr)
         sys.exit(2)
     if not args.signal_prop:
         print((args.out / "table.md").read_text())
+    if args.baseline is not None:
+        print((args.out / "stats.md").read_text())
     for path in written:
         print(f"wrote {path}")
 

@@ -6,6 +6,7 @@ rest, so a sweep of many hours survives sessions, kills and reboots.
 
     python scripts/evidence.py                 # everything, 2 runs at a time
     python scripts/evidence.py --list          # what is done, running-able and waiting
+    echo 1 > outputs/evidence/max_jobs         # one run at a time from now on (rm the file: --jobs again)
 
 The plan, in order of priority (method by method, so that complete 5-seed comparisons
 land first):
@@ -141,6 +142,17 @@ def later_parts(lrs, mults) -> list[Job]:
     return jobs
 
 
+def wait_any(running: dict, poll_s: float = 30.0) -> int | None:
+    """The pid of a run that ended, or None after ``poll_s`` (to re-read the job limit)."""
+    deadline = time.monotonic() + poll_s
+    while time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            return pid
+        time.sleep(1)
+    return None
+
+
 def start(job: Job, root: Path) -> subprocess.Popen:
     log = root / "logs" / f"{job.part}-{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -157,32 +169,41 @@ def runnable(jobs: list[Job], root: Path, running: dict, failed: set) -> list[Jo
                    and (j.part, j.name) not in failed), key=lambda j: j.priority)
 
 
+def job_limit(root: Path, n_jobs: int) -> int:
+    """``--jobs``, or the number in ``<root>/max_jobs`` while that file exists: lower it
+    to 1 while the test suite runs (the running runs finish; no new one starts)."""
+    try:
+        return int((root / "max_jobs").read_text())
+    except (OSError, ValueError):
+        return n_jobs
+
+
 def run_all(root: Path, n_jobs: int) -> int:
     lrs = {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
     running, failed = {}, set()
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
         while True:
             todo = runnable(plan(root, lrs), root, running, failed)
-            while todo and len(running) < n_jobs and not stop:
+            while todo and len(running) < job_limit(root, n_jobs):
                 job = todo.pop(0)
                 print(f"{time.strftime('%H:%M:%S')} start {job.part}/{job.name}", flush=True)
                 running[start(job, root).pid] = job
             if not running:
                 break
-            pid, _ = os.wait()
-            job = running.pop(pid, None)
+            pid = wait_any(running)
+            job = running.pop(pid, None) if pid else None
             if job is not None:
                 status = job.status(root)
                 print(f"{time.strftime('%H:%M:%S')} {status or 'no summary'}: {job.part}/{job.name}", flush=True)
                 if status not in DONE:
                     failed.add((job.part, job.name))
     except KeyboardInterrupt:
-        pass
-    finally:
-        for pid in running:  # each run checkpoints and exits on SIGTERM; re-running resumes it
+        print(f"{time.strftime('%H:%M:%S')} stopping: each running run checkpoints; re-run to resume", flush=True)
+        for pid in running:
             os.kill(pid, signal.SIGTERM)
+        for pid in running:
+            os.waitpid(pid, 0)
     print(f"not finished (see their logs): {sorted(failed)}" if failed else "nothing failed")
     return 1 if failed else 0
 
