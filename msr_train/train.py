@@ -74,6 +74,7 @@ def train_step(model, method, optimizer, x, y, accumulate: int = 1, precision: P
     precision.unscale_(optimizer)
     if on_gradients is not None:
         on_gradients()
+    method.ensure_bound(model)
     method.before_step(model, optimizer)
     precision.step(optimizer)
     method.after_step(model, optimizer)

@@ -9,8 +9,10 @@ neither the models nor the loop change.
 Every factory has a default that gives the unnormalised network; a method overrides what
 it changes. The residual block factories (``branch_end``, ``residual_join``) receive the
 block's ``BlockPosition``, so per-block constants (NF's beta, MimicNorm's branch gain,
-stochastic depth rates) are set when the block is built, as timm's nfnet.py does; no
-method walks a built model to find its blocks.
+stochastic depth rates) are set when the block is built, as timm's nfnet.py does. A
+method's ``initialize`` may walk the built model once (NF folds its input scales into
+each block); the step hooks work on what ``bind`` collected from the model they are
+given.
 
 Adding a method: a module in this package with a ``Method`` subclass that sets ``name``
 (it registers itself, see ``msr_train.methods``) and ``conf/method/<name>.yaml`` with its
@@ -26,6 +28,10 @@ import torch
 from torch import nn
 
 from ..rules import Rule, check_group, number, text
+
+
+#: The attribute finalize sets on a model: the method it was finalized for.
+FINALIZED = "msr_train_method"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,15 +158,43 @@ class Method:
         return model
 
     def finalize(self, model: nn.Module) -> None:
-        """Called once on the built model: initialisation, and the parameter lists the
-        step hooks work on."""
+        """Called once on the built (or converted) model: ``initialize``, then ``bind``. A
+        second call would re-initialise trained weights, so it is refused."""
+        done = getattr(model, FINALIZED, None)
+        if done is not None:
+            raise ValueError(f"this model was already finalized for method {done!r}: finalize again would "
+                             "re-initialise its weights. build_model and convert finalize; attach the hooks "
+                             "with msr_train.attach(optimizer, model)")
+        self.initialize(model)
+        self.ensure_bound(model)
+        setattr(model, FINALIZED, self.name)
+
+    def initialize(self, model: nn.Module) -> None:
+        """The method's initialisation of the built model (once)."""
+
+    def bind(self, model: nn.Module) -> None:
+        """Collect what the step hooks work on (parameter lists, layers) from ``model``.
+        Called again by ``ensure_bound`` whenever the model's parameters are no longer the
+        bound ones, so the hooks never act on stale tensors."""
+
+    def ensure_bound(self, model: nn.Module) -> None:
+        """Bind to ``model`` unless bound to its current parameters already: after a
+        ``copy.deepcopy``, ``load_state_dict(assign=True)`` or a hook called with another
+        model, the hooks follow the model they are given. Costs one walk over the
+        parameters (no device work); the bound lists keep the old tensors alive, so their
+        ids cannot be reused by new ones."""
+        ids = tuple(map(id, model.parameters()))
+        if ids != getattr(self, "_bound_ids", None):
+            self.bind(model)
+            self._bound_ids = ids
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups; a group may carry ``lr_mult`` (scales the lr)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients are final here: accumulated, all-reduced and unscaled."""
+        """Gradients are final here: accumulated, all-reduced and unscaled. The caller has
+        called ``ensure_bound(model)`` (train_step and msr_train.attach do)."""
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Parameters have just been updated by the optimizer."""

@@ -79,7 +79,7 @@ class BatchNorm(Method):
                                     momentum=self.cfg.momentum)
         return nn.BatchNorm2d(channels, eps=self.cfg.eps, momentum=self.cfg.momentum)
 
-    def finalize(self, model):
+    def initialize(self, model):
         kaiming_init_(model)
 
     def before_evaluation(self, model, training_batches, ctx):

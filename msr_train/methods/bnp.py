@@ -212,7 +212,7 @@ class BNPreconditioning(Method):
     def head(self, in_features, num_classes):
         return BNPLinear(in_features, num_classes, **self._stats())
 
-    def finalize(self, model):
+    def bind(self, model):
         self._layers = [m for m in model.modules() if isinstance(m, Preconditioned)]
         # The trainer's own global-norm clipping, as bnp's default (before preconditioning).
         self._clip = GradientClipping(model, self.grad_clip_norm, None)

@@ -71,7 +71,7 @@ class GroupNormMethod(Method):
             nn.init.zeros_(layer.weight)
         return layer
 
-    def finalize(self, model):
+    def initialize(self, model):
         kaiming_init_(model)
 
 

@@ -76,19 +76,20 @@ class MimicNorm(Method):
         # Branch l (1-based, in forward order) starts at branch_gain^(convs in the branch) / l.
         return BranchGain(self.cfg.branch_gain ** position.branch_convs / (position.index + 1))
 
-    def finalize(self, model):
-        self._centred = []
+    def initialize(self, model):
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                nn.init.normal_(m.weight, std=self.cfg.init_gain * math.sqrt(2.0 / fan_in))
-                if m.groups == 1 and fan_in > self.cfg.min_fan_in:
-                    self._centred.append(m.weight)
+                nn.init.normal_(m.weight, std=self.cfg.init_gain * math.sqrt(2.0 / m.weight[0].numel()))
             elif isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+        self.bind(model)
         self._centre_weights()
+
+    def bind(self, model):
+        self._centred = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1
+                         and m.weight[0].numel() > self.cfg.min_fan_in]
 
     @torch.no_grad()
     def _centre_weights(self):

@@ -240,20 +240,14 @@ class MeanShiftRejection(Method):
 
     # norm() stays the identity: the filter scale and the noise live in MSRConv2d.
 
-    def finalize(self, model):
-        self._projected = []  # weights kept zero-mean by ZMG
-        self._anchored = []   # weights whose filters / rows the soft anchors pull to norm 1
+    def initialize(self, model):
+        """ZMI for every conv (the plain stem too), Xavier-normal linear layers (zero-mean
+        rows for the hidden ones with zmg_cross_channel), zero biases."""
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 zero_mean_init_(m.weight, self.cfg.init_magnitude)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-                if not isinstance(m, MSRConv2d):  # the plain stem: initialised, then left alone
-                    continue
-                if m.kernel_size != (1, 1) or self.cfg.zmg_cross_channel:
-                    self._projected.append(m.weight)
-                if m.role != "stem":
-                    self._anchored.append(m.weight)
         head = classifier_weight(model)
         for m in model.modules():
             if isinstance(m, nn.Linear):
@@ -262,7 +256,19 @@ class MeanShiftRejection(Method):
                 if self.cfg.zmg_cross_channel and m.weight is not head:
                     with torch.no_grad():
                         m.weight.sub_(m.weight.mean(1, keepdim=True))
+
+    def bind(self, model):
+        self._projected = []  # weights kept zero-mean by ZMG
+        self._anchored = []   # weights whose filters / rows the soft anchors pull to norm 1
+        head = classifier_weight(model)
+        for m in model.modules():
+            if isinstance(m, MSRConv2d):  # the plain stem is initialised, then left alone
+                if m.kernel_size != (1, 1) or self.cfg.zmg_cross_channel:
                     self._projected.append(m.weight)
+                if m.role != "stem":
+                    self._anchored.append(m.weight)
+            elif isinstance(m, nn.Linear) and self.cfg.zmg_cross_channel and m.weight is not head:
+                self._projected.append(m.weight)
         self._anchored.append(head)
 
     def param_groups(self, model):

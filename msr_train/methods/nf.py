@@ -277,12 +277,14 @@ class NormalizerFree(Method):
                       drop_rate=self.cfg.stochastic_depth * position.index / position.count,
                       skipinit=self.cfg.skipinit)
 
-    def finalize(self, model):
+    def initialize(self, model):
         for block in model.modules():  # residual blocks: a join with its branch and shortcut
             if isinstance(getattr(block, "join", None), NFJoin):
                 block.join.fold_input_scale(block.branch, block.shortcut)
         if self.cfg.skipinit:
             model.register_load_state_dict_pre_hook(rename_branch_end_gains)
+
+    def bind(self, model):
         head = classifier_weight(model)
         self._clipped = [p for p in model.parameters() if p is not head]
 
