@@ -70,14 +70,22 @@ def scaled_lr(cfg, batch_size: int) -> float:
     return cfg.lr * rules[cfg.lr_scaling]
 
 
-def build_optimizer(cfg, param_groups: list[dict], batch_size: int) -> torch.optim.Optimizer:
-    lr = scaled_lr(cfg, batch_size)
+def resolve_lr_mult(param_groups: list[dict], lr: float) -> list[dict]:
+    """Groups for torch.optim: a method's ``lr_mult`` (which torch would keep and ignore)
+    turned into the group's ``lr``."""
     groups = []
     for g in param_groups:
         g = dict(g)
         g["lr"] = lr * g.pop("lr_mult", 1.0)
-        g["initial_lr"] = g["lr"]
         groups.append(g)
+    return groups
+
+
+def build_optimizer(cfg, param_groups: list[dict], batch_size: int) -> torch.optim.Optimizer:
+    lr = scaled_lr(cfg, batch_size)
+    groups = resolve_lr_mult(param_groups, lr)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov)

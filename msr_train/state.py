@@ -33,6 +33,7 @@ ADDED_SETTINGS = {
     "method.momentum": 0.1, "method.eps": 1e-5, "method.ghost_batch_size": None, "method.precise_bn_batches": 0,
     "dataset.random_erasing": 0.0, "method.stem": "ws", "trainer.label_smoothing": 0.0,
     "method.grad_clip_norm": None, "trainer.ema_decay": None, "method.lr_mult.stem": None,
+    "method.eval_statistics": "running",
 }
 
 
@@ -108,13 +109,15 @@ class BestModel:
     ``best_prev.pt`` until the next checkpoint, so a kill between writing best.pt and
     last.pt leaves the best model of the checkpoint a resumed run continues from."""
 
-    def __init__(self, path: Path | None):
-        self.path, self.state = path, None
+    def __init__(self, path: Path | None, about: dict | None = None):
+        #: Written into best.pt beside the weights: the run's config and its data's shape
+        #: (``run_about``), so the file alone rebuilds and evaluates the model (msr-eval).
+        self.path, self.state, self.about = path, None, about or {}
 
     def update(self, model: torch.nn.Module, step: int, val_acc: float) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if self.path is not None:
-            write_checkpoint_file(self.path, {"model": self.state, "step": step, "val_acc": val_acc},
+            write_checkpoint_file(self.path, {"model": self.state, "step": step, "val_acc": val_acc, **self.about},
                                   keep_previous_as=self.path.with_name(BEST_PREVIOUS))
 
     def restore(self, folder: Path, step: int | None, device: torch.device) -> None:
@@ -129,6 +132,14 @@ class BestModel:
         if step is not None:
             raise ConfigError(f"{folder} has no {BEST} for the best validation step {step} that its last "
                               "checkpoint names; move the folder away to start afresh")
+
+
+def run_about(cfg, info) -> dict:
+    """What a checkpoint carries to be evaluated alone: the resolved config and the
+    data's shape and normalisation (``data.DatasetInfo``)."""
+    return {"config": OmegaConf.to_container(cfg, resolve=True),
+            "data": {"name": info.name, "in_channels": info.in_channels, "image_size": info.image_size,
+                     "num_classes": info.num_classes, "mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}}
 
 
 def rng_state(device: torch.device) -> dict:

@@ -45,7 +45,8 @@ from .report import end_report, epoch_line, start_banner
 from .run_log import RunLog, truncate_jsonl
 from .signal_prop import FILENAME as SIGNAL_PROP_FILE
 from .signal_prop import conv_mean_shift, record_signal_prop
-from .state import BestModel, LoopState, TrainingWindow, resumable_checkpoints, rng_state, set_rng_state
+from .state import (BestModel, LoopState, TrainingWindow, resumable_checkpoints, rng_state, run_about,
+                    set_rng_state)
 
 
 #: Test sets at least this large get a note before they are evaluated (it takes a while).
@@ -268,7 +269,8 @@ class Run:
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=self.total_steps)
         self.state = LoopState()
-        self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.t.checkpoint else None)
+        self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.t.checkpoint else None,
+                              run_about(cfg, self.data.info))
         resumed = self.resume()
         self.window = TrainingWindow(self.state, device, ctx.is_main)
         self.log = RunLog(self.out_dir, cfg, tensorboard=self.t.tensorboard,
@@ -525,7 +527,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(),
             "step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
-            "config": OmegaConf.to_container(self.cfg, resolve=True), "loop": self.state.state_dict(),
+            **run_about(self.cfg, self.data.info), "loop": self.state.state_dict(),
             "rng": rng_state(self.device), **({} if self.ema is None else {"ema": self.ema.state_dict()}),
         })
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..rules import Rule, check_group, number, text
 
 
-#: The attribute finalize sets on a model: the method it was finalized for.
+#: The attribute finalize sets on a model: the method (object) it was finalized for.
 FINALIZED = "msr_train_method"
 
 
@@ -138,6 +138,12 @@ class Method:
         """Combines a residual block's branch and shortcut."""
         return PostActivationJoin(self.act())
 
+    def convert_refusal(self) -> str | None:
+        """Why this method cannot be applied to another model by swapping its layers
+        (msr_train.convert), or None: a method whose architecture differs (joins, gains,
+        heads) needs build_model."""
+        return None
+
     # ------------------------------------------------------------------ hooks
     def check(self, cfg) -> None:
         """Reject a configuration this method cannot train, before any work is done:
@@ -162,12 +168,12 @@ class Method:
         second call would re-initialise trained weights, so it is refused."""
         done = getattr(model, FINALIZED, None)
         if done is not None:
-            raise ValueError(f"this model was already finalized for method {done!r}: finalize again would "
+            raise ValueError(f"this model was already finalized for method {done.name!r}: finalize again would "
                              "re-initialise its weights. build_model and convert finalize; attach the hooks "
                              "with msr_train.attach(optimizer, model)")
         self.initialize(model)
         self.ensure_bound(model)
-        setattr(model, FINALIZED, self.name)
+        setattr(model, FINALIZED, self)
 
     def initialize(self, model: nn.Module) -> None:
         """The method's initialisation of the built model (once)."""

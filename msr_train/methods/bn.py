@@ -27,13 +27,19 @@ BatchNorm's own remedies, each off by default (conf/method/bn.yaml):
   current weights. (fvcore averages the per-batch variances instead, which leaves out
   the spread of the batch means; here it is the variance over all the inputs.) The
   calibration forward passes run without autocast, in the weights' dtype.
+- Per-example statistics at test time (``eval_statistics=example``): in evaluation every
+  example is normalised by its own channel statistics over (H, W), as instance norm does,
+  with BN's learnt affine; training is unchanged. BN trained at batch 1 (or with ghost
+  batches of 1) normalised every example by its own statistics, so this is its training
+  graph at test time, where the running averages of per-example statistics are not.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..rules import flag, integer, number
+from ..rules import choice, flag, integer, number
 from .base import Method
 
 
@@ -48,6 +54,7 @@ class BatchNorm(Method):
         "ghost_batch_size": integer(1, null=True, note="examples per virtual batch; null: the micro-batch"),
         "precise_bn_batches": integer(0, note="training micro-batches that recompute the running statistics "
                                       "before each evaluation; 0: off"),
+        "eval_statistics": choice("running", "example", note="what evaluation normalises by"),
     }
 
     def check(self, cfg):
@@ -74,10 +81,12 @@ class BatchNorm(Method):
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if self.cfg.sync_bn else model
 
     def norm(self, channels, *, role="body"):
+        example = self.cfg.eval_statistics == "example"
         if self.cfg.ghost_batch_size is not None:
-            return GhostBatchNorm2d(channels, self.cfg.ghost_batch_size, eps=self.cfg.eps,
-                                    momentum=self.cfg.momentum)
-        return nn.BatchNorm2d(channels, eps=self.cfg.eps, momentum=self.cfg.momentum)
+            return (ExampleEvalGhostBatchNorm2d if example else GhostBatchNorm2d)(
+                channels, self.cfg.ghost_batch_size, eps=self.cfg.eps, momentum=self.cfg.momentum)
+        return (ExampleEvalBatchNorm2d if example else nn.BatchNorm2d)(channels, eps=self.cfg.eps,
+                                                                       momentum=self.cfg.momentum)
 
     def initialize(self, model):
         kaiming_init_(model)
@@ -116,6 +125,24 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, ghost_size={self.ghost_size}"
+
+
+class ExampleStatisticsInEval:
+    """Mixin for a BatchNorm2d: in eval mode each example is normalised by its own
+    statistics over (H, W) (``eval_statistics=example``); training is the base class's."""
+
+    def forward(self, x):
+        if self.training:
+            return super().forward(x)
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+
+
+class ExampleEvalBatchNorm2d(ExampleStatisticsInEval, nn.BatchNorm2d):
+    pass
+
+
+class ExampleEvalGhostBatchNorm2d(ExampleStatisticsInEval, GhostBatchNorm2d):
+    pass
 
 
 @torch.no_grad()

@@ -76,6 +76,9 @@ class MimicNorm(Method):
         # Branch l (1-based, in forward order) starts at branch_gain^(convs in the branch) / l.
         return BranchGain(self.cfg.branch_gain ** position.branch_convs / (position.index + 1))
 
+    def convert_refusal(self):
+        return "MimicNorm changes the architecture (a gain ending every residual branch, a BatchNorm on the logits)"
+
     def initialize(self, model):
         for m in model.modules():
             if isinstance(m, nn.Conv2d):

@@ -240,6 +240,11 @@ class MeanShiftRejection(Method):
 
     # norm() stays the identity: the filter scale and the noise live in MSRConv2d.
 
+    def convert_refusal(self):
+        if self.cfg.noise_at == "block_input":
+            return "method.noise_at=block_input needs msr-train's residual join (use noise_at=conv or off)"
+        return None
+
     def initialize(self, model):
         """ZMI for every conv (the plain stem too), Xavier-normal linear layers (zero-mean
         rows for the hidden ones with zmg_cross_channel), zero biases."""

@@ -277,6 +277,10 @@ class NormalizerFree(Method):
                       drop_rate=self.cfg.stochastic_depth * position.index / position.count,
                       skipinit=self.cfg.skipinit)
 
+    def convert_refusal(self):
+        return ("NF-ResNets change the architecture (alpha/beta residual joins with the expected variance, "
+                "SkipInit gains, projection shortcuts)")
+
     def initialize(self, model):
         for block in model.modules():  # residual blocks: a join with its branch and shortcut
             if isinstance(getattr(block, "join", None), NFJoin):
