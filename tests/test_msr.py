@@ -268,15 +268,16 @@ def test_noise_placement(noise_at):
 def test_block_input_noise_feeds_branch_and_shortcut_the_same_noisy_input():
     from msr_train.methods.msr import NoisyInputJoin
     join = NoisyInputJoin(nn.Identity(), 0.1, 0.1)
-    x = torch.randn(8, 4, 5, 5)
+    x = torch.randn(8, 4, 5, 5).relu()  # a block input: a ReLU output
     seen = []
     torch.manual_seed(3)
     out = join(x, lambda h: seen.append(h) or h, lambda h: seen.append(h) or 2 * h)
     torch.manual_seed(3)
     n, s = noise_factors(8, 4, 0.1, 0.1)
-    torch.testing.assert_close(seen[0], (x - s) * n)
-    assert seen[0] is seen[1]
-    torch.testing.assert_close(out, 3 * (x - s) * n)
+    # The authors' ReLU after the shift (ResnetBiasScaling.py): zeros stay zero, not -s * n.
+    torch.testing.assert_close(seen[0], ((x - s) * n).relu())
+    assert seen[0] is seen[1] and (seen[0] >= 0).all() and ((x - s) * n < 0).any()
+    torch.testing.assert_close(out, 3 * ((x - s) * n).relu())
 
 
 def test_method_weight_decay_overrides_the_optimizers():

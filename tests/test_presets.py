@@ -19,20 +19,27 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def group_names(group: str) -> dict[str, str]:
-    """conf/<group>/<file>.yaml -> the ``name`` it declares."""
-    return {p.stem: yaml.safe_load(p.read_text())["name"] for p in (CONF / group).glob("*.yaml")}
+    """conf/<group>/<file>.yaml -> the ``name`` it composes to (a preset such as
+    method/msr_paper.yaml extends method/msr.yaml through its defaults list)."""
+    return {p.stem: make_cfg(f"{group}={p.stem}")[group].name for p in (CONF / group).glob("*.yaml")}
 
 
 @pytest.mark.parametrize("group,registry", [("model", ARCHITECTURES), ("method", METHODS)])
 def test_every_config_names_a_registered_entry_and_every_entry_has_a_config(group, registry):
     names = group_names(group)
-    assert all(stem == name for stem, name in names.items()), names
     assert set(names.values()) == set(registry)
+    assert all(names.get(name) == name for name in registry), names  # each has a config of its own name
+    presets = {stem for stem, name in names.items() if stem != name}
+    assert all(stem.startswith(f"{names[stem]}_") for stem in presets), presets  # msr_paper: a preset of msr
 
 
 def test_every_method_config_sets_its_own_lr():
     for path in (CONF / "method").glob("*.yaml"):
-        assert isinstance(yaml.safe_load(path.read_text()).get("lr"), float), path
+        own = yaml.safe_load(path.read_text())
+        if "defaults" in own:  # a preset: the lr of the config it extends
+            assert "lr" not in own or isinstance(own["lr"], float), path
+        else:
+            assert isinstance(own.get("lr"), float), path
 
 
 def preset_method_settings(preset: str) -> bool:

@@ -32,6 +32,10 @@ made here where the sources leave room, each configurable in conf/method/mimicno
   does not learn (5% on Fashion-MNIST, docs/results.md). Micro-batches below
   ``min_micro_batch`` are refused before training, the way BN at batch 1 is.
 - The paper recommends 1-2 epochs of learning-rate warmup: set scheduler.warmup_epochs.
+- Shortcuts: msr-train's CIFAR ResNets keep He et al.'s option A (stride-2 subsample,
+  zero-padded channels) for MimicNorm as for every method that does not need a
+  projection; the authors' resnet_nobn.py uses a 1x1 conv with a bias at each
+  transition. Not measured here: a comparison with it needs an architecture option.
 """
 
 from __future__ import annotations

@@ -28,7 +28,21 @@ and the paper's text where they differ, as options (conf/method/msr.yaml):
   the only place their ResBlock builds the noise layer), or ``off`` (their cited run
   passes ``-noise=0.1`` without ``-inputnoise``, so it trained with no active noise).
 - ``weight_decay``: null takes optimizer.weight_decay; a number overrides it for every
-  MSR parameter (the authors' run used 0).
+  MSR parameter (the authors' run used 0). The decay also acts on the log filter scales
+  theta, pulling exp(theta) towards 1 (not towards 0 as decay on BN's gamma does); with
+  the authors' 0 nothing pulls them.
+- ``lr_mult.stem``: the authors' plain stem weight is in their conv group (0.4 where
+  biases and the classifier train at 0.1); null keeps the stem with its kind (a
+  zero-mean stem with the convs, a plain one with the other parameters).
+- Block-input noise (``noise_at=block_input``) with a shift is followed by a ReLU, as in
+  the authors' ResnetBiasScaling.py: the shifted input of a post-activation block would
+  otherwise be negative, which no ReLU output is.
+
+Two presets name the two configurations compared in docs/results.md, "The converged
+protocol": ``method=msr_paper`` (the paper's text: projection, a zero-mean noised stem,
+noise at every conv output, the optimizer's weight decay) and ``method=msr_authors``
+(their cited run: their operator, the plain stem at the conv rate, no noise, no weight
+decay). ``method=msr``'s defaults are described below.
 
 The defaults were chosen on validation accuracy (3 seeds at batch 128 and at batch 2,
 docs/results.md, "MSR ablation"): the paper's projecting operator (the authors' operator
@@ -92,7 +106,8 @@ def add_noise(x: torch.Tensor, delta: float, shift: float) -> torch.Tensor:
 
 class NoisyInputJoin(PostActivationJoin):
     """The residual merge with MSR's noise at the block input (the authors' ``-inputnoise``):
-    out = act(branch(x~) + shortcut(x~)), x~ = (x - s) * n in training."""
+    out = act(branch(x~) + shortcut(x~)), x~ = relu((x - s) * n) in training (no ReLU
+    without a shift: (x * n) of a ReLU output is non-negative already)."""
 
     def __init__(self, act: nn.Module, delta: float, shift: float):
         super().__init__(act)
@@ -101,6 +116,8 @@ class NoisyInputJoin(PostActivationJoin):
     def forward(self, x, branch, shortcut):
         if self.training:
             x = add_noise(x, self.delta, self.shift)
+            if self.shift:  # the authors' ReLU after a shifted input (ResnetBiasScaling.py)
+                x = torch.relu(x)
         return super().forward(x, branch, shortcut)
 
 
