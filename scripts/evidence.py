@@ -6,6 +6,7 @@ rest, so a sweep of many hours survives sessions, kills and reboots.
 
     python scripts/evidence.py                 # everything, 2 runs at a time
     python scripts/evidence.py --list          # what is done, running-able and waiting
+    python scripts/evidence.py --report        # the learning-rate screen's table
     echo 1 > outputs/evidence/max_jobs         # one run at a time from now on (rm the file: --jobs again)
 
 The plan, in order of priority (method by method, so that complete 5-seed comparisons
@@ -208,6 +209,27 @@ def run_all(root: Path, n_jobs: int) -> int:
     return 1 if failed else 0
 
 
+def screen_report(root: Path) -> str:
+    """The learning-rate screen as a markdown table: validation accuracy (the choice) and
+    the epoch of the best one (a best before the last epoch: the run had flattened)."""
+    lrs = {m: default_lr(m) for m in METHODS}
+    lines = ["| method | " + " | ".join(f"{m:g}x" for m in LR_MULTS) + " | chosen |", "|---" * (len(LR_MULTS) + 2) + "|"]
+    for method in METHODS:
+        cells = []
+        for mult in LR_MULTS:
+            try:
+                s = json.loads((root / "converged" / screen_name(method, mult, 0) / "summary.json").read_text())
+            except (OSError, ValueError):
+                cells.append("not run yet")
+                continue
+            acc = s.get("best_val_acc")
+            cells.append(f"lr {lrs[method] * mult:g}: {s['status']}" if s["status"] != "completed" or acc is None
+                         else f"lr {lrs[method] * mult:g}: {100 * acc:.2f} (epoch {s['best_val_epoch']:g})")
+        mult = chosen_mult(root, method)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if mult is None else f'{mult:g}x'} |")
+    return "\n".join(lines)
+
+
 def list_jobs(root: Path) -> None:
     lrs = {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
     for job in sorted(plan(root, lrs), key=lambda j: j.priority):
@@ -220,9 +242,13 @@ def main() -> int:
     p.add_argument("--root", type=Path, default=Path("outputs/evidence"))
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--list", action="store_true", help="list the plan and each run's state, run nothing")
+    p.add_argument("--report", action="store_true", help="print the learning-rate screen's table, run nothing")
     args = p.parse_args()
     if args.list:
         list_jobs(args.root)
+        return 0
+    if args.report:
+        print(screen_report(args.root))
         return 0
     return run_all(args.root, args.jobs)
 
