@@ -67,3 +67,18 @@ def test_bench_loop_reports_each_ratio_with_its_range_over_rounds(tmp_path, monk
     median, spread = rows["msr"][6].split(" ")
     lo, hi = (float(v) for v in spread.strip("()").split("-"))
     assert 0 < lo <= float(median) <= hi
+
+
+def test_grid_verdicts_welch_from_summaries_equals_scipy_on_the_values(monkeypatch):
+    import statistics
+
+    from scipy import stats as st
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import grid_verdicts
+    a, b = [82.4, 81.7, 83.1], [80.0, 81.9, 79.7, 81.2]
+    summary = lambda v: (statistics.fmean(v), statistics.stdev(v), len(v))  # noqa: E731
+    got = grid_verdicts.welch(summary(a), summary(b))
+    ref = st.ttest_ind(b, a, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert abs(got["p"] - ref.pvalue) < 1e-12 and abs(got["ci_low"] - ci.low) < 1e-9
+    assert abs(got["ci_high"] - ci.high) < 1e-9 and got["n"] == 7
