@@ -1,8 +1,8 @@
-"""Checkpoints and result files that a crash, a kill or a full disk cannot corrupt.
+"""Checkpoints that a crash, a kill or a full disk cannot corrupt.
 
-Everything is written to a temporary file in the same folder, flushed to disk, then
-renamed over the target: readers see the old file or the new one, never a torn one.
-Checkpoints hold only plain containers and tensors, so they load with
+Each is written by ``safe_files.atomic_write`` (a temp file in the same folder, flushed
+to disk, renamed over the target): readers see the old file or the new one, never a torn
+one. Checkpoints hold only plain containers and tensors, so they load with
 ``torch.load(..., weights_only=True)`` and can carry no code. Each carries a SHA-256 of
 its contents (every tensor's bytes, dtype and shape, and every other value), verified on
 load: a flipped bit on disk is an error, never silently different weights.
@@ -12,49 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, describe
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write, *, keep_previous_as: Path | None = None) -> None:
-    """Call ``write(file)`` on a temp file beside ``path`` and rename it into place. With
-    ``keep_previous_as``, the file being replaced is kept under that name, and only once
-    the new one is complete on disk."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-        if keep_previous_as is not None and path.exists():
-            os.replace(path, keep_previous_as)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+from .safe_files import atomic_write
 
 
 LAST, PREVIOUS = "last.pt", "prev.pt"

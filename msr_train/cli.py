@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import sys
@@ -15,16 +14,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, RunFailed
+from .sweeps import announce_keys, sweep_subdir
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
 EXIT_CODES = {"diverged": 1, "interrupted": 130}
-
-
-#: The keys a multirun varies, from its main process to every job (joblib and submitit
-#: jobs inherit the environment).
-SWEEP_KEYS_ENV = "MSR_TRAIN_SWEEP_KEYS"
-#: Longest sweep job folder name; a longer one is cut and ends in a hash of the whole.
-MAX_SUBDIR = 200
 
 
 def varying_keys(hydra_cfg) -> list[str]:
@@ -33,18 +26,6 @@ def varying_keys(hydra_cfg) -> list[str]:
     overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
     keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
     return keys + [k for k in (hydra_cfg.sweeper.get("params") or {}) if k not in keys]
-
-
-def sweep_subdir(task_overrides) -> str:
-    """A sweep job's folder: its values of the keys the sweep varies (all its overrides
-    if that is unknown or none vary), e.g. ``method=msr,batch_size=8``; '/' becomes '_', and
-    a name over MAX_SUBDIR characters is cut and ends in a hash that keeps it unique."""
-    keys = [k for k in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if k]
-    pairs = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys] or list(task_overrides)
-    name = ",".join(pairs).replace("/", "_") or "job"
-    if len(name) > MAX_SUBDIR:
-        name = f"{name[:MAX_SUBDIR - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return name
 
 
 OmegaConf.register_new_resolver("msr_sweep_subdir", sweep_subdir, replace=True)
@@ -59,7 +40,7 @@ class OutputDirCheck(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self.check(config.hydra.sweep.dir, "hydra.sweep.dir")
-        os.environ[SWEEP_KEYS_ENV] = ",".join(varying_keys(config.hydra))
+        announce_keys(varying_keys(config.hydra))
 
     @staticmethod
     def check(folder: str, key: str) -> None:

@@ -36,14 +36,13 @@ from omegaconf import OmegaConf
 
 from . import stats
 from .errors import ConfigError
-from .run_log import read_jsonl
-from .signal_prop import FILENAME as SIGNAL_PROP_FILE
+from .run_files import METRICS, SIGNAL_PROP, SUMMARY
+from .safe_files import read_jsonl
 
 # ---------------------------------------------------------------------------- reading
 
 #: Files of a run folder (as msr-train writes them); any of them marks a folder as a run.
-METRICS, SUMMARY = "metrics.jsonl", "summary.json"
-RUN_FILES = (METRICS, SUMMARY, SIGNAL_PROP_FILE)
+RUN_FILES = (METRICS, SUMMARY, SIGNAL_PROP)
 #: Hydra's copy of the run's config: the only config of a run that has no summary yet.
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 #: Hydra's own settings for the run; ``runtime.choices`` names the config chosen in each
@@ -84,7 +83,7 @@ class Run:
             config = OmegaConf.to_container(OmegaConf.load(path / HYDRA_CONFIG))
         return cls(path, read_jsonl(path / METRICS) if (path / METRICS).exists() else [], summary,
                    config or {},
-                   read_jsonl(path / SIGNAL_PROP_FILE) if (path / SIGNAL_PROP_FILE).exists() else [],
+                   read_jsonl(path / SIGNAL_PROP) if (path / SIGNAL_PROP).exists() else [],
                    _choices(path / HYDRA_SETTINGS))
 
     @property
@@ -568,7 +567,7 @@ def signal_prop_series(runs: list[Run], by: str, epoch: int) -> tuple[list[tuple
     value of ``by``; and the runs with signal propagation records but none at ``epoch``."""
     recorded = [r for r in runs if r.signal_prop]
     if not recorded:
-        raise ConfigError(f"none of the {len(runs)} runs has {SIGNAL_PROP_FILE}: train with trainer.signal_prop=true, "
+        raise ConfigError(f"none of the {len(runs)} runs has {SIGNAL_PROP}: train with trainer.signal_prop=true, "
                           "or run scripts/signal_prop_init.py for networks at init")
     present = [r for r in recorded if _records_at(r, epoch)]
     if not present:

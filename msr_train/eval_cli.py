@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import write_json
+from .safe_files import write_json
 from .data import build_data
 from .errors import ConfigError
 from .distributed import Context
 from .load import checkpoint_path, restore
 from .methods.base import FINALIZED
+from .run_files import CHECKPOINTS
 from .precision import Precision
 from .train import evaluate
 
@@ -53,7 +54,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def out_file(ckpt: Path, split: str, overrides: dict) -> Path:
-    folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    folder = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
     tag = "".join(f"_{re.sub(r'[^A-Za-z0-9.=-]+', '_', f'{k}={v}')}" for k, v in overrides.items()
                   if not k.startswith("dataset."))
     return folder / f"eval_{ckpt.stem}_{split}{tag}.json"

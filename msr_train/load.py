@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import run_files
 from .checkpoint import BEST, LAST, read_checkpoint_file
 from .data import build_data
 from .errors import ConfigError, describe
@@ -31,7 +32,7 @@ def checkpoint_path(path: Path, checkpoint: str) -> Path:
         return path
     if checkpoint not in CHECKPOINTS:
         raise ConfigError(f"checkpoint {checkpoint!r} is not one of: {', '.join(CHECKPOINTS)}")
-    found = path / "checkpoints" / CHECKPOINTS[checkpoint]
+    found = path / run_files.CHECKPOINTS / CHECKPOINTS[checkpoint]
     if not found.is_file():
         what = "no such file or folder" if not path.exists() else f"it has no {found.relative_to(path)}"
         hint = " (a run without a validation split keeps no best.pt: use last)" if checkpoint == "best" else ""
@@ -52,7 +53,7 @@ def run_config(state: dict, ckpt: Path) -> DictConfig:
     if "config" in state:
         return OmegaConf.create(state["config"])
     run_dir = ckpt.parent.parent
-    summary = run_dir / "summary.json"
+    summary = run_dir / run_files.SUMMARY
     if summary.is_file():
         config = json.loads(summary.read_text()).get("config")
         if config:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .run_files import LOCK
 
-LOCK_FILE = "run.lock"
+LOCK_FILE = LOCK
 
 
 class RunLock:

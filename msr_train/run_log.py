@@ -11,14 +11,14 @@ overlays every run on one chart per metric (``COMPARE_CHARTS``).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .checkpoint import atomic_write, write_json
+from .safe_files import append_jsonl, truncate_jsonl, write_json
+from .run_files import METRICS, SUMMARY
+from .sweeps import announced_keys
 
 #: metrics.jsonl key -> TensorBoard tag. Other keys (step, epoch, ...) stay in the jsonl.
 #: The training loss and the lr are logged at every log point instead (``trainer.log_every``).
@@ -41,15 +41,6 @@ def custom_scalars_layout() -> dict:
     run that has a matching tag, and TensorBoard merges the identical layouts that all
     runs write, so each chart overlays all runs."""
     return {"compare runs": {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in COMPARE_CHARTS}}
-
-
-def append_jsonl(path: Path, records: list[dict]) -> None:
-    """Append one JSON line per record and force it to disk, so that a reader (or a crash)
-    sees whole records only; a torn last line can only come from a kill mid-write."""
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def flat_hparams(cfg) -> dict:
@@ -83,9 +74,7 @@ CONFIG_GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "traine
 
 def swept_keys() -> set[str]:
     """The config keys the current multirun varies (none outside one), as flat keys."""
-    from .cli import SWEEP_KEYS_ENV  # the multirun's main process announces them to every job
-    keys = [k for k in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if k]
-    return {f"{k}.name" if k in CONFIG_GROUPS else k for k in keys}
+    return {f"{k}.name" if k in CONFIG_GROUPS else k for k in announced_keys()}
 
 
 def _hparams_summary(tag: str, **plugin_data):
@@ -118,25 +107,6 @@ def hparams_summaries(cfg):
             _hparams_summary("_hparams_/session_end_info", session_end_info=end))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (a kill mid-write) is ignored."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
-def truncate_jsonl(path: Path, keep) -> list[dict]:
-    """Rewrite ``path`` (atomically) with only the records for which ``keep(record)`` is
-    true, and return them: what a resumed run keeps of the run that died."""
-    records = [r for r in read_jsonl(path) if keep(r)] if Path(path).exists() else []
-    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-    return records
-
-
 class RunLog:
     """``resume_step``: the step of the checkpoint a resumed run continues from. Records
     logged after it (by the run that died) are dropped from metrics.jsonl and purged from
@@ -145,7 +115,7 @@ class RunLog:
     def __init__(self, out_dir: Path, cfg, *, tensorboard: bool = True, resume_step: int | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics_path = self.out_dir / METRICS
         self.records = truncate_jsonl(self.metrics_path, lambda r: resume_step is not None and r["step"] <= resume_step)
         self.writer = None
         if tensorboard:
@@ -177,7 +147,7 @@ class RunLog:
                 self.writer.add_scalar(tag, value, step)
 
     def close(self, summary: dict) -> None:
-        write_json(self.out_dir / "summary.json", summary)
+        write_json(self.out_dir / SUMMARY, summary)
         if self.writer is not None:
             self.writer.file_writer.add_summary(self._sei)
             self.writer.close()

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from .models.resnet import ResidualBlock
-from .run_log import append_jsonl
+from .run_files import SIGNAL_PROP
+from .safe_files import append_jsonl
 
 #: Where ``record_signal_prop`` writes inside a run folder.
-FILENAME = "signal_prop.jsonl"
+FILENAME = SIGNAL_PROP
 #: The statistics of a record, each also logged to TensorBoard.
 STATS = ("avg_sq_mean", "avg_var", "branch_var")
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)

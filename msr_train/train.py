@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint, write_json
+from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .clipping import GradientClipping
 from .data import build_data
@@ -38,12 +38,13 @@ from .errors import ConfigError, RunFailed, describe
 from .methods import build_method
 from .models import build_model
 from .norms import NormProbe
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, scaled_lr
 from .precision import FULL, Precision
 from .run_lock import RunLock
 from .report import end_report, epoch_line, start_banner
-from .run_log import RunLog, truncate_jsonl
-from .signal_prop import FILENAME as SIGNAL_PROP_FILE
+from .run_log import RunLog
+from .safe_files import truncate_jsonl, write_json
+from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
 from .signal_prop import conv_mean_shift, record_signal_prop
 from .state import (BestModel, LoopState, TrainingWindow, resumable_checkpoints, rng_state, run_about,
                     set_rng_state)
@@ -173,9 +174,9 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
         check_parallel(cfg, method, len(devices), devices[0])
         if len(devices) == 1:
             return train_process(cfg, out_dir, device=devices[0], ctx=Context())
-        remove_torn_writes(out_dir / "checkpoints")
+        remove_torn_writes(out_dir / CHECKPOINTS)
         spawn(train_process, devices, (cfg, out_dir))
-        return json.loads((out_dir / "summary.json").read_text())
+        return json.loads((out_dir / SUMMARY).read_text())
 
 
 def train_in_group(cfg, out_dir: Path, method, device: torch.device, rank: int, world_size: int,
@@ -224,7 +225,7 @@ def write_failed(error: OSError, out_dir: Path, cfg) -> RunFailed:
         free = "its free space is unknown"
     reason = f"could not write to {folder} ({error.strerror or error}; {free})"
     with contextlib.suppress(OSError):
-        write_json(out_dir / "summary.json", {"status": "failed", "reason": reason,
+        write_json(out_dir / SUMMARY, {"status": "failed", "reason": reason,
                                               "config": OmegaConf.to_container(cfg, resolve=True)})
     return RunFailed(f"{reason}. Everything saved before is intact: free some space (or fix the folder) and "
                      "resume the run (same settings, same output dir) to continue from its last checkpoint.")
@@ -239,7 +240,7 @@ class Run:
 
     def __init__(self, cfg, out_dir: Path, device: torch.device, ctx: Context):
         self.cfg, self.t, self.out_dir, self.device, self.ctx = cfg, cfg.trainer, Path(out_dir), device, ctx
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir = self.out_dir / CHECKPOINTS
         torch.manual_seed(cfg.seed)
         self.method = build_method(cfg.method, cfg.batch_size,
                                    micro_batch=cfg.batch_size // (self.t.accumulate * ctx.world_size))
@@ -325,7 +326,7 @@ class Run:
             return
         if self.ctx.is_main:
             # Records of epochs the resumed run will redo are dropped, like metrics.jsonl's.
-            truncate_jsonl(self.out_dir / SIGNAL_PROP_FILE,
+            truncate_jsonl(self.out_dir / SIGNAL_PROP,
                            lambda r: r["epoch"] * self.steps_per_epoch <= self.state.step)
         if fresh:
             self.record_signal_prop(0)
@@ -453,9 +454,17 @@ class Run:
                         img_s=f"{self.state.step * self.cfg.batch_size / self.state.train_time:.0f}")
         interval = self.window.interval_loss(loss)
         if self.log is not None and interval is not None:  # read anyway: no extra device sync
-            self.log.scalars({"train/loss": interval, "lr": self.optimizer.param_groups[0]["lr"]},
+            self.log.scalars({"train/loss": interval, "lr": self.base_lr()},
                              self.state.step * self.cfg.batch_size)
         return loss / n, stopping
+
+    def base_lr(self) -> float:
+        """The scheduled learning rate every method shares (optimizer.lr scaled to the
+        batch, times the schedule's factor now), without a method's per-group multipliers
+        (MSR's convs train at 4x it): the ``lr`` that is logged."""
+        group = next((g for g in self.optimizer.param_groups if g["initial_lr"]), None)
+        factor = 0.0 if group is None else group["lr"] / group["initial_lr"]
+        return scaled_lr(self.cfg.optimizer, self.cfg.batch_size) * factor
 
     def training_batches(self, count: int):
         """The current epoch's first ``count`` micro-batches (precise BN's calibration data),
@@ -506,7 +515,7 @@ class Run:
         examples = step * self.cfg.batch_size
         record = {
             "step": step, "epoch": step / self.steps_per_epoch, "examples_seen": examples,
-            "train_loss": loss / n, "train_acc": correct / n, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss / n, "train_acc": correct / n, **metrics, "lr": self.base_lr(),
             "img_per_s": examples / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(), **norms,
         }
         self.log.log(record)

@@ -185,7 +185,7 @@ def test_sweep_job_folders_are_named_from_what_varies(tmp_path, launcher):
 
 
 def test_a_long_sweep_folder_name_is_cut_and_stays_unique(monkeypatch):
-    from msr_train.cli import MAX_SUBDIR, SWEEP_KEYS_ENV, sweep_subdir
+    from msr_train.sweeps import MAX_SUBDIR, SWEEP_KEYS_ENV, sweep_subdir
     monkeypatch.setenv(SWEEP_KEYS_ENV, "dataset.root,method")
     long = [f"dataset.root=/data/{'x' * 300}{i}" for i in range(2)]
     names = [sweep_subdir([root, "method=msr", "seed=0"]) for root in long]

@@ -24,3 +24,51 @@ def test_the_repository_points_nowhere_outside_itself():
              for p in root.rglob(pattern)
              if not {".venv", "outputs", ".git", "build"} & set(p.parts) and p != Path(__file__)]
     assert [str(p) for p in files if "../shared" in p.read_text()] == []
+
+
+def package_imports() -> dict[str, set[str]]:
+    """msr_train's modules -> the msr_train modules each imports, imports inside
+    functions included (``from . import x`` counts as the module x where it is one)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [node.module or ""])
+                deps |= {base.rstrip(".")} | {f"{base.rstrip('.')}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("msr_train"):
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("msr_train")}
+        graph[module] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_circle_in_the_package():
+    graph, circles = package_imports(), []
+
+    def visit(module, path):
+        for dep in graph[module]:
+            if dep in path:
+                circles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in done:
+                done.add(dep)
+                visit(dep, path + [dep])
+    for start in graph:
+        done = {start}
+        visit(start, [start])
+    # A package imports its own modules (methods/__init__ registers every method): not a circle.
+    circles = [c for c in circles if not all(m.startswith(c.split(" -> ")[0] + ".") or m == c.split(" -> ")[0]
+                                             for m in c.split(" -> "))]
+    assert not circles, circles
+
+
+def test_msr_compare_does_not_load_torch():
+    import subprocess
+    import sys
+    code = "import sys, msr_train.compare; assert 'torch' not in sys.modules, 'torch'; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "ok", res.stderr

@@ -112,6 +112,18 @@ def test_train_loss_and_lr_reach_tensorboard_at_every_log_point(tmp_path):
     assert lrs[-1].value == pytest.approx(records[-1]["lr"]) and summary["step"] == 16
 
 
+def test_the_logged_lr_is_the_base_rate_every_method_shares(tmp_path):
+    """msr trains its convs at 4x optimizer.lr; the logged lr is the shared base rate, so
+    msr's curve reads bn's at the same step with the same optimizer.lr."""
+    logged = {}
+    for method in ("bn", "msr"):
+        train(make_cfg(*QUICK, f"method={method}", "optimizer.lr=0.05", "scheduler.warmup_epochs=1"), tmp_path / method)
+        logged[method] = [json.loads(line)["lr"] for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert logged["msr"] == pytest.approx(logged["bn"]) and len(logged["bn"]) == 2
+    # Epoch 1 ends the warmup: the base rate, optimizer.lr sqrt-scaled from batch 128 to 32.
+    assert logged["bn"][0] == pytest.approx(0.05 * math.sqrt(32 / 128))
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_mean_shift_charts_only_when_asked_for(tmp_path, on):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
