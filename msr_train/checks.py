@@ -16,7 +16,7 @@ from .methods import build_method
 from .models import MODEL_RULES
 from .optim import check_optimizer_links, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
-from .rules import Rule, check_group, choice, either, flag, integer, is_int, number
+from .rules import Rule, added_later, check_group, choice, either, flag, integer, is_int, number, resumable
 
 
 def _require(ok: bool, message: str) -> None:
@@ -41,24 +41,27 @@ TRAINER_RULES = {
     "eval_every": integer(1, null=True),
     "test_every_eval": flag(),
     "accumulate": integer(1),
-    "eval_batch_size": integer(1),
-    "log_every": integer(1),
-    "progress_bar": flag(),
-    "tensorboard": flag(),
-    "mean_shift": flag(note="one TensorBoard chart per conv at every evaluation"),
+    "eval_batch_size": resumable(integer(1)),
+    "log_every": resumable(integer(1)),
+    "progress_bar": resumable(flag()),
+    "tensorboard": resumable(flag()),
+    "mean_shift": resumable(flag(note="one TensorBoard chart per conv at every evaluation")),
     "signal_prop": flag(),
-    "cpu_threads": integer(1, os.cpu_count(), null=True, note="null: PyTorch's default; this machine's cores at most"),
+    "cpu_threads": resumable(integer(1, os.cpu_count(), null=True,
+                                     note="null: PyTorch's default; this machine's cores at most")),
     "checkpoint": flag(),
-    "grad_clip_norm": number(0, 1e6, lo_open=True, null=True, note="null: off"),
-    "agc_clip": number(0, 1e3, lo_open=True, null=True, note="lambda; null: off"),
-    "log_norms": flag(note="per-parameter gradient and weight norms at every evaluation"),
-    "label_smoothing": number(0, 1, hi_open=True, note="of the training loss (evaluation losses are plain); 0: off"),
-    "ema_decay": number(0, 1, lo_open=True, hi_open=True, null=True,
-                        note="e.g. 0.999: evaluate an average of the weights; null: off"),
-    "stop_at_val_acc": number(0, 1, lo_open=True, null=True,
-                              note="a fraction, e.g. 0.9: stop once validation accuracy reaches it; null: off"),
+    "grad_clip_norm": added_later(number(0, 1e6, lo_open=True, null=True, note="null: off"), None),
+    "agc_clip": added_later(number(0, 1e3, lo_open=True, null=True, note="lambda; null: off"), None),
+    "log_norms": resumable(flag(note="per-parameter gradient and weight norms at every evaluation")),
+    "label_smoothing": added_later(number(0, 1, hi_open=True,
+                                          note="of the training loss (evaluation losses are plain); 0: off"), 0.0),
+    "ema_decay": added_later(number(0, 1, lo_open=True, hi_open=True, null=True,
+                                    note="e.g. 0.999: evaluate an average of the weights; null: off"), None),
+    # When the run ends, not its trajectory: a higher target continues it.
+    "stop_at_val_acc": resumable(number(0, 1, lo_open=True, null=True,
+                                        note="a fraction, e.g. 0.9: stop once validation accuracy reaches it; null: off")),
     "divergence_factor": number(0, lo_open=True, null=True, note="x ln(num_classes); null: NaN/inf only"),
-    "resume": choice("auto", "never"),
+    "resume": resumable(choice("auto", "never")),
     "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     "channels_last": flag(),
     "compile": flag(),
@@ -88,6 +91,17 @@ def validate_config(cfg) -> None:
     _require(not (cfg.trainer.grad_clip_norm and cfg.method.get("grad_clip_norm")),
              f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
              f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
+
+
+def setting_rules(cfg) -> dict[str, Rule]:
+    """Every setting of the run's config as a flat key (``trainer.cpu_threads``,
+    ``method.lr_mult.conv``) -> its rule, from the tables validate_config checks; the
+    resume check reads each rule's resume policy (msr_train.rules)."""
+    method = build_method(cfg.method, cfg.batch_size)
+    tables = {"": RUN_RULES, "trainer": TRAINER_RULES, "model": MODEL_RULES, "method": method.rules,
+              "optimizer": optimizer_rules(cfg.optimizer.name), "scheduler": scheduler_rules(cfg.scheduler.name),
+              "dataset": dataset_rules(cfg.dataset)}
+    return {f"{group}.{key}" if group else key: rule for group, table in tables.items() for key, rule in table.items()}
 
 
 def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device]:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, describe
-from .rules import Rule, choice, flag, integer, is_int, is_number, number, text, unknown
+from .rules import (Rule, added_later, choice, flag, integer, is_int, is_number, number, resumable, text,
+                    unknown)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -223,10 +224,10 @@ def dataset_rules(cfg) -> dict[str, Rule]:
     # The synthetic settings first: its channels decide what mean and std must be.
     rules = dict(_SYNTHETIC_RULES) if cfg.name == "synthetic" else {}
     rules |= {
-        "name": choice(*DATASETS), "root": text(), "download": flag(),
+        "name": choice(*DATASETS), "root": resumable(text()), "download": resumable(flag()),
         "train_size": integer(1, null=True, note="null: all"), "test_size": integer(1, null=True, note="null: all"),
         "val_size": integer(0, note="training images held out for validation; 0: no validation split"),
-        "split_seed": integer(0, 2**31 - 1), "num_workers": integer(0),
+        "split_seed": integer(0, 2**31 - 1), "num_workers": resumable(integer(0)),
         "num_classes": choice(classes, note=f"{cfg.name} has {classes} classes") if classes else integer(2),
         "mean": _per_channel(channels, False, source), "std": _per_channel(channels, True, source),
     }
@@ -234,7 +235,8 @@ def dataset_rules(cfg) -> dict[str, Rule]:
         rules["image_size"] = integer(8)
     else:
         rules["augment"] = choice("none", "flip", "crop_flip")
-        rules["random_erasing"] = number(0, 1, note="probability that a training image gets an erased box; 0: off")
+        rules["random_erasing"] = added_later(number(0, 1, note="probability that a training image gets an erased "
+                                                     "box; 0: off"), 0.0)
     return rules
 
 

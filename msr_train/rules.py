@@ -5,17 +5,29 @@ A value that breaks its rule, a setting the group does not have (e.g. one added 
 ``+method.foo=1``) or one it lacks is a ConfigError that names the key, the value and
 what is allowed. Booleans must be booleans (``maybe`` or ``1`` is not true), numbers
 must be finite, and a bool is never taken for a number.
+
+A rule also carries the setting's resume policy (state.changed_settings reads it): by
+default a resumed run must keep the value its checkpoint was written with;
+``resumable(rule)`` marks a setting that may change (where things are, how the run is
+watched), and ``added_later(rule, value)`` a setting added after checkpoints were
+written, with the value that trains as the code did before it existed (a checkpoint
+without the setting resumes when the run has that value). Adding a setting is its YAML
+key, its rule here (with its resume policy) and its use: nothing else.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from omegaconf import OmegaConf
 
 from .errors import ConfigError
+
+
+#: Rule.added_with of a setting that checkpoints have always recorded.
+NOT_ADDED = object()
 
 
 @dataclass(frozen=True)
@@ -25,10 +37,24 @@ class Rule:
     allowed: str
     #: False: the setting exists in some configs of the group only (e.g. model.small_input).
     required: bool = True
+    #: True: a resumed run may change it (it moves files or changes what is watched).
+    may_change_on_resume: bool = False
+    #: For a setting added after checkpoints were written: the value that trains as before.
+    added_with: Any = NOT_ADDED
 
 
 def optional_key(rule: Rule) -> Rule:
-    return Rule(rule.ok, rule.allowed, required=False)
+    return replace(rule, required=False)
+
+
+def resumable(rule: Rule) -> Rule:
+    """A setting a resumed run may change (see the module docstring)."""
+    return replace(rule, may_change_on_resume=True)
+
+
+def added_later(rule: Rule, value) -> Rule:
+    """A setting checkpoints written before it existed lack: they trained with ``value``."""
+    return replace(rule, added_with=value)
 
 
 def is_int(v) -> bool:

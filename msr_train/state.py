@@ -12,30 +12,11 @@ from omegaconf import OmegaConf
 
 from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpoint_file, readable_checkpoints,
                          remove_torn_writes, write_checkpoint_file)
+from .checks import setting_rules
 from .distributed import Context
 from .errors import ConfigError
+from .rules import NOT_ADDED
 from .run_log import flat_hparams, hparam_value
-
-#: The only settings a resumed run may change: where things are and how the run is
-#: watched. Everything else (max_steps, eval_every, accumulate, precision, devices, ...)
-#: shapes the trajectory or the model selection, so a change is refused.
-RESUMABLE_CHANGES = frozenset({
-    "dataset.root", "dataset.download", "dataset.num_workers",
-    "trainer.progress_bar", "trainer.log_every", "trainer.cpu_threads", "trainer.tensorboard", "trainer.mean_shift",
-    "trainer.resume", "trainer.eval_batch_size", "trainer.log_norms",
-    "trainer.stop_at_val_acc",  # when the run ends, not its trajectory: a higher target continues it
-})
-
-#: Settings added after checkpoints were written, with the value that trains as before
-#: they existed: a checkpoint without one resumes when the run has that value.
-ADDED_SETTINGS = {
-    "trainer.grad_clip_norm": None, "trainer.agc_clip": None,
-    "method.momentum": 0.1, "method.eps": 1e-5, "method.ghost_batch_size": None, "method.precise_bn_batches": 0,
-    "dataset.random_erasing": 0.0, "method.stem": "ws", "trainer.label_smoothing": 0.0,
-    "method.grad_clip_norm": None, "trainer.ema_decay": None, "method.lr_mult.stem": None,
-    "method.eval_statistics": "running",
-}
-
 
 @dataclasses.dataclass
 class LoopState:
@@ -156,11 +137,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def changed_settings(saved_cfg: dict, cfg) -> list[str]:
-    """The settings of ``cfg`` that differ from a checkpoint's and may not change on resume."""
+    """The settings of ``cfg`` that differ from a checkpoint's and may not change on
+    resume, by each setting's rule (msr_train.rules: ``resumable``, ``added_later``)."""
+    rules = setting_rules(cfg)
     saved, now = flat_hparams(OmegaConf.create(saved_cfg)), flat_hparams(cfg)
-    saved = {**{k: hparam_value(v) for k, v in ADDED_SETTINGS.items() if k in now}, **saved}
+    added = {k: hparam_value(r.added_with) for k, r in rules.items() if r.added_with is not NOT_ADDED and k in now}
+    saved = {**added, **saved}
     return [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
-            if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+            if not (k in rules and rules[k].may_change_on_resume) and saved.get(k) != now.get(k)]
+
+
+def resumable_settings(cfg) -> list[str]:
+    """The settings a resumed run may change, for the refusal's message."""
+    return sorted(k for k, r in setting_rules(cfg).items() if r.may_change_on_resume)
 
 
 def resumable_checkpoints(cfg, ckpt_dir: Path, tidy: bool = True):
@@ -179,7 +168,7 @@ def resumable_checkpoints(cfg, ckpt_dir: Path, tidy: bool = True):
         if changed:
             raise ConfigError(f"{path} belongs to a run with other settings ({', '.join(changed[:5])}); re-run it "
                               "with its own settings to resume, or choose another hydra.run.dir. Only "
-                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+                              f"{', '.join(resumable_settings(cfg))} may change on resume")
         yield state, path, problems
     if problems:
         raise ConfigError(no_usable_checkpoint(ckpt_dir, problems))

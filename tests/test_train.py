@@ -124,6 +124,27 @@ def test_the_logged_lr_is_the_base_rate_every_method_shares(tmp_path):
     assert logged["bn"][0] == pytest.approx(0.05 * math.sqrt(32 / 128))
 
 
+def test_the_resume_policy_is_read_from_the_settings_rules(monkeypatch):
+    """Adding a setting is its YAML key, its rule and its use: the resume check takes the
+    policy from the rule (a scratch setting here), no second list."""
+    from omegaconf import OmegaConf, open_dict
+    from msr_train import checks
+    from msr_train.rules import added_later, integer, resumable
+    from msr_train.state import changed_settings
+    monkeypatch.setitem(checks.TRAINER_RULES, "scratch", added_later(integer(0), 3))
+    monkeypatch.setitem(checks.TRAINER_RULES, "log_every", integer(1))  # no longer resumable
+    cfg = make_cfg(*QUICK)
+    saved = OmegaConf.to_container(cfg, resolve=True)  # written before trainer.scratch existed
+    with open_dict(cfg):
+        cfg.trainer.scratch = 3
+    assert changed_settings(saved, cfg) == []
+    cfg.trainer.scratch = 4
+    cfg.trainer.log_every = 7
+    assert changed_settings(saved, cfg) == ["trainer.log_every: 20 -> 7", "trainer.scratch: 3 -> 4"]
+    monkeypatch.setitem(checks.TRAINER_RULES, "log_every", resumable(integer(1)))
+    assert changed_settings(saved, cfg) == ["trainer.scratch: 3 -> 4"]
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_mean_shift_charts_only_when_asked_for(tmp_path, on):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -157,8 +178,8 @@ def test_label_smoothing_trains_on_the_smoothed_loss():
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_the_settings_old_behaviour():
-    """Settings added later (state.ADDED_SETTINGS) are filled in with the value that trains as
-    before; one whose old value is null once compared None with the config's "null"."""
+    """Settings added later (their rule's ``added_later`` value) are filled in with the value
+    that trains as before; one whose old value is null once compared None with the config's "null"."""
     from omegaconf import OmegaConf
     from msr_train.state import changed_settings
     cfg = make_cfg(*QUICK)

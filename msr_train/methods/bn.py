@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..rules import choice, flag, integer, number
+from ..rules import added_later, choice, flag, integer, number
 from .base import Method
 
 
@@ -49,12 +49,14 @@ class BatchNorm(Method):
     rules = {
         **Method.rules,
         "sync_bn": flag(note="SyncBatchNorm across processes, CUDA only"),
-        "momentum": number(0, 1, lo_open=True, note="running statistics: new = (1 - m) old + m batch"),
-        "eps": number(0, 1, lo_open=True),
-        "ghost_batch_size": integer(1, null=True, note="examples per virtual batch; null: the micro-batch"),
-        "precise_bn_batches": integer(0, note="training micro-batches that recompute the running statistics "
-                                      "before each evaluation; 0: off"),
-        "eval_statistics": choice("running", "example", note="what evaluation normalises by"),
+        "momentum": added_later(number(0, 1, lo_open=True, note="running statistics: new = (1 - m) old + m batch"),
+                                0.1),
+        "eps": added_later(number(0, 1, lo_open=True), 1e-5),
+        "ghost_batch_size": added_later(integer(1, null=True, note="examples per virtual batch; null: the micro-batch"),
+                                        None),
+        "precise_bn_batches": added_later(integer(0, note="training micro-batches that recompute the running "
+                                                  "statistics before each evaluation; 0: off"), 0),
+        "eval_statistics": added_later(choice("running", "example", note="what evaluation normalises by"), "running"),
     }
 
     def check(self, cfg):

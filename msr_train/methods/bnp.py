@@ -80,7 +80,7 @@ import torch
 from torch import nn
 
 from ..clipping import GradientClipping
-from ..rules import number
+from ..rules import added_later, number
 from .base import Method
 
 
@@ -157,12 +157,13 @@ class BNPreconditioning(Method):
 
     rules = {
         **Method.rules,
-        "momentum": number(0, 1, lo_open=True, note="at batch reference_batch; default 0.1, BatchNorm's"),
-        "eps": number(0, 1, lo_open=True, note="default 1e-5, BatchNorm's"),
+        "momentum": added_later(number(0, 1, lo_open=True, note="at batch reference_batch; default 0.1, BatchNorm's"),
+                                0.1),
+        "eps": added_later(number(0, 1, lo_open=True, note="default 1e-5, BatchNorm's"), 1e-5),
         "damping": number(0, 1e3, note="0: the undamped preconditioner"),
-        "grad_clip_norm": number(0, 1e6, lo_open=True, null=True,
-                                 note="the raw gradients' global norm bound at batch reference_batch, "
-                                      "before preconditioning; null: off"),
+        "grad_clip_norm": added_later(number(0, 1e6, lo_open=True, null=True,
+                                             note="the raw gradients' global norm bound at batch reference_batch, "
+                                                  "before preconditioning; null: off"), None),
         "reference_batch": number(1, 1e9, null=True,
                                   note="the batch momentum and grad_clip_norm are given at; null: the same "
                                        "values at every batch"),

@@ -83,7 +83,7 @@ from torch import nn
 
 from ..clipping import classifier_weight
 from ..distributed import rand_per_sample
-from ..rules import choice, flag, number
+from ..rules import added_later, choice, flag, number
 from .base import Method, PostActivationJoin
 
 
@@ -236,7 +236,8 @@ class MeanShiftRejection(Method):
         "weight_decay": number(0, 1, null=True, note="null: optimizer.weight_decay"),
         "lr_mult.conv": number(0, 1e3),
         "lr_mult.other": number(0, 1e3),
-        "lr_mult.stem": number(0, 1e3, null=True, note="null: the conv rate for stem=msr, the other rate for stem=plain"),
+        "lr_mult.stem": added_later(number(0, 1e3, null=True, note="null: the conv rate for stem=msr, the other rate "
+                                           "for stem=plain"), None),
     }
 
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from ..clipping import adaptive_clip_, classifier_weight
-from ..rules import choice, either, flag, number
+from ..rules import added_later, choice, either, flag, number
 from .base import Method
 
 #: The activations docs/methods.md lists, with gamma = 1 / sqrt(Var[act(z)]) for z ~ N(0, 1).
@@ -233,7 +233,8 @@ class NormalizerFree(Method):
         "activation": choice(*ACTIVATIONS),
         "alpha": number(0, 10, lo_open=True, note="NF-ResNets use 0.2"),
         "skipinit": flag(),
-        "stem": choice("ws", "plain", note="ws: Scaled WS like every conv (the paper); plain: an ordinary conv"),
+        "stem": added_later(choice("ws", "plain", note="ws: Scaled WS like every conv (the paper); plain: an ordinary "
+                                   "conv"), "ws"),
         "agc_clip": either(choice("auto", note="0.01 at batch >= 1024, off below"),
                            number(0, 1e3, null=True, note="lambda; 0 or null disables AGC")),
         "stochastic_depth": number(0, 1, hi_open=True, note="0 disables it"),
