@@ -85,7 +85,7 @@ def run_eval(args) -> Path:
     result = {**metrics, "checkpoint": str(ckpt), "step": step, "split": args.split,
               "images": data.info.test_size if args.split == "test" else data.info.val_size,
               "overrides": overrides, "device": str(device), "time_s": time.perf_counter() - started,
-              "command": shlex.join(["msr-eval", *sys.argv[1:]])}
+              "command": args.command}
     path = out_file(ckpt, args.split, overrides)
     write_json(path, result)
     print(f"{args.split} acc {100 * metrics[f'{args.split}_acc']:.2f}%, loss {metrics[f'{args.split}_loss']:.4f} "
@@ -104,6 +104,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch (default: the run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
     args = p.parse_args(argv)
+    args.command = shlex.join(["msr-eval", *(sys.argv[1:] if argv is None else argv)])
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size {args.batch_size}: a number of images >= 1")
     try:
