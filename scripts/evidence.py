@@ -77,6 +77,10 @@ def default_lr(method: str) -> float:
         return compose("config", [PROTOCOL, f"method={method}"]).optimizer.lr
 
 
+def default_lrs() -> dict[str, float]:
+    return {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
+
+
 def screen_name(method: str, mult: float, seed: int) -> str:
     return f"{method}-lr{mult:g}x-seed{seed}"
 
@@ -180,7 +184,7 @@ def job_limit(root: Path, n_jobs: int) -> int:
 
 
 def run_all(root: Path, n_jobs: int) -> int:
-    lrs = {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
+    lrs = default_lrs()
     running, failed = {}, set()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
@@ -212,7 +216,7 @@ def run_all(root: Path, n_jobs: int) -> int:
 def screen_report(root: Path) -> str:
     """The learning-rate screen as a markdown table: validation accuracy (the choice) and
     the epoch of the best one (a best before the last epoch: the run had flattened)."""
-    lrs = {m: default_lr(m) for m in METHODS}
+    lrs = default_lrs()
     lines = ["| method | " + " | ".join(f"{m:g}x" for m in LR_MULTS) + " | chosen |", "|---" * (len(LR_MULTS) + 2) + "|"]
     for method in METHODS:
         cells = []
@@ -231,7 +235,7 @@ def screen_report(root: Path) -> str:
 
 
 def list_jobs(root: Path) -> None:
-    lrs = {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
+    lrs = default_lrs()
     for job in sorted(plan(root, lrs), key=lambda j: j.priority):
         state = "waits for " + ", ".join(job.needs) if job.needs else (job.status(root) or "to run")
         print(f"{job.part}/{job.name}: {state}")
