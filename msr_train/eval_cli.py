@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch (default: the run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options before or after the overrides
     args.command = shlex.join(["msr-eval", *(sys.argv[1:] if argv is None else argv)])
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size {args.batch_size}: a number of images >= 1")

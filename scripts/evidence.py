@@ -22,9 +22,16 @@ land first):
 3. ``depth``: ResNet-8/20/56/110 for bn, msr, nf, gn_ws and none at their chosen rates, 3
    seeds, 3 epochs (the same budget for every depth); then VGG-11/16 for bn, msr, none.
 
-Runs land in ``outputs/evidence/<part>/<name>``; each run's console output goes to
+Runs train in ``outputs/evidence/<part>/<name>``; each run's console output goes to
 ``outputs/evidence/logs/<part>-<name>.log``. A run whose summary says ``completed`` or
 ``diverged`` is done; one that ``failed`` is reported and not retried (read its log).
+Each normalization-batch run is then evaluated by ``msr-eval`` with per-example statistics
+and with precise BN (on validation and test), while its checkpoints exist.
+
+A finished run's small files (summary, metrics, Hydra's config, msr-eval results; no
+checkpoints) are copied to ``docs/evidence/runs/<part>/<name>``, which is committed: a
+machine that starts without ``outputs/`` (a new session) skips what the archive holds, and
+msr-compare reads the archive as it reads a run dir.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +49,12 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+from msr_train.run_files import METRICS, SIGNAL_PROP, SUMMARY
+
 PROTOCOL = "experiment=fashion_mnist_converged"
-METHODS = ("bn", "msr_paper", "msr_authors", "nf", "gn_ws", "gn", "mimicnorm", "bnp", "none")
+# bn first (every comparison's baseline); msr's two configurations last, because
+# session 10 measured them on a machine whose outputs/ was then lost (docs/results.md).
+METHODS = ("bn", "nf", "gn_ws", "gn", "mimicnorm", "bnp", "none", "msr_paper", "msr_authors")
 LR_MULTS = (0.5, 1.0, 2.0)
 SEEDS = (0, 1, 2, 3, 4)
 GHOST_BATCHES = (1, 2, 8, 32)
@@ -51,25 +63,70 @@ DEPTH_METHODS = ("bn", "msr_paper", "nf", "gn_ws", "none")
 VGG_MODELS, VGG_METHODS = ("vgg11", "vgg16"), ("bn", "msr_paper", "none")
 DEPTH_SEEDS, DEPTH_EPOCHS = (0, 1, 2), 3
 DONE = ("completed", "diverged")
+ARCHIVE = Path("docs/evidence/runs")
+ARCHIVED = (SUMMARY, METRICS, SIGNAL_PROP, ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+# BN's remedies for tiny normalization batches, applied to the val-selected checkpoint.
+NORM_BATCH_EVALS = (("method.eval_statistics=example",), ("method.precise_bn_batches=200",))
 
 
 @dataclass
 class Job:
+    """One training run, or (``evaluates``) one msr-eval of a training run's best checkpoint."""
     part: str
     name: str
     overrides: list[str]
     priority: tuple
     needs: list[str] = field(default_factory=list)  # methods whose learning rate must be chosen first
+    evaluates: str | None = None                     # the split, for an msr-eval job
+
+    @property
+    def key(self) -> tuple:
+        return self.part, self.name, self.evaluates, tuple(self.overrides) if self.evaluates else ()
 
     def dir(self, root: Path) -> Path:
         return root / self.part / self.name
 
     def status(self, root: Path) -> str | None:
-        summary = self.dir(root) / "summary.json"
-        try:
-            return json.loads(summary.read_text()).get("status")
-        except (OSError, ValueError):
-            return None
+        if self.evaluates:
+            return self.eval_status(root)
+        return run_status(self.dir(root)) or run_status(ARCHIVE / self.part / self.name)
+
+    def eval_file(self) -> str:
+        tag = "".join(f"_{o}" for o in self.overrides)
+        return f"eval_best_{self.evaluates}{tag}.json"
+
+    def eval_status(self, root: Path) -> str | None:
+        if any((d / self.eval_file()).exists() for d in (self.dir(root), ARCHIVE / self.part / self.name)):
+            return "completed"
+        if run_status(self.dir(root)) == "completed" and (self.dir(root) / "checkpoints" / "best.pt").exists():
+            return None  # to run
+        return "waiting"
+
+    def command(self, root: Path) -> list[str]:
+        if self.evaluates:
+            return [sys.executable, "-m", "msr_train.eval_cli", str(self.dir(root)), "--split", self.evaluates,
+                    *self.overrides]
+        return [sys.executable, "-m", "msr_train.cli", *self.overrides, f"hydra.run.dir={self.dir(root)}"]
+
+
+def run_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / SUMMARY).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def archive(run_dir: Path, part: str, name: str) -> None:
+    """Copy a finished run's small files into the committed archive (each file whole, via a
+    temporary name, so a kill mid-copy leaves no torn file)."""
+    dest = ARCHIVE / part / name
+    for rel in (*ARCHIVED, *(p.name for p in run_dir.glob("eval_*.json"))):
+        src = run_dir / rel
+        if src.exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            tmp = (dest / rel).with_suffix(".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest / rel)
 
 
 def default_lr(method: str) -> float:
@@ -89,16 +146,21 @@ def chosen_mult(root: Path, method: str) -> float | None:
     """The screened multiple with the best validation accuracy, once all three finished."""
     scores = {}
     for mult in LR_MULTS:
-        path = root / "converged" / screen_name(method, mult, 0) / "summary.json"
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        summary = screen_summary(root, method, mult)
         if summary.get("status") not in DONE:
             return None
         ok = summary["status"] == "completed" and summary.get("best_val_acc") is not None
         scores[mult] = summary["best_val_acc"] if ok else float("-inf")
     return max(LR_MULTS, key=lambda m: (scores[m], m == 1.0))  # a tie keeps the default
+
+
+def screen_summary(root: Path, method: str, mult: float) -> dict:
+    for base in (root, ARCHIVE):
+        try:
+            return json.loads((base / "converged" / screen_name(method, mult, 0) / SUMMARY).read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def plan(root: Path, lrs: dict[str, float]) -> list[Job]:
@@ -144,7 +206,9 @@ def later_parts(lrs, mults) -> list[Job]:
         if all(mults[m] is not None for m in job.needs):
             job.overrides.append(chosen_lr(job.needs[0], lrs, mults))
             job.needs = []
-    return jobs
+    ghost_runs = [j for j in jobs if "-ghost" in j.name]
+    return jobs + [Job(j.part, j.name, list(overrides), (*j.priority, 1 + k), evaluates=split)
+                   for j in ghost_runs for k, overrides in enumerate(NORM_BATCH_EVALS) for split in ("val", "test")]
 
 
 def wait_any(running: dict, poll_s: float = 30.0) -> int | None:
@@ -161,17 +225,27 @@ def wait_any(running: dict, poll_s: float = 30.0) -> int | None:
 def start(job: Job, root: Path) -> subprocess.Popen:
     log = root / "logs" / f"{job.part}-{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "msr_train.cli", *job.overrides, f"hydra.run.dir={job.dir(root)}"]
+    cmd = job.command(root)
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        # one thread each: msr-eval has no cpu_threads setting, and training's is 1 too
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def runnable(jobs: list[Job], root: Path, running: dict, failed: set) -> list[Job]:
-    names = {(j.part, j.name) for j in running.values()}
-    return sorted((j for j in jobs if not j.needs and j.status(root) not in DONE and (j.part, j.name) not in names
-                   and (j.part, j.name) not in failed), key=lambda j: j.priority)
+    """Jobs to start: inputs known, not done, not waiting for a run, not running or failed
+    (a run dir holds one process at a time, so its evaluations wait for its training)."""
+    busy = {(j.part, j.name) for j in running.values()}
+    return sorted((j for j in jobs if not j.needs and j.status(root) not in (*DONE, "waiting")
+                   and (j.part, j.name) not in busy and j.key not in failed), key=lambda j: j.priority)
+
+
+def archive_finished(jobs: list[Job], root: Path) -> None:
+    """Bring the archive up to date with every finished run dir under ``root``."""
+    for job in jobs:
+        if not job.evaluates and run_status(job.dir(root)) in DONE:
+            archive(job.dir(root), job.part, job.name)
 
 
 def job_limit(root: Path, n_jobs: int) -> int:
@@ -187,12 +261,14 @@ def run_all(root: Path, n_jobs: int) -> int:
     lrs = default_lrs()
     running, failed = {}, set()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    archive_finished(plan(root, lrs), root)
     try:
         while True:
             todo = runnable(plan(root, lrs), root, running, failed)
             while todo and len(running) < job_limit(root, n_jobs):
                 job = todo.pop(0)
-                print(f"{time.strftime('%H:%M:%S')} start {job.part}/{job.name}", flush=True)
+                todo = [j for j in todo if (j.part, j.name) != (job.part, job.name)]
+                print(f"{time.strftime('%H:%M:%S')} start {describe(job)}", flush=True)
                 running[start(job, root).pid] = job
             if not running:
                 break
@@ -200,9 +276,11 @@ def run_all(root: Path, n_jobs: int) -> int:
             job = running.pop(pid, None) if pid else None
             if job is not None:
                 status = job.status(root)
-                print(f"{time.strftime('%H:%M:%S')} {status or 'no summary'}: {job.part}/{job.name}", flush=True)
-                if status not in DONE:
-                    failed.add((job.part, job.name))
+                print(f"{time.strftime('%H:%M:%S')} {status or 'no result'}: {describe(job)}", flush=True)
+                if status in DONE:
+                    archive(job.dir(root), job.part, job.name)
+                else:
+                    failed.add(job.key)
     except KeyboardInterrupt:
         print(f"{time.strftime('%H:%M:%S')} stopping: each running run checkpoints; re-run to resume", flush=True)
         for pid in running:
@@ -213,6 +291,10 @@ def run_all(root: Path, n_jobs: int) -> int:
     return 1 if failed else 0
 
 
+def describe(job: Job) -> str:
+    return f"{job.part}/{job.name}" + (f" (msr-eval {job.evaluates} {' '.join(job.overrides)})" if job.evaluates else "")
+
+
 def screen_report(root: Path) -> str:
     """The learning-rate screen as a markdown table: validation accuracy (the choice) and
     the epoch of the best one (a best before the last epoch: the run had flattened)."""
@@ -221,9 +303,8 @@ def screen_report(root: Path) -> str:
     for method in METHODS:
         cells = []
         for mult in LR_MULTS:
-            try:
-                s = json.loads((root / "converged" / screen_name(method, mult, 0) / "summary.json").read_text())
-            except (OSError, ValueError):
+            s = screen_summary(root, method, mult)
+            if not s:
                 cells.append("not run yet")
                 continue
             acc = s.get("best_val_acc")
@@ -238,7 +319,7 @@ def list_jobs(root: Path) -> None:
     lrs = default_lrs()
     for job in sorted(plan(root, lrs), key=lambda j: j.priority):
         state = "waits for " + ", ".join(job.needs) if job.needs else (job.status(root) or "to run")
-        print(f"{job.part}/{job.name}: {state}")
+        print(f"{describe(job)}: {state}")
 
 
 def main() -> int:

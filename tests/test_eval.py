@@ -76,6 +76,9 @@ def test_bn_with_per_example_statistics_at_test_time(runs, capsys):
     assert result["test_loss"] != running["test_loss"]  # another normalisation, the same weights
     precise = eval_json(capsys, runs / "bn", "method.precise_bn_batches=3")
     assert precise["test_loss"] != running["test_loss"]
+    # options may come before the overrides, as in any command line
+    on_val = eval_json(capsys, runs / "bn", "--split", "val", "method.eval_statistics=example")
+    assert on_val["split"] == "val" and on_val["overrides"] == {"method.eval_statistics": "example"}
 
 
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path):
