@@ -13,6 +13,7 @@ trains.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -110,15 +111,44 @@ def check_optimizer_holds(optimizer: torch.optim.Optimizer, model: nn.Module) ->
                            "msr_train.param_groups(model, ...) of this model and attach again")
 
 
-def attach(optimizer: torch.optim.Optimizer, model: nn.Module, method: Method | None = None) -> HookHandle:
+def check_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, method: Method) -> None:
+    """A clear error where the optimizer's groups lost the method's learning-rate
+    multipliers or per-group weight decay (an optimizer built from ``model.parameters()``
+    trains MSR's convs at 1x instead of 4x, silently a different method). The check is on
+    ratios (``initial_lr`` where a scheduler has set one), so any base rate passes."""
+    wanted = {id(p): g for g in method.param_groups(model) for p in g["params"]}
+    rates, offenders = [], []
+    for group in optimizer.param_groups:
+        lr = group.get("initial_lr", group["lr"])
+        for p in group["params"]:
+            spec = wanted.get(id(p))
+            if spec is None:
+                continue
+            rates.append((lr / spec.get("lr_mult", 1.0), p))
+            if "weight_decay" in spec and group.get("weight_decay") != spec["weight_decay"]:
+                offenders.append(f"weight decay {group.get('weight_decay')} where the method sets {spec['weight_decay']}")
+    base = rates[0][0] if rates else 0.0
+    if any(not math.isclose(r, base, rel_tol=1e-6) for r, _ in rates):
+        offenders.append("learning rates not in the method's ratios (lr_mult)")
+    if offenders:
+        raise ValueError(f"the optimizer's parameter groups are not {method.name}'s: {offenders[0]}. Build it from "
+                         "msr_train.param_groups(model, lr=..., weight_decay=...), or pass check_groups=False to "
+                         "train with groups of your own on purpose")
+
+
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module, method: Method | None = None, *,
+           check_groups: bool = True) -> HookHandle:
     """Run the method's ``before_step`` on the final gradients and ``after_step`` after the
     update of every ``optimizer.step()``, as msr-train's loop does. With a closure
     (LBFGS, Lightning's automatic optimisation) ``before_step`` runs inside it, after its
     backward, every time the optimizer calls it. With a GradScaler, ``scaler.step``
     unscales before ``optimizer.step``, so the hooks see unscaled gradients. Each step
     first checks the hooks are bound to the model's current parameters and that the
-    optimizer holds them."""
+    optimizer holds them; ``check_groups`` first checks the optimizer's groups are the
+    method's (check_param_groups)."""
     method = _method_of(model, method)
+    if check_groups:
+        check_param_groups(optimizer, model, method)
 
     def before(opt, args, kwargs):
         method.ensure_bound(model)

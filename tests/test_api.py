@@ -9,24 +9,11 @@ import torchvision
 from torch import nn
 
 import msr_train
+from helpers import batches, slice_drift
 from msr_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # trains converted torchvision / timm models for a few steps
 torch.set_num_threads(1)
-
-
-def slice_drift(model) -> float:
-    """max |slice mean| / |slice| over every k x k conv but the stem (the first conv)."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)][1:]
-    assert convs
-    w = torch.cat([c.weight.detach().flatten(0, 1).flatten(1) for c in convs])
-    return (w.mean(1).abs() / w.norm(dim=1)).max().item()
-
-
-def batches(n=5, channels=3, size=32, classes=10, batch=4):
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, channels, size, size, generator=g) + 0.5,
-             torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
 
 
 def train(model, optimizer, data, *, closure=False):
@@ -106,6 +93,16 @@ def test_param_groups_resolve_the_method_multipliers(resnet18):
     assert head["lr"] == pytest.approx(0.1) and head["weight_decay"] == 1e-4
     n = sum(p.numel() for g in groups for p in g["params"])
     assert n == sum(p.numel() for p in resnet18.parameters())
+
+
+def test_attach_refuses_an_optimizer_without_the_method_groups(resnet18):
+    # model.parameters() drops MSR's 4x conv rate: silently another method, so refused
+    with pytest.raises(ValueError, match="lr_mult.*msr_train.param_groups"):
+        msr_train.attach(torch.optim.SGD(resnet18.parameters(), lr=0.1), resnet18)
+    scheduled = torch.optim.SGD(msr_train.param_groups(resnet18, lr=0.1), momentum=0.9)
+    torch.optim.lr_scheduler.LambdaLR(scheduled, lambda step: 0.01)  # the ratios are checked, not the rate
+    msr_train.attach(scheduled, resnet18).remove()
+    msr_train.attach(torch.optim.SGD(resnet18.parameters(), lr=0.1), resnet18, check_groups=False).remove()
 
 
 def test_vgg_and_timm_resnet_convert_and_stay_zero_mean():

@@ -1,0 +1,1 @@
+"""msr-train's methods inside other training frameworks (each an optional extra)."""
