@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf
 from torch import nn
 
 from .data import dataset_rules
@@ -16,7 +16,8 @@ from .methods import build_method
 from .models import MODEL_RULES
 from .optim import check_optimizer_links, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
-from .rules import Rule, added_later, check_group, choice, either, flag, integer, is_int, number, resumable
+from .rules import (Rule, added_later, check_group, choice, either, flag, integer, is_int, number, optional_key,
+                    resumable, text)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -30,7 +31,16 @@ RUN_RULES = {
     "epochs": integer(1, note="use trainer.max_steps to stop earlier"),
     "seed": integer(0, 2**31 - 1),
 }
-GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer")
+GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer", "logger")
+#: The loggers (conf/logger/, the trackers in msr_train/trackers.py): how a run is
+#: watched, so each may change on resume. A selected logger is a key of ``logger``.
+LOGGER_RULES = {
+    "mlflow.tracking_uri": optional_key(resumable(text(note="null: sqlite:///outputs/mlflow.db", null=True))),
+    "mlflow.experiment": optional_key(resumable(text(note="null: the sweep's or the dataset's name", null=True))),
+}
+#: Settings that no longer exist, resumable in their time: a checkpoint that has them
+#: resumes (the replacement says what took over).
+RETIRED_SETTINGS = {"trainer.tensorboard": "logger=tensorboard (or logger=none)"}
 
 TRAINER_RULES = {
     "accelerator": choice("auto", "cpu", "cuda"),
@@ -44,7 +54,6 @@ TRAINER_RULES = {
     "eval_batch_size": resumable(integer(1)),
     "log_every": resumable(integer(1)),
     "progress_bar": resumable(flag()),
-    "tensorboard": resumable(flag()),
     "mean_shift": resumable(flag(note="one TensorBoard chart per conv at every evaluation")),
     "signal_prop": flag(),
     "cpu_threads": resumable(integer(1, os.cpu_count(), null=True,
@@ -76,6 +85,7 @@ def validate_config(cfg) -> None:
     check_group("", cfg, RUN_RULES, skip=GROUPS)
     check_group("trainer", cfg.trainer, TRAINER_RULES)
     check_group("model", cfg.model, MODEL_RULES)
+    check_group("logger", cfg.get("logger") or OmegaConf.create({}), LOGGER_RULES)
     method = build_method(cfg.method, cfg.batch_size)
     _require(not (cfg.trainer.agc_clip and getattr(method, "agc_clip", None)),
              f"trainer.agc_clip={cfg.trainer.agc_clip} and method.agc_clip={cfg.method.get('agc_clip')} (on at "
@@ -100,7 +110,7 @@ def setting_rules(cfg) -> dict[str, Rule]:
     method = build_method(cfg.method, cfg.batch_size)
     tables = {"": RUN_RULES, "trainer": TRAINER_RULES, "model": MODEL_RULES, "method": method.rules,
               "optimizer": optimizer_rules(cfg.optimizer.name), "scheduler": scheduler_rules(cfg.scheduler.name),
-              "dataset": dataset_rules(cfg.dataset)}
+              "dataset": dataset_rules(cfg.dataset), "logger": LOGGER_RULES}
     return {f"{group}.{key}" if group else key: rule for group, table in tables.items() for key, rule in table.items()}
 
 

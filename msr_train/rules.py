@@ -104,8 +104,8 @@ def choice(*values, note: str = "") -> Rule:
                       "one of " + ", ".join(str(c) for c in values), False, note)
 
 
-def text(note: str = "") -> Rule:
-    return _with_null(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", False, note)
+def text(note: str = "", *, null: bool = False) -> Rule:
+    return _with_null(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", null, note)
 
 
 def numbers(lo=None, *, lo_open: bool = False, note: str = "") -> Rule:

@@ -1,4 +1,7 @@
-"""Where a run's numbers go: TensorBoard events, metrics.jsonl and summary.json.
+"""Where a run's numbers go: metrics.jsonl and summary.json, and the loggers of the
+``logger`` config group: TensorBoard events here, MLflow through msr_train.trackers. Every
+logger is fed from the same calls (a record, the log points' scalars, the summary), so
+they all hold the numbers metrics.jsonl holds.
 
 TensorBoard's x-axis is the number of training examples seen, so runs at different
 batch sizes line up on one chart. Hyperparameters are written into the run's own event
@@ -19,6 +22,7 @@ from omegaconf import OmegaConf
 from .safe_files import append_jsonl, truncate_jsonl, write_json
 from .run_files import METRICS, SUMMARY
 from .sweeps import announced_keys
+from .trackers import TRACKERS
 
 #: metrics.jsonl key -> TensorBoard tag. Other keys (step, epoch, ...) stay in the jsonl.
 #: The training loss and the lr are logged at every log point instead (``trainer.log_every``).
@@ -77,6 +81,15 @@ def swept_keys() -> set[str]:
     return {f"{k}.name" if k in CONFIG_GROUPS else k for k in announced_keys()}
 
 
+def experiment_name(cfg) -> str:
+    """A tracker's experiment: the sweep dir's name in a Hydra multirun, else the dataset."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return cfg.dataset.name
+
+
 def _hparams_summary(tag: str, **plugin_data):
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -112,13 +125,17 @@ class RunLog:
     logged after it (by the run that died) are dropped from metrics.jsonl and purged from
     TensorBoard, so the resumed run writes each point exactly once."""
 
-    def __init__(self, out_dir: Path, cfg, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, out_dir: Path, cfg, *, resume_step: int | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.batch_size = cfg.batch_size
         self.metrics_path = self.out_dir / METRICS
         self.records = truncate_jsonl(self.metrics_path, lambda r: resume_step is not None and r["step"] <= resume_step)
+        loggers = cfg.get("logger") or {}
+        self.trackers = [TRACKERS[name](settings, cfg, self.out_dir, flat_hparams(cfg), resume_step,
+                                        experiment_name(cfg)) for name, settings in loggers.items() if name in TRACKERS]
         self.writer = None
-        if tensorboard:
+        if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
             # Purge what a dead earlier run left beyond the resume point (all of it when starting afresh).
             purge = 0 if resume_step is None else resume_step * cfg.batch_size + 1
@@ -130,9 +147,11 @@ class RunLog:
                 self.writer.add_custom_scalars(custom_scalars_layout())
 
     def log(self, record: dict) -> None:
-        """One evaluation: appended to metrics.jsonl (flushed to disk) and TensorBoard."""
+        """One evaluation: appended to metrics.jsonl (flushed to disk), then the loggers."""
         self.records.append(record)
         append_jsonl(self.metrics_path, [record])
+        for tracker in self.trackers:
+            tracker.log(record, record["step"])
         if self.writer is not None:
             step = record["examples_seen"]
             for key, tag in TB_TAGS.items():
@@ -141,13 +160,18 @@ class RunLog:
             self.writer.flush()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        """Extra TensorBoard scalars (e.g. per-layer mean shift); step in examples seen."""
+        """Scalars of the log points (training loss, lr, per-layer mean shift) at optimizer
+        ``step``; TensorBoard's x-axis is examples seen."""
+        for tracker in self.trackers:
+            tracker.log(values, step)
         if self.writer is not None:
             for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+                self.writer.add_scalar(tag, value, step * self.batch_size)
 
     def close(self, summary: dict) -> None:
         write_json(self.out_dir / SUMMARY, summary)
+        for tracker in self.trackers:
+            tracker.close(summary)
         if self.writer is not None:
             self.writer.file_writer.add_summary(self._sei)
             self.writer.close()

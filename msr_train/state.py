@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpoint_file, readable_checkpoints,
                          remove_torn_writes, write_checkpoint_file)
-from .checks import setting_rules
+from .checks import RETIRED_SETTINGS, setting_rules
 from .distributed import Context
 from .errors import ConfigError
 from .rules import NOT_ADDED
@@ -144,7 +144,8 @@ def changed_settings(saved_cfg: dict, cfg) -> list[str]:
     added = {k: hparam_value(r.added_with) for k, r in rules.items() if r.added_with is not NOT_ADDED and k in now}
     saved = {**added, **saved}
     return [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
-            if not (k in rules and rules[k].may_change_on_resume) and saved.get(k) != now.get(k)]
+            if not (k in rules and rules[k].may_change_on_resume) and k not in RETIRED_SETTINGS
+            and saved.get(k) != now.get(k)]
 
 
 def resumable_settings(cfg) -> list[str]:

@@ -263,6 +263,11 @@ class Run:
         self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) \
             if ctx.parallel else self.model
         if self.t.compile:
+            # Random ops in compiled code would otherwise use Inductor's own generator: MSR's
+            # noise would differ from the eager run's and from the checkpointed RNG state, so
+            # a resumed compiled run would not draw what an uninterrupted one draws.
+            import torch._inductor.config as inductor_config  # loaded only where compile is used
+            inductor_config.fallback_random = True
             self.net = torch.compile(self.net)
             self.method.compile_step_hooks()
         self.steps_per_epoch = len(self.data.train)
@@ -274,11 +279,11 @@ class Run:
                               run_about(cfg, self.data.info))
         resumed = self.resume()
         self.window = TrainingWindow(self.state, device, ctx.is_main)
-        self.log = RunLog(self.out_dir, cfg, tensorboard=self.t.tensorboard,
-                          resume_step=None if resumed is None else self.state.step) if ctx.is_main else None
+        self.log = RunLog(self.out_dir, cfg, resume_step=None if resumed is None else self.state.step) \
+            if ctx.is_main else None
         self.start_signal_prop(resumed is None)
         # A fixed test batch on which each evaluation logs the per-layer mean shift.
-        self.probe = next(iter(self.data.test))[0][:64] if self.t.tensorboard and self.t.mean_shift else None
+        self.probe = next(iter(self.data.test))[0][:64] if "tensorboard" in cfg.logger and self.t.mean_shift else None
 
     def build_model(self) -> None:
         info, ctx = self.data.info, self.ctx
@@ -454,8 +459,7 @@ class Run:
                         img_s=f"{self.state.step * self.cfg.batch_size / self.state.train_time:.0f}")
         interval = self.window.interval_loss(loss)
         if self.log is not None and interval is not None:  # read anyway: no extra device sync
-            self.log.scalars({"train/loss": interval, "lr": self.base_lr()},
-                             self.state.step * self.cfg.batch_size)
+            self.log.scalars({"train/loss": interval, "lr": self.base_lr()}, self.state.step)
         return loss / n, stopping
 
     def base_lr(self) -> float:
@@ -522,7 +526,7 @@ class Run:
         if step % self.steps_per_epoch == 0:  # the bar is erased at the epoch's end: one line stays
             note(epoch_line(record, self.cfg.epochs))
         if shift or norms:
-            self.log.scalars({**{f"mean_shift/{name}": v for name, v in shift.items()}, **norms}, examples)
+            self.log.scalars({**{f"mean_shift/{name}": v for name, v in shift.items()}, **norms}, step)
 
     def checkpoint(self) -> None:
         if not self.t.checkpoint:
@@ -557,7 +561,7 @@ class Run:
         record = self.log.records[-1] if self.log is not None and self.log.records else {}
         selected = self.select_and_test(record) if status == "completed" else {}
         if self.log is not None and "test_acc" in selected:
-            self.log.scalars({"test/selected_acc": selected["test_acc"]}, step * cfg.batch_size)
+            self.log.scalars({"test/selected_acc": selected["test_acc"]}, step)
         summary = {
             "status": status, "model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name,
             "optimizer": cfg.optimizer.name, "scheduler": cfg.scheduler.name, "batch_size": cfg.batch_size,

@@ -21,6 +21,8 @@ land first):
    the micro-batch).
 3. ``depth``: ResNet-8/20/56/110 for bn, msr, nf, gn_ws and none at their chosen rates, 3
    seeds, 3 epochs (the same budget for every depth); then VGG-11/16 for bn, msr, none.
+4. ``default``: ``msr-train`` with no arguments, seeds 0-2: the README's default-run figure
+   for MSR's defaults since session 11 (the paper's settings).
 
 Runs train in ``outputs/evidence/<part>/<name>``; each run's console output goes to
 ``outputs/evidence/logs/<part>-<name>.log``. A run whose summary says ``completed`` or
@@ -202,8 +204,10 @@ def later_parts(lrs, mults) -> list[Job]:
                     jobs.append(Job("depth", f"{model}-{method}-seed{seed}",
                                     [PROTOCOL, f"model={model}", f"method={method}", f"epochs={DEPTH_EPOCHS}",
                                      f"seed={seed}"], (len(METHODS) + 1 + k, seed, model), needs=[method]))
+    jobs += [Job("default", f"seed{seed}", [f"seed={seed}", "trainer.cpu_threads=1"], (len(METHODS) + 3, seed))
+             for seed in DEPTH_SEEDS]
     for job in jobs:  # the chosen rate, once known
-        if all(mults[m] is not None for m in job.needs):
+        if job.needs and all(mults[m] is not None for m in job.needs):
             job.overrides.append(chosen_lr(job.needs[0], lrs, mults))
             job.needs = []
     ghost_runs = [j for j in jobs if "-ghost" in j.name]

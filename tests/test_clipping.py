@@ -99,7 +99,7 @@ def test_norm_probe_reports_each_parameters_gradient_and_weight_norm():
 @pytest.mark.slow
 def test_a_run_logs_norms_at_every_evaluation_and_clips(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    common = ["debug=quick", "method=msr", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.tensorboard=true"]
+    common = ["debug=quick", "method=msr", "trainer.max_steps=6", "trainer.eval_every=3", "logger=tensorboard"]
     train(make_cfg(*common, "trainer.log_norms=true", "trainer.grad_clip_norm=0.01"), tmp_path / "on")
     records = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]

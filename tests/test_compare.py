@@ -352,9 +352,9 @@ def test_hparams_put_the_key_and_swept_settings_first_with_their_own_types(tmp_p
         "batch_size", "dataset.name", "method.name", "model.name", "optimizer.lr", "optimizer.weight_decay",
         "scheduler.name", "seed"]
     types = {h.name: h.type for h in experiment.hparam_infos}
-    assert (types["batch_size"], types["optimizer.lr"], types["trainer.tensorboard"]) == (
+    assert (types["batch_size"], types["optimizer.lr"], types["trainer.progress_bar"]) == (
         api_pb2.DATA_TYPE_STRING, api_pb2.DATA_TYPE_FLOAT64, api_pb2.DATA_TYPE_BOOL)
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["batch_size"].string_value == "128"  # not 128.00
-    assert start.hparams["trainer.tensorboard"].bool_value is True  # not 1.0
+    assert start.hparams["trainer.progress_bar"].bool_value is True  # not 1.0
     assert start.hparams["optimizer.lr"].number_value == pytest.approx(0.1)

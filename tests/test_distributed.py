@@ -44,7 +44,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, method):
     (MSR's noise included: it is drawn for the global batch), and the 2-process run leaves
     one output dir with one set of logs."""
     method = f"method={method}".split()
-    train(make_cfg(*STEPS, *method, "trainer.tensorboard=false"), tmp_path / "one")
+    train(make_cfg(*STEPS, *method, "logger=none"), tmp_path / "one")
     run = cli(*STEPS, *method, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     single, parallel = losses(tmp_path / "one"), losses(tmp_path / "two")

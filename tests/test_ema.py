@@ -45,7 +45,7 @@ def test_the_decay_warms_up_to_its_value():
 
 
 RUN = ["debug=quick", "dataset.synthetic_train=512", "dataset.val_size=128", "trainer.eval_every=4",
-       "trainer.tensorboard=false"]
+       "logger=none"]
 
 
 def metrics(run_dir):

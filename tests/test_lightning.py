@@ -62,10 +62,12 @@ def test_lightning_steps_equal_attach_in_a_plain_loop():
     net = msr_train.convert(resnet18(), "msr")
     hand = copy.deepcopy(net)
     module = Classifier(net)
+    torch.manual_seed(1)  # the same noise draws in both loops
     trainer(None, max_steps=5).fit(module, loader())  # an msr-train model: MethodCallback(None) uses its method
     optimizer = torch.optim.SGD(msr_train.param_groups(hand, lr=LR), lr=LR, momentum=0.9, weight_decay=5e-4)
     msr_train.attach(optimizer, hand)
-    for x, y in batches(5):
+    torch.manual_seed(1)
+    for x, y in loader():  # a DataLoader as in Lightning: its iterator draws a seed too
         optimizer.zero_grad()
         nn.functional.cross_entropy(hand(x), y).backward()
         optimizer.step()
@@ -76,9 +78,11 @@ def test_lightning_steps_equal_attach_in_a_plain_loop():
 def test_a_checkpoint_resumes_the_same_steps(tmp_path):
     data = DataLoader(batches(3), batch_size=None)
     straight = Classifier(resnet18())
+    torch.manual_seed(1)
     trainer(max_epochs=2).fit(straight, data)
     first = Classifier(resnet18())
     t = trainer(max_epochs=1)
+    torch.manual_seed(1)
     t.fit(first, data)
     t.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = Classifier(resnet18())  # unconverted: the callback converts it, then the checkpoint fills it

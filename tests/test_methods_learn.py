@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -
 SHORT_RUN = ["model=resnet8", f"dataset.root={FASHION}", "dataset.download=false", "dataset.train_size=4000",
              "dataset.val_size=1000", "dataset.test_size=500", "batch_size=16", "epochs=2",
              "dataset.augment=none", "trainer.label_smoothing=0",
-             "trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.checkpoint=false",
+             "trainer.progress_bar=false", "logger=none", "trainer.checkpoint=false",
              "trainer.cpu_threads=1"]
 
 

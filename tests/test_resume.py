@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -
 # 128 of the 640 images are held out for validation: selection (best.pt) must survive a resume too,
 # and so must the EMA of the weights, which is what is evaluated and selected.
 RUN = ["debug=quick", "dataset.synthetic_train=640", "dataset.val_size=128", "dataset.image_size=12",
-       "dataset.augment=crop_flip", "method=msr", "method.noise_at=conv", "trainer.eval_every=5", "trainer.tensorboard=true",
+       "dataset.augment=crop_flip", "method=msr", "method.noise_at=conv", "trainer.eval_every=5", "logger=tensorboard",
        "trainer.ema_decay=0.8"]
 
 

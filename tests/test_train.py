@@ -100,7 +100,7 @@ def test_sqrt_below_linear_above(scaling, batch, expected):
 
 def test_train_loss_and_lr_reach_tensorboard_at_every_log_point(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    summary = train(make_cfg(*QUICK, "trainer.tensorboard=true", "trainer.log_every=2", "method=none"), tmp_path)
+    summary = train(make_cfg(*QUICK, "logger=tensorboard", "trainer.log_every=2", "method=none"), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(tmp_path))
     events.Reload()
@@ -148,7 +148,7 @@ def test_the_resume_policy_is_read_from_the_settings_rules(monkeypatch):
 @pytest.mark.parametrize("on", [False, True])
 def test_mean_shift_charts_only_when_asked_for(tmp_path, on):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train(make_cfg(*QUICK, "trainer.tensorboard=true", f"trainer.mean_shift={str(on).lower()}"), tmp_path)
+    train(make_cfg(*QUICK, "logger=tensorboard", f"trainer.mean_shift={str(on).lower()}"), tmp_path)
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     charts = [t for t in events.Tags()["scalars"] if t.startswith("mean_shift/")]

@@ -29,8 +29,10 @@ by value); attach runs ``before_step`` (MSR's zero-mean gradient projection) aft
 closure returns, so clipping acts before the projection and the projected gradient is the
 one the optimizer uses: the invariant holds with either clipping algorithm. With manual
 optimisation every ``opt.step()`` runs the hooks the same way. The method's state is in
-the model's parameters and buffers, so Lightning's checkpoints hold it and
-``fit(ckpt_path=...)`` resumes it.
+the model's parameters and buffers, so Lightning's checkpoints hold it; MSR's noise is
+drawn from torch's global generator, whose state Lightning does not save, so the callback
+saves it (CPU and CUDA) in its own checkpoint state and restores it: ``fit(ckpt_path=...)``
+then draws the noise an uninterrupted run would have drawn.
 
 Not done here: ``before_evaluation`` (BN's precise statistics, ``method.precise_bn_batches``)
 needs training batches at evaluation time, so a converted ``bn`` with it set is refused.
@@ -45,6 +47,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('msr_train.integrations.lightning needs Lightning: pip install -e ".[lightning]" '
                       '(or pip install "lightning>=2.2")') from e
+import torch
 from torch import nn
 
 from .. import api
@@ -90,6 +93,17 @@ class MethodCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.network(pl_module)
         self._handles = [api.attach(opt, net) for opt in trainer.optimizers]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:

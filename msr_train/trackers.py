@@ -1,0 +1,129 @@
+"""Experiment trackers beside TensorBoard (the ``logger`` config group): MLflow.
+
+Each tracker gets exactly what RunLog writes (a record of metrics.jsonl, a scalar of the
+log points, the summary), so the trackers hold the same numbers as the run dir. The
+step of every point is the run's optimizer step.
+
+A tracker is never worth a lost run: an error from it (a server that goes away, a full
+store) is one warning, and the tracker is switched off for the rest of the run while
+training goes on. The tracker's run id is kept in ``<run dir>/trackers.json``, so a
+resumed run continues the same tracker run; the points that the interrupted run logged
+beyond its last checkpoint are not logged again (the resumed run recomputes them bit for
+bit, so the stored ones are already right).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+from .safe_files import write_json
+
+#: Where each tracker's run id is kept, beside metrics.jsonl.
+IDS_FILE = "trackers.json"
+#: A metrics.jsonl record's keys that are its coordinates, not metrics.
+NOT_METRICS = ("step", "epoch", "examples_seen")
+#: summary.json's status -> MLflow's run status.
+MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}
+
+
+def _numeric(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_METRICS}
+
+
+def load_ids(out_dir: Path) -> dict:
+    try:
+        return json.loads((out_dir / IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_id(out_dir: Path, name: str, run_id: str) -> None:
+    write_json(out_dir / IDS_FILE, {**load_ids(out_dir), name: run_id})
+
+
+class Tracker:
+    """The calls RunLog makes; a failing call warns once and switches the tracker off."""
+    name = "tracker"
+
+    def __init__(self):
+        self.alive = True
+
+    def _guard(self, what: str, fn, *args) -> None:
+        if not self.alive:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - any tracker failure: warn, keep training
+            self.alive = False
+            print(f"msr-train: warning: logger {self.name}: {what} failed ({type(e).__name__}: {e}); the run goes "
+                  f"on without {self.name} (metrics.jsonl has every point)", file=sys.stderr, flush=True)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._guard("logging", self._log, _numeric(metrics), step)
+
+    def close(self, summary: dict) -> None:
+        self._guard("closing", self._close, summary)
+
+
+class MLflowTracker(Tracker):
+    """One MLflow run per msr-train run: the flat config as params, every metric at the
+    run's step, the summary's figures as metrics and its status as a tag and the run's
+    status. ``tracking_uri`` null: a local SQLite store, ``outputs/mlflow.db`` under the
+    directory msr-train was started in (``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db``)."""
+    name = "mlflow"
+
+    def __init__(self, settings, cfg, out_dir: Path, params: dict, resume_step: int | None, experiment: str):
+        super().__init__()
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError('logger=mlflow needs MLflow: pip install -e ".[mlflow]"') from None
+        # A server that went away should cost seconds, not MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.out_dir, self.logged = out_dir, {}
+        uri = settings.tracking_uri or f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
+        self._guard("starting", self._start, settings.experiment or experiment, params, resume_step)
+
+    def _start(self, experiment: str, params: dict, resume_step: int | None) -> None:
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        run_id = load_ids(self.out_dir).get(self.name) if resume_step is not None else None
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            # What the interrupted run logged: those points are not logged again.
+            for key in self.client.get_run(run_id).data.metrics:
+                self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+            return
+        self.run_id = self.client.create_run(experiment_id, run_name=self.out_dir.name,
+                                             tags={"msr_train.run_dir": str(self.out_dir.resolve())}).info.run_id
+        save_id(self.out_dir, self.name, self.run_id)
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        fresh = [Metric(k, v, now, step) for k, v in metrics.items() if step > self.logged.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+
+    def _close(self, summary: dict) -> None:
+        self._log({f"summary/{k}": v for k, v in _numeric(summary).items()}, summary.get("step", 0))
+        self.client.set_tag(self.run_id, "status", summary.get("status", "unknown"))
+        self.client.set_terminated(self.run_id, status=MLFLOW_STATUS.get(summary.get("status"), "FAILED"))
+
+
+TRACKERS = {"mlflow": MLflowTracker}

@@ -1,0 +1,137 @@
+"""The logger group's MLflow tracker: what a run writes, read back with MLflow's own
+client from a SQLite store and from a real `mlflow server`; a resumed run continues the
+same MLflow run with no point twice; a tracker that fails is a warning, not a lost run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from test_resume import RUN, cli, run, wait_for_checkpoint  # noqa: F401 - the kill-and-resume run
+
+mlflow = pytest.importorskip("mlflow", reason='the [mlflow] extra: pip install -e ".[mlflow]"')
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real runs, a killed run and an MLflow server
+
+
+def one_run(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    (found,) = client.search_runs([exp.experiment_id])
+    return found
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def assert_run_matches_its_dir(client, found, run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert history(client, found.info.run_id, "val_acc") == [(r["step"], r["val_acc"]) for r in records]
+    assert found.data.metrics["summary/selected_test_acc"] == summary["selected_test_acc"]
+    assert found.data.tags["status"] == "completed" and found.info.status == "FINISHED"
+    assert found.data.params["method.name"] == "msr" and found.data.params["batch_size"] == "32"
+    train_loss = history(client, found.info.run_id, "train/loss")
+    assert train_loss and len({s for s, _ in train_loss}) == len(train_loss)  # every log point once
+
+
+def test_a_run_in_a_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run("debug=quick", "dataset.val_size=64", "logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={uri}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    client = MlflowClient(uri)
+    assert_run_matches_its_dir(client, one_run(client, "synthetic"), tmp_path / "run")
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))  # TensorBoard beside it
+
+
+def test_the_default_store_is_outputs_mlflow_db_where_msr_train_started(tmp_path):
+    res = run("debug=quick", "logger=mlflow", "logger.mlflow.experiment=mine", f"hydra.run.dir={tmp_path / 'run'}",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert one_run(client, "mine").info.status == "FINISHED"
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*"))  # logger=mlflow alone: no TensorBoard
+
+
+def test_a_killed_run_resumes_the_same_mlflow_run_with_no_point_twice(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*RUN, "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]
+    assert run(*args, "logger.mlflow.experiment=straight", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path).returncode == 0
+    cmd, kw = cli(*args, "logger.mlflow.experiment=killed", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, tmp_path / "b", min_step=16)
+    proc.kill()
+    proc.wait()
+    res = run(*args, "logger.mlflow.experiment=killed", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 0 and "Resuming" in res.stderr, res.stderr
+    client = MlflowClient(uri)
+    straight, killed = one_run(client, "straight"), one_run(client, "killed")
+    assert_run_matches_its_dir(client, killed, tmp_path / "b")
+    for key in ("val_acc", "test_acc", "train/loss", "lr"):
+        assert history(client, killed.info.run_id, key) == history(client, straight.info.run_id, key), key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield url, server
+    stop(server)
+
+
+def stop(server):
+    """The server and its workers (a process group of their own)."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def test_a_real_mlflow_server_and_one_that_goes_away(tmp_path, mlflow_server):
+    url, server = mlflow_server
+    res = run("debug=quick", "dataset.val_size=64", "logger=mlflow", f"logger.mlflow.tracking_uri={url}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    client = MlflowClient(url)
+    assert_run_matches_its_dir(client, one_run(client, "synthetic"), tmp_path / "run")
+    stop(server)
+    res = run("debug=quick", "logger=mlflow", f"logger.mlflow.tracking_uri={url}", f"hydra.run.dir={tmp_path / 'gone'}",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr  # the run is not lost
+    assert "logger mlflow: starting failed" in res.stderr and "the run goes on" in res.stderr
+    assert json.loads((tmp_path / "gone" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_mlflow_settings_are_checked():
+    from conftest import make_cfg
+    from msr_train.checks import validate_config
+    from msr_train.errors import ConfigError
+    with pytest.raises(ConfigError, match="logger.mlflow.experiment='' must be null or a non-empty string"):
+        validate_config(make_cfg("logger=mlflow", "logger.mlflow.experiment=''"))
+    with pytest.raises(ConfigError, match="logger.mlflow.uri is not a setting of logger"):
+        validate_config(make_cfg("logger=mlflow", "+logger.mlflow.uri=x"))
