@@ -6,33 +6,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
 from msr_train.checkpoint import find_checkpoint, save_checkpoint
+from helpers import RUN, cli, run, wait_for_checkpoint
 from msr_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
-
-# Augmentation and MSR noise (on here; off by default) both draw random numbers: resuming
-# must restore them exactly.
-# 128 of the 640 images are held out for validation: selection (best.pt) must survive a resume too,
-# and so must the EMA of the weights, which is what is evaluated and selected.
-RUN = ["debug=quick", "dataset.synthetic_train=640", "dataset.val_size=128", "dataset.image_size=12",
-       "dataset.augment=crop_flip", "method=msr", "method.noise_at=conv", "trainer.eval_every=5", "logger=tensorboard",
-       "trainer.ema_decay=0.8"]
-
-
-def cli(*args, cwd):
-    return [sys.executable, "-m", "msr_train.cli", *args], dict(cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def run(*args, cwd):
-    cmd, kw = cli(*args, cwd=cwd)
-    return subprocess.run(cmd, **kw)
-
 
 def records(run_dir):
     """metrics.jsonl without the timing fields, which differ between any two runs."""
@@ -64,19 +46,6 @@ def uninterrupted(tmp_path_factory):
     assert res.returncode == 0, res.stderr
     assert [r["step"] for r in records(d / "run")] == [5, 10, 15, 16, 20, 25, 30, 32]
     return d / "run"
-
-
-def wait_for_checkpoint(proc, run_dir, min_step):
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, "the run finished before it could be killed"
-        try:
-            if torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] >= min_step:
-                return
-        except (FileNotFoundError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, uninterrupted):

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from test_resume import RUN, cli, run, wait_for_checkpoint  # noqa: F401 - the kill-and-resume run
+from helpers import RUN, cli, run, wait_for_checkpoint
 
 mlflow = pytest.importorskip("mlflow", reason='the [mlflow] extra: pip install -e ".[mlflow]"')
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -135,3 +135,13 @@ def test_mlflow_settings_are_checked():
         validate_config(make_cfg("logger=mlflow", "logger.mlflow.experiment=''"))
     with pytest.raises(ConfigError, match="logger.mlflow.uri is not a setting of logger"):
         validate_config(make_cfg("logger=mlflow", "+logger.mlflow.uri=x"))
+
+
+def test_loggers_may_change_on_resume_and_old_runs_with_trainer_tensorboard_resume():
+    from conftest import make_cfg
+    from omegaconf import OmegaConf
+    from msr_train.state import changed_settings
+    saved = OmegaConf.to_container(make_cfg("logger=none"), resolve=True)
+    saved["trainer"]["tensorboard"] = True  # a checkpoint written before the logger group
+    assert changed_settings(saved, make_cfg("logger=[tensorboard,mlflow]")) == []
+    assert changed_settings(saved, make_cfg("logger=mlflow", "seed=1")) == ["seed: 0 -> 1"]
