@@ -37,6 +37,10 @@ GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer", "lo
 LOGGER_RULES = {
     "mlflow.tracking_uri": optional_key(resumable(text(note="null: sqlite:///outputs/mlflow.db", null=True))),
     "mlflow.experiment": optional_key(resumable(text(note="null: the sweep's or the dataset's name", null=True))),
+    "wandb.project": optional_key(resumable(text(note="null: the sweep's or the dataset's name", null=True))),
+    "wandb.entity": optional_key(resumable(text(note="null: W&B's default", null=True))),
+    "wandb.mode": optional_key(resumable(choice("online", "offline", "disabled", None,
+                                                note="null: offline unless WANDB_MODE or WANDB_API_KEY is set"))),
 }
 #: Settings that no longer exist, resumable in their time: a checkpoint that has them
 #: resumes (the replacement says what took over).

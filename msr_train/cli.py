@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, RunFailed
-from .sweeps import announce_keys, sweep_subdir
+from .sweeps import announce_keys, objective, sweep_subdir
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
 EXIT_CODES = {"diverged": 1, "interrupted": 130}
@@ -101,14 +101,23 @@ def _run(cfg) -> float | None:
         if summary["status"] == "interrupted":
             print(f"msr-train: continue with: {continue_command(hydra_cfg)}", file=sys.stderr)
         sys.exit(EXIT_CODES[summary["status"]])
-    # Returned to Hydra's sweepers (e.g. Optuna) as the objective: the best validation
-    # accuracy, never a test number. A diverged run scores 0 (the worst accuracy): the
-    # Optuna sweeper aborts the whole search on NaN or None.
-    acc = summary["best_val_acc"]
-    return 0.0 if acc is None or summary["status"] == "diverged" else acc
+    return objective(summary)  # to Hydra's sweepers (Optuna)
+
+
+def register_search_sweeper() -> None:
+    """Hydra finds its plugins by walking the hydra_plugins namespace's folders, which an
+    editable install's mapped package (hydra_plugins.msr_train, pyproject.toml) is not
+    in: register the resumable Optuna sweeper by its installed name where the walk
+    missed it (a regular install is found by the walk)."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.msr_train import search
+    if search.OptunaSweeper is not None:
+        name = f"{search.__name__}.{search.ResumableOptunaSweeper.__name__}"
+        Plugins.instance().class_name_to_class.setdefault(name, search.ResumableOptunaSweeper)
 
 
 def main() -> None:
+    register_search_sweeper()
     _run()
 
 

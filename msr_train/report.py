@@ -10,6 +10,7 @@ import torch
 
 from .distributed import Context
 from .optim import scaled_lr
+from .trackers import mlflow_uri, wandb_mode
 
 
 def duration(seconds: float) -> str:
@@ -59,6 +60,17 @@ def end_report(summary: dict, out_dir: Path) -> str:
     elif summary["status"] == "reached_target":
         lines.append(f"  target    validation accuracy {100 * summary['best_val_acc']:.2f}% (trainer.stop_at_val_acc) "
                      f"after {duration(summary['train_time_s'])} of training; not tested")
+    looks = look_commands(summary.get("config", {}).get("logger") or {}, out_dir)
     lines += [f"  results   {out_dir}/ (summary.json, metrics.jsonl, checkpoints/)",
-              f"  look      tensorboard --logdir {out_dir}    msr-compare {out_dir}"]
+              *(f"  {'look' if i == 0 else '':<10}{cmd}" for i, cmd in enumerate(looks))]
     return "\n".join(lines)
+
+
+def look_commands(loggers: dict, out_dir: Path) -> list[str]:
+    """One command per line that shows the run, for each of its loggers."""
+    cmds = [f"tensorboard --logdir {out_dir}"] if "tensorboard" in loggers else []
+    if "mlflow" in loggers:
+        cmds.append(f"mlflow ui --backend-store-uri {mlflow_uri(loggers['mlflow'])}")
+    if "wandb" in loggers and wandb_mode(loggers["wandb"]) == "offline":
+        cmds.append(f"wandb sync {out_dir}/wandb/offline-run-*   # then W&B's web page")
+    return [*cmds, f"msr-compare {out_dir}"]

@@ -33,3 +33,11 @@ def sweep_subdir(task_overrides) -> str:
     if len(name) > MAX_SUBDIR:
         name = f"{name[:MAX_SUBDIR - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name
+
+
+def objective(summary: dict) -> float:
+    """A finished run's score for Hydra's sweepers (Optuna): the best validation accuracy,
+    never a test number. A diverged run scores 0 (the worst accuracy): the Optuna sweeper
+    aborts the whole search on NaN or None."""
+    acc = summary.get("best_val_acc")
+    return 0.0 if acc is None or summary["status"] == "diverged" else acc

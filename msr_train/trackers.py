@@ -1,4 +1,5 @@
-"""Experiment trackers beside TensorBoard (the ``logger`` config group): MLflow.
+"""Experiment trackers beside TensorBoard (the ``logger`` config group): MLflow and
+Weights & Biases.
 
 Each tracker gets exactly what RunLog writes (a record of metrics.jsonl, a scalar of the
 log points, the summary), so the trackers hold the same numbers as the run dir. The
@@ -71,6 +72,12 @@ class Tracker:
         self._guard("closing", self._close, summary)
 
 
+def mlflow_uri(settings) -> str:
+    """``logger.mlflow.tracking_uri``, or the default store: outputs/mlflow.db (SQLite)
+    under the directory msr-train was started in."""
+    return settings.get("tracking_uri") or f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+
+
 class MLflowTracker(Tracker):
     """One MLflow run per msr-train run: the flat config as params, every metric at the
     run's step, the summary's figures as metrics and its status as a tag and the run's
@@ -88,7 +95,7 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.out_dir, self.logged = out_dir, {}
-        uri = settings.tracking_uri or f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+        uri = mlflow_uri(settings)
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=uri)
@@ -126,4 +133,59 @@ class MLflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status=MLFLOW_STATUS.get(summary.get("status"), "FAILED"))
 
 
-TRACKERS = {"mlflow": MLflowTracker}
+def wandb_mode(settings) -> str:
+    """``logger.wandb.mode``, else the environment's (``WANDB_MODE``; online with a
+    ``WANDB_API_KEY``), else offline: nothing leaves the machine unless W&B is set up."""
+    return settings.get("mode") or os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+class WandbTracker(Tracker):
+    """One W&B run per msr-train run: the flat config, every metric at the run's step, the
+    summary's figures (``summary/*``) and status in the run's summary. ``mode`` null:
+    offline (files under ``<run dir>/wandb``; ``wandb sync`` uploads them later) unless
+    the environment chooses (``WANDB_MODE``, or ``WANDB_API_KEY`` for online): nothing
+    leaves the machine unless the user has set W&B up. A resumed run continues the same
+    W&B run id; the last step logged is kept in trackers.json, because an offline run
+    cannot ask a server what the interrupted run logged. W&B writes its points from a
+    buffer in a process of its own: a run stopped by a signal (Ctrl-C, SIGTERM) finishes
+    them, but a SIGKILL can lose the last points W&B had not written (metrics.jsonl has
+    them; the resumed run does not log them again)."""
+    name = "wandb"
+
+    def __init__(self, settings, cfg, out_dir: Path, params: dict, resume_step: int | None, experiment: str):
+        super().__init__()
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError('logger=wandb needs Weights & Biases: pip install -e ".[wandb]"') from None
+        self.out_dir = out_dir
+        ids = load_ids(out_dir) if resume_step is not None else {}
+        # Steps up to the interrupted run's last are not logged again (at that step it may
+        # have logged part of the points: none is logged twice, at worst one is missing).
+        self.skip_until = self.last = ids.get("wandb_step", -1)
+        self._guard("starting", self._start, wandb, settings, settings.project or experiment, params,
+                    ids.get(self.name), wandb_mode(settings))
+
+    def _start(self, wandb, settings, project: str, params: dict, run_id: str | None, mode: str) -> None:
+        self.run = wandb.init(project=project, entity=settings.entity, name=self.out_dir.name,
+                              id=run_id, resume="allow", config=params,
+                              dir=str(self.out_dir), mode=mode, reinit="finish_previous",
+                              settings=wandb.Settings(console="off", silent=True))
+        save_id(self.out_dir, self.name, self.run.id)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.skip_until:
+            return
+        self.run.log(metrics, step=step)
+        if step > self.last:
+            self.last = step
+            write_json(self.out_dir / IDS_FILE, {**load_ids(self.out_dir), "wandb_step": step})
+
+    def _close(self, summary: dict) -> None:
+        self.run.summary.update({f"summary/{k}": v for k, v in _numeric(summary).items()})
+        self.run.summary["status"] = summary.get("status", "unknown")
+        self.run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
+
+
+TRACKERS = {"mlflow": MLflowTracker, "wandb": WandbTracker}

@@ -9,7 +9,7 @@ the median over ``--repeats`` rounds. Nothing is asserted: the script only repor
 Sections (``--sections``):
 
 1. Runner overhead. ``train(cfg, out_dir)`` on a config composed like the CLI's
-   (``trainer.max_steps=N``, tensorboard, checkpoints and progress bar off, a 1000-image
+   (``trainer.max_steps=N``, ``logger=none``, checkpoints and progress bar off, a 1000-image
    test set so the closing evaluation stays short) against a bare hand-written loop: the
    same model built the same way, the same batches from the same in-memory TensorBatches,
    forward / cross-entropy / backward / before_step /
@@ -184,7 +184,7 @@ def runner_rate(model_name: str, method_name: str, batch_size: int, steps: int, 
     """Steps/s of train() over its own training time (see the module docstring)."""
     cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
                    "dataset=fashion_mnist", "dataset.test_size=1000", f"trainer.max_steps={steps}",
-                   "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}", "trainer.tensorboard=false",
+                   "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}", "logger=none",
                    "trainer.checkpoint=false", "trainer.progress_bar=false", "trainer.resume=never", *RUNNER_OVERRIDES)
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(cfg, Path(out_dir))
@@ -485,7 +485,7 @@ def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, th
     cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
                    "dataset=fashion_mnist", "dataset.val_size=0", "dataset.test_size=1000",
                    f"trainer.max_steps={steps}", "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}",
-                   "trainer.tensorboard=false", "trainer.checkpoint=false", "trainer.progress_bar=false",
+                   "logger=none", "trainer.checkpoint=false", "trainer.progress_bar=false",
                    "trainer.resume=never", "trainer.divergence_factor=null", *overrides)
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(cfg, Path(out_dir))

@@ -41,7 +41,7 @@ def run_to_target(args, method: str, seed: int) -> dict:
     cfg = make_cfg(f"model={args.model}", f"method={method}", f"batch_size={args.batch_size}",
                    f"epochs={args.epochs}", f"seed={seed}", f"trainer.stop_at_val_acc={args.target}",
                    f"trainer.eval_every={args.eval_every}", f"trainer.cpu_threads={args.threads}",
-                   "trainer.accelerator=cpu", "trainer.tensorboard=false", "trainer.checkpoint=false",
+                   "trainer.accelerator=cpu", "logger=none", "trainer.checkpoint=false",
                    "trainer.progress_bar=false", "trainer.resume=never", *args.overrides)
     with tempfile.TemporaryDirectory() as out_dir:
         s = train(cfg, Path(out_dir))

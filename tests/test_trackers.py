@@ -1,11 +1,13 @@
-"""The logger group's MLflow tracker: what a run writes, read back with MLflow's own
-client from a SQLite store and from a real `mlflow server`; a resumed run continues the
-same MLflow run with no point twice; a tracker that fails is a warning, not a lost run."""
+"""The logger group's trackers. MLflow: what a run writes, read back with MLflow's own
+client from a SQLite store and from a real `mlflow server`. W&B: offline by default, read
+back from the run's .wandb files. A resumed run continues the same tracker run with no
+point twice; a tracker that fails is a warning, not a lost run."""
 
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -93,7 +95,7 @@ def mlflow_server(tmp_path):
                                "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # starting takes seconds alone, minutes beside other work
     while True:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)
@@ -145,3 +147,87 @@ def test_loggers_may_change_on_resume_and_old_runs_with_trainer_tensorboard_resu
     saved["trainer"]["tensorboard"] = True  # a checkpoint written before the logger group
     assert changed_settings(saved, make_cfg("logger=[tensorboard,mlflow]")) == []
     assert changed_settings(saved, make_cfg("logger=mlflow", "seed=1")) == ["seed: 0 -> 1"]
+
+
+# ---------------------------------------------------------------------------- W&B
+
+def wandb_records(path):
+    """The protobuf records of a .wandb file, in W&B's LevelDB-log layout: a 7-byte file
+    header (":W&B", magic, version), then 32 KiB blocks of chunks, each with a 7-byte
+    header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # the rest of a block is padding
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def wandb_points(run_dir):
+    """(step, key) -> value over every offline W&B file of the run (a resumed run writes a
+    second one), asserting that no point was logged twice; and the last summary values."""
+    points, summary, config = {}, {}, {}
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                step = items.pop("_step")
+                for key, value in items.items():
+                    if not key.startswith("_"):
+                        assert (step, key) not in points, f"{key} at step {step} logged twice"
+                        points[step, key] = value
+            elif kind == "summary":
+                summary.update({i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+            elif kind == "run":
+                config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+    return points, summary, config
+
+
+@pytest.fixture
+def no_wandb_account(monkeypatch, tmp_path):
+    pytest.importorskip("wandb", reason='the [wandb] extra: pip install -e ".[wandb]"')
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+
+
+def test_wandb_is_offline_by_default_and_holds_the_runs_numbers(tmp_path, no_wandb_account):
+    res = run("debug=quick", "dataset.val_size=64", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    points, summary, config = wandb_points(tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["step"], r["val_acc"]) for r in records} == {(s, v) for (s, k), v in points.items() if k == "val_acc"}
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["summary/selected_test_acc"] == final["selected_test_acc"] and summary["status"] == "completed"
+    assert config["method.name"] == "msr"
+
+
+def test_wandb_resumes_the_same_run_with_no_point_twice(tmp_path, no_wandb_account):
+    """Stopped by SIGTERM (a SIGKILL can lose the points W&B had not yet written: see
+    msr_train/trackers.py)."""
+    args = [*RUN, "logger=wandb"]
+    assert run(*args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path).returncode == 0
+    cmd, kw = cli(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, tmp_path / "b", min_step=16)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    res = run(*args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 0 and "Resuming" in res.stderr, res.stderr
+    files = list((tmp_path / "b").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len({f.name for f in files}) == 1 and len(files) == 2  # one run id, written by two processes
+    straight, resumed = wandb_points(tmp_path / "a")[0], wandb_points(tmp_path / "b")[0]  # no point twice
+    for key in ("val_acc", "test_acc"):
+        assert {s: v for (s, k), v in resumed.items() if k == key} == {s: v for (s, k), v in straight.items() if k == key}
