@@ -18,6 +18,7 @@ from .optim import check_optimizer_links, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
 from .rules import (Rule, added_later, check_group, choice, either, flag, integer, is_int, number, optional_key,
                     resumable, text)
+from .trackers import check_installed
 
 
 def _require(ok: bool, message: str) -> None:
@@ -90,6 +91,7 @@ def validate_config(cfg) -> None:
     check_group("trainer", cfg.trainer, TRAINER_RULES)
     check_group("model", cfg.model, MODEL_RULES)
     check_group("logger", cfg.get("logger") or OmegaConf.create({}), LOGGER_RULES)
+    check_installed(cfg.get("logger") or {})
     method = build_method(cfg.method, cfg.batch_size)
     _require(not (cfg.trainer.agc_clip and getattr(method, "agc_clip", None)),
              f"trainer.agc_clip={cfg.trainer.agc_clip} and method.agc_clip={cfg.method.get('agc_clip')} (on at "

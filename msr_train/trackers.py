@@ -15,6 +15,7 @@ bit, so the stored ones are already right).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -30,6 +31,15 @@ IDS_FILE = "trackers.json"
 NOT_METRICS = ("step", "epoch", "examples_seen")
 #: summary.json's status -> MLflow's run status.
 MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}
+
+
+def check_installed(loggers) -> None:
+    """A clear error, before any work, for a selected logger whose package is missing."""
+    for name in loggers:
+        cls = TRACKERS.get(name)
+        if cls is not None and importlib.util.find_spec(cls.package) is None:
+            raise ConfigError(f'logger={name} needs {cls.package}: pip install -e ".[{cls.package}]" '
+                              f'(or pip install {cls.package}); or choose another logger (tensorboard, none)')
 
 
 def _numeric(values: dict) -> dict[str, float]:
@@ -51,6 +61,7 @@ def save_id(out_dir: Path, name: str, run_id: str) -> None:
 class Tracker:
     """The calls RunLog makes; a failing call warns once and switches the tracker off."""
     name = "tracker"
+    package = ""  # the module it needs, also the name of its pyproject extra
 
     def __init__(self):
         self.alive = True
@@ -84,13 +95,12 @@ class MLflowTracker(Tracker):
     status. ``tracking_uri`` null: a local SQLite store, ``outputs/mlflow.db`` under the
     directory msr-train was started in (``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db``)."""
     name = "mlflow"
+    package = "mlflow"
 
     def __init__(self, settings, cfg, out_dir: Path, params: dict, resume_step: int | None, experiment: str):
         super().__init__()
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ConfigError('logger=mlflow needs MLflow: pip install -e ".[mlflow]"') from None
+        check_installed([self.name])
+        from mlflow.tracking import MlflowClient
         # A server that went away should cost seconds, not MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -152,13 +162,12 @@ class WandbTracker(Tracker):
     them, but a SIGKILL can lose the last points W&B had not written (metrics.jsonl has
     them; the resumed run does not log them again)."""
     name = "wandb"
+    package = "wandb"
 
     def __init__(self, settings, cfg, out_dir: Path, params: dict, resume_step: int | None, experiment: str):
         super().__init__()
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError('logger=wandb needs Weights & Biases: pip install -e ".[wandb]"') from None
+        check_installed([self.name])
+        import wandb
         self.out_dir = out_dir
         ids = load_ids(out_dir) if resume_step is not None else {}
         # Steps up to the interrupted run's last are not logged again (at that step it may

@@ -93,7 +93,9 @@ def mlflow_server(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"),
+                              start_new_session=True,  # its workers in its process group, stopped with it
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runners
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300  # starting takes seconds alone, minutes beside other work
     while True:
@@ -101,7 +103,8 @@ def mlflow_server(tmp_path):
             urllib.request.urlopen(f"{url}/health", timeout=2)
             break
         except OSError:
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            assert server.poll() is None and time.time() < deadline, \
+                "mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:]
             time.sleep(0.5)
     yield url, server
     stop(server)
@@ -231,3 +234,15 @@ def test_wandb_resumes_the_same_run_with_no_point_twice(tmp_path, no_wandb_accou
     straight, resumed = wandb_points(tmp_path / "a")[0], wandb_points(tmp_path / "b")[0]  # no point twice
     for key in ("val_acc", "test_acc"):
         assert {s: v for (s, k), v in resumed.items() if k == key} == {s: v for (s, k), v in straight.items() if k == key}
+
+
+def test_a_logger_without_its_package_is_refused_before_any_work(monkeypatch):
+    import importlib.util
+    from conftest import make_cfg
+    from msr_train.checks import validate_config
+    from msr_train.errors import ConfigError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'logger=wandb needs wandb: pip install -e "\.\[wandb\]"'):
+        validate_config(make_cfg("logger=[tensorboard,wandb]"))
+    validate_config(make_cfg("logger=mlflow"))  # installed: passes
