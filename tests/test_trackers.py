@@ -100,7 +100,9 @@ def mlflow_server(tmp_path):
     deadline = time.time() + 300  # starting takes seconds alone, minutes beside other work
     while True:
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
+            # A fresh opener without proxies: urlopen's global one keeps the proxy settings of
+            # its first use (test_data's dead proxy, when the suite runs in one process).
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{url}/health", timeout=2)
             break
         except OSError:
             assert server.poll() is None and time.time() < deadline, \
