@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,14 @@ from .safe_files import atomic_write
 
 
 LAST, PREVIOUS = "last.pt", "prev.pt"
-#: The model selected on validation, and the one it replaced (see train.BestModel).
+#: The model selected on validation (see state.BestModel), and the file that older runs
+#: kept the one it replaced in (read on their resume only).
 BEST, BEST_PREVIOUS = "best.pt", "best_prev.pt"
 
 
 CHECKSUM = "sha256"
+#: The suffix an unreadable file is renamed with on resume (kept, out of the way).
+DAMAGED = ".damaged"
 
 
 def content_checksum(obj) -> str:
@@ -85,10 +89,20 @@ def remove_torn_writes(folder: Path) -> None:
         stale.unlink()
 
 
-def readable_checkpoints(folder: Path, problems: list[str]):
+def tidy_checkpoints(folder: Path) -> None:
+    """Before a run writes checkpoints into ``folder``: remove torn writes and set aside an
+    unreadable last.pt (what ``resumable_checkpoints`` does, for a parent process that
+    spawns the ranks)."""
+    remove_torn_writes(folder)
+    next(readable_checkpoints(folder, [], set_aside=True), None)
+
+
+def readable_checkpoints(folder: Path, problems: list[str], set_aside: bool = False):
     """Yield ``(state, path)`` for last.pt, then prev.pt, each read and verified; one that
-    cannot be read (torn, corrupt, carrying code) is reported, added to ``problems`` and
-    skipped."""
+    cannot be read (torn, corrupt, carrying code, a folder) is reported, added to
+    ``problems`` and skipped. With ``set_aside`` (a run about to write checkpoints) it is
+    also renamed to ``<name>.damaged``: kept for inspection, and never rotated over the
+    good prev.pt nor blocking the next write."""
     for path in (Path(folder) / LAST, Path(folder) / PREVIOUS):
         if not path.exists():
             continue
@@ -96,10 +110,22 @@ def readable_checkpoints(folder: Path, problems: list[str]):
             state = read_checkpoint_file(path)
         except Exception as e:  # torch raises many types for a torn or foreign file
             problems.append(f"{path.name}: {describe(e)}")
-            print(f"msr-train: checkpoint {path} is unusable ({problems[-1]}); trying the previous one",
+            kept = f"; kept as {set_aside_damaged(path).name}" if set_aside else ""
+            print(f"msr-train: checkpoint {path} is unusable ({problems[-1]}{kept}); trying the previous one",
                   file=sys.stderr)
             continue
         yield state, path
+
+
+def set_aside_damaged(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.damaged`` (``.damaged.1``, ... if taken: nothing is
+    ever deleted) and return the new path."""
+    damaged, n = path.with_name(path.name + DAMAGED), 0
+    while damaged.exists() or damaged.is_symlink():
+        n += 1
+        damaged = path.with_name(f"{path.name}{DAMAGED}.{n}")
+    os.replace(path, damaged)
+    return damaged
 
 
 def find_checkpoint(folder: Path) -> tuple[dict, Path] | None:
@@ -113,5 +139,5 @@ def find_checkpoint(folder: Path) -> tuple[dict, Path] | None:
 
 
 def no_usable_checkpoint(folder: Path, problems: list[str]) -> str:
-    return (f"no usable checkpoint in {folder}: {'; '.join(problems)}. Move the folder away to start afresh, "
-            "or set trainer.resume=never with another hydra.run.dir")
+    return (f"no usable checkpoint in {folder}: {'; '.join(problems)}. Nothing there can be continued; start the "
+            "run afresh with another hydra.run.dir (this folder stays as it is, for inspection)")

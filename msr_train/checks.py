@@ -18,6 +18,7 @@ from .optim import check_optimizer_links, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
 from .rules import (Rule, added_later, check_group, choice, either, flag, integer, is_int, number, optional_key,
                     resumable, text)
+from .safe_files import size_text
 from .trackers import check_installed
 
 
@@ -179,8 +180,8 @@ def check_writable(out_dir: Path, need_mb: int = 10) -> None:
         raise ConfigError(f"output dir {out_dir} is not writable ({e.strerror}); "
                           "set hydra.run.dir to a writable folder") from None
     stat = os.statvfs(out_dir)
-    free_mb = stat.f_bavail * stat.f_frsize / 2**20
-    _require(free_mb >= need_mb, f"output dir {out_dir} has {free_mb:.0f} MB free, need at least {need_mb} MB; "
+    free = stat.f_bavail * stat.f_frsize
+    _require(free >= need_mb * 2**20, f"output dir {out_dir} has {size_text(free)} free, need at least {need_mb} MB; "
              "free some space or set hydra.run.dir elsewhere")
 
 

@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, RunFailed
-from .sweeps import announce_keys, objective, sweep_subdir
+from .sweeps import announce_keys, objective, stop_with_sweep, sweep_subdir
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
 EXIT_CODES = {"diverged": 1, "interrupted": 130}
@@ -86,6 +86,8 @@ def _run(cfg) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode.name == "MULTIRUN"
+    if sweep:
+        stop_with_sweep()
     try:
         check_objective(cfg, hydra_cfg)
         share_cpu_threads(cfg, hydra_cfg)

@@ -35,9 +35,9 @@ from matplotlib.transforms import blended_transform_factory
 from omegaconf import OmegaConf
 
 from . import stats
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .run_files import METRICS, SIGNAL_PROP, SUMMARY
-from .safe_files import read_jsonl
+from .safe_files import damaged_lines_text, read_jsonl
 
 # ---------------------------------------------------------------------------- reading
 
@@ -51,17 +51,78 @@ HYDRA_SETTINGS = Path(".hydra") / "hydra.yaml"
 #: The status of a run without summary.json: still running, or killed.
 INCOMPLETE = "incomplete"
 _MISSING = object()
+#: summary.json's fields that are numbers (accuracies, losses, times, throughput).
+METRIC_SUFFIXES = ("_acc", "_loss", "_s", "step")
 
 
 class MissingKey(KeyError):
     pass
 
 
-def _choices(path: Path) -> dict:
+def warn(path: Path, problem: str) -> None:
+    print(f"msr-compare: warning: {path}: {problem}", file=sys.stderr)
+
+
+def _yaml(path: Path) -> dict:
+    """A YAML file of Hydra's as a dict; {} (with a warning) if it is missing or unreadable."""
     if not path.exists():
         return {}
-    choices = OmegaConf.to_container(OmegaConf.load(path)).get("hydra", {}).get("runtime", {}).get("choices")
+    try:
+        node = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # yaml and OmegaConf raise many types for a damaged file
+        node = e
+    if not isinstance(node, dict):
+        warn(path, f"not a readable config ({describe(node) if isinstance(node, Exception) else type(node).__name__}); "
+             "ignored")
+        return {}
+    return node
+
+
+def _choices(path: Path) -> dict:
+    choices = _yaml(path).get("hydra", {}).get("runtime", {}).get("choices")
     return {k: v for k, v in (choices or {}).items() if not k.startswith("hydra/") and v is not None}
+
+
+def _is_number(value) -> bool:
+    return value is None or isinstance(value, (int, float))
+
+
+def _summary(path: Path) -> dict:
+    """summary.json, its metrics checked to be numbers; {} (with a warning) if unreadable."""
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        summary = e
+    if not isinstance(summary, dict):
+        what = describe(summary) if isinstance(summary, Exception) else f"a JSON {type(summary).__name__}"
+        warn(path, f"not a summary ({what}); the run is read as one without a summary")
+        return {}
+    bad = sorted(k for k, v in summary.items() if k.endswith(METRIC_SUFFIXES) and not _is_number(v))
+    if bad:
+        warn(path, f"{', '.join(bad)} {'is not a number' if len(bad) == 1 else 'are not numbers'}; ignored")
+    return {k: v for k, v in summary.items() if k not in bad}
+
+
+def _records(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, each value a number; damaged lines and values are
+    skipped with a warning, never the rows after them."""
+    if not path.exists():
+        return []
+    damaged = []
+    try:
+        records = read_jsonl(path, damaged)
+    except OSError as e:
+        warn(path, f"unreadable ({e.strerror}); ignored")
+        return []
+    if damaged:
+        warn(path, f"{damaged_lines_text(damaged)} skipped")
+    clean = [{k: v for k, v in r.items() if _is_number(v)} for r in records]
+    dropped = sum(len(r) - len(c) for r, c in zip(records, clean))
+    if dropped:
+        warn(path, f"{dropped} values that are not numbers skipped")
+    return clean
 
 
 @dataclass
@@ -76,14 +137,12 @@ class Run:
     @classmethod
     def load(cls, path: Path) -> Run:
         path = Path(path)
-        summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).exists() else {}
+        summary = _summary(path / SUMMARY)
         config = summary.get("config")
-        if config is None and (path / HYDRA_CONFIG).exists():
+        if not isinstance(config, dict):
             # Unresolved: interpolations stay as written, which is enough to look keys up.
-            config = OmegaConf.to_container(OmegaConf.load(path / HYDRA_CONFIG))
-        return cls(path, read_jsonl(path / METRICS) if (path / METRICS).exists() else [], summary,
-                   config or {},
-                   read_jsonl(path / SIGNAL_PROP) if (path / SIGNAL_PROP).exists() else [],
+            config = _yaml(path / HYDRA_CONFIG)
+        return cls(path, _records(path / METRICS), summary, config, _records(path / SIGNAL_PROP),
                    _choices(path / HYDRA_SETTINGS))
 
     @property
@@ -140,7 +199,12 @@ def find_runs(paths) -> list[Run]:
     below it (a sweep, outputs/). Raises ConfigError for a path without runs."""
     folders = []
     for path in map(Path, paths):
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as e:  # e.g. a name over the system's length limit
+            raise ConfigError(f"{str(path)[:80]}...: {e.strerror}; pass run folders or folders that contain them") \
+                from None
+        if not is_dir:
             raise ConfigError(f"{path} is not a folder; pass run folders or folders that contain them")
         found = sorted({f.parent.resolve() for f in path.rglob("*") if f.name in RUN_FILES})
         if not found:
@@ -148,7 +212,11 @@ def find_runs(paths) -> list[Run]:
                 f"no runs under {path}: a run folder holds {', '.join(RUN_FILES)}. Pass the output "
                 "folder of msr-train runs (outputs/runs/..., a sweep's outputs/sweeps/...) or a folder above them")
         folders += [f for f in found if f not in folders]
-    return [Run.load(f) for f in folders]
+    runs = [Run.load(f) for f in folders]
+    for run in runs:
+        if not (run.config or run.summary):
+            warn(run.path, "no readable config nor summary, so nothing says what run it is; skipped")
+    return [run for run in runs if run.config or run.summary]
 
 
 def _values(runs: list[Run], key: str) -> list:

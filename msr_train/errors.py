@@ -8,8 +8,10 @@ class ConfigError(ValueError):
 
 def describe(error: BaseException) -> str:
     """An exception in one line for a message: its type and the first line of its text."""
-    text = str(error)
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    line = str(error).splitlines()[0] if str(error) else ""
+    if len(line) > 160 and ". " in line[20:]:  # torch's messages go on with advice: keep what happened
+        line = line[:line.index(". ", 20) + 1]
+    return f"{type(error).__name__}: {line}"
 
 
 class RunFailed(RuntimeError):

@@ -4,7 +4,7 @@ without loading torch).
     <run dir>/metrics.jsonl       one record per evaluation (run_log.RunLog)
     <run dir>/summary.json        the run's outcome (train.Run.summarise)
     <run dir>/signal_prop.jsonl   signal propagation records (signal_prop)
-    <run dir>/checkpoints/        last.pt, prev.pt, best.pt, best_prev.pt (checkpoint, state)
+    <run dir>/checkpoints/        last.pt, prev.pt, best.pt (checkpoint, state)
     <run dir>/run.lock            who trains in the folder (run_lock)
     <run dir>/eval_*.json         msr-eval's results (eval_cli)
 """

@@ -5,6 +5,7 @@ resumed run continues from (with the settings it may and may not change)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -14,8 +15,9 @@ from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpo
                          remove_torn_writes, write_checkpoint_file)
 from .checks import RETIRED_SETTINGS, setting_rules
 from .distributed import Context
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .rules import NOT_ADDED
+from .run_files import SUMMARY
 from .run_log import flat_hparams, hparam_value
 
 @dataclasses.dataclass
@@ -85,34 +87,71 @@ class TrainingWindow:
 
 class BestModel:
     """The model selected on validation: the weights of the evaluation with the highest
-    validation accuracy so far (the earliest on ties), kept in memory for the final test
-    and, when ``path`` is set, in ``checkpoints/best.pt``. The file it replaces stays as
-    ``best_prev.pt`` until the next checkpoint, so a kill between writing best.pt and
-    last.pt leaves the best model of the checkpoint a resumed run continues from."""
+    validation accuracy so far (the earliest on ties), kept in memory for the final test,
+    in every checkpoint (``state_dict``), and, when ``path`` is set, in
+    ``checkpoints/best.pt`` for msr-eval and ``load_run``. Because each checkpoint carries
+    its own best model, a resumed run needs no other file: a damaged, missing or newer
+    best.pt (a kill between writing it and last.pt) is rewritten from the checkpoint."""
 
     def __init__(self, path: Path | None, about: dict | None = None):
         #: Written into best.pt beside the weights: the run's config and its data's shape
         #: (``run_about``), so the file alone rebuilds and evaluates the model (msr-eval).
-        self.path, self.state, self.about = path, None, about or {}
+        self.path, self.about = path, about or {}
+        self.state: dict | None = None
+        self.step: int | None = None
+        self.val_acc: float | None = None
 
     def update(self, model: torch.nn.Module, step: int, val_acc: float) -> None:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if self.path is not None:
-            write_checkpoint_file(self.path, {"model": self.state, "step": step, "val_acc": val_acc, **self.about},
-                                  keep_previous_as=self.path.with_name(BEST_PREVIOUS))
+        self.step, self.val_acc = step, val_acc
+        self.write()
 
-    def restore(self, folder: Path, step: int | None, device: torch.device) -> None:
-        """Load the best model of a resumed run: the file that holds ``step``'s weights."""
-        for name in (BEST, BEST_PREVIOUS):
-            path = folder / name
-            if step is not None and path.exists():
-                saved = read_checkpoint_file(path, map_location=device)
-                if saved["step"] == step:
-                    self.state = saved["model"]
-                    return
-        if step is not None:
-            raise ConfigError(f"{folder} has no {BEST} for the best validation step {step} that its last "
-                              "checkpoint names; move the folder away to start afresh")
+    def write(self) -> None:
+        if self.path is not None:
+            write_checkpoint_file(self.path, {**self.state_dict(), **self.about})
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint carries of it (None before the first validation)."""
+        return None if self.state is None else {"model": self.state, "step": self.step, "val_acc": self.val_acc}
+
+    def restore(self, folder: Path, saved: dict | None, step: int | None, device: torch.device) -> None:
+        """Take the best model of a resumed run from its checkpoint (``saved``; for a
+        checkpoint written before checkpoints carried it, from the best file that holds
+        validation step ``step``), and make best.pt hold it. Raises ValueError if it is
+        nowhere: the caller then tries the previous checkpoint."""
+        if step is None:
+            return
+        if saved is None:
+            saved = legacy_best(folder, step, device)
+        if saved["step"] != step:
+            raise ValueError(f"its best model is from step {saved['step']}, its loop state says {step}")
+        self.state, self.step, self.val_acc = saved["model"], saved["step"], saved["val_acc"]
+        if self.path is not None and saved_step(self.path) != step:
+            self.write()
+
+
+def saved_step(path: Path) -> int | None:
+    """The validation step of the best model in ``path``; None if it is missing or unusable."""
+    try:
+        return read_checkpoint_file(path)["step"]
+    except Exception:  # torch raises many types for a torn or foreign file
+        return None
+
+
+def legacy_best(folder: Path, step: int, device: torch.device) -> dict:
+    """The best model of validation step ``step`` from best.pt or best_prev.pt, as older
+    runs kept it (their checkpoints did not carry it)."""
+    problems = []
+    for path in (folder / BEST, folder / BEST_PREVIOUS):
+        try:
+            saved = read_checkpoint_file(path, map_location=device)
+        except Exception as e:  # torch raises many types for a torn or foreign file
+            problems.append(f"{path.name}: {describe(e)}")
+            continue
+        if saved["step"] == step:
+            return saved
+        problems.append(f"{path.name} holds step {saved['step']}")
+    raise ValueError(f"its best model (validation step {step}) is in neither best file ({'; '.join(problems)})")
 
 
 def run_about(cfg, info) -> dict:
@@ -161,7 +200,7 @@ def resumable_checkpoints(cfg, ckpt_dir: Path, tidy: bool = True):
     if tidy:
         remove_torn_writes(ckpt_dir)
     problems: list[str] = []
-    for state, path in readable_checkpoints(ckpt_dir, problems):
+    for state, path in readable_checkpoints(ckpt_dir, problems, set_aside=tidy):
         if cfg.trainer.resume == "never":
             raise ConfigError(f"{ckpt_dir.parent} already holds a run ({path.name}); continue it with "
                               "trainer.resume=auto or choose another hydra.run.dir")
@@ -173,3 +212,28 @@ def resumable_checkpoints(cfg, ckpt_dir: Path, tidy: bool = True):
         yield state, path, problems
     if problems:
         raise ConfigError(no_usable_checkpoint(ckpt_dir, problems))
+
+
+#: Statuses of a run with nothing left to do, whatever its resumable settings say.
+FINISHED = ("completed", "diverged")
+
+
+def finished_summary(out_dir: Path, cfg) -> dict | None:
+    """The summary of a run in ``out_dir`` that ended with these settings, or None. Its
+    re-run (a finished sweep run again) has nothing to do: it must not test the model
+    again nor log a second final point. A run that reached trainer.stop_at_val_acc is
+    finished only while that target stays the same."""
+    path = Path(out_dir) / SUMMARY
+    if cfg.trainer.resume == "never" or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):  # a damaged summary: the run's checkpoints decide
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        return None
+    status, saved = summary.get("status"), summary["config"]
+    same_target = saved.get("trainer", {}).get("stop_at_val_acc") == cfg.trainer.stop_at_val_acc
+    if status in FINISHED or (status == "reached_target" and same_target):
+        return None if changed_settings(saved, cfg) else summary
+    return None

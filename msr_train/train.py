@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import BEST, LAST, remove_torn_writes, save_checkpoint
+from .checkpoint import BEST, LAST, save_checkpoint, tidy_checkpoints
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .clipping import GradientClipping
 from .data import build_data
@@ -43,11 +43,11 @@ from .precision import FULL, Precision
 from .run_lock import RunLock
 from .report import end_report, epoch_line, start_banner
 from .run_log import RunLog
-from .safe_files import truncate_jsonl, write_json
+from .safe_files import size_text, truncate_jsonl, write_fix, write_json
 from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
 from .signal_prop import conv_mean_shift, record_signal_prop
-from .state import (BestModel, LoopState, TrainingWindow, resumable_checkpoints, rng_state, run_about,
-                    set_rng_state)
+from .state import (BestModel, LoopState, TrainingWindow, finished_summary, resumable_checkpoints, rng_state,
+                    run_about, set_rng_state)
 
 
 #: Test sets at least this large get a note before they are evaluated (it takes a while).
@@ -169,12 +169,18 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
     group = launched_group()
     # One run per folder: the process that writes (rank 0) holds the lock for its group.
     with RunLock(out_dir) if group is None or group[0] == 0 else contextlib.nullcontext():
+        finished = finished_summary(out_dir, cfg)
+        if finished is not None:
+            if group is None or group[0] == 0:
+                note(f"msr-train: {out_dir} has already finished ({finished['status']} at step {finished['step']:,}) "
+                     "with these settings: nothing to do (msr-eval evaluates its checkpoints again)")
+            return finished
         if group is not None:
             return train_in_group(cfg, out_dir, method, devices[0], *group)
         check_parallel(cfg, method, len(devices), devices[0])
         if len(devices) == 1:
             return train_process(cfg, out_dir, device=devices[0], ctx=Context())
-        remove_torn_writes(out_dir / CHECKPOINTS)
+        tidy_checkpoints(out_dir / CHECKPOINTS)
         spawn(train_process, devices, (cfg, out_dir))
         return json.loads((out_dir / SUMMARY).read_text())
 
@@ -220,15 +226,15 @@ def write_failed(error: OSError, out_dir: Path, cfg) -> RunFailed:
     summary.json where the disk still takes it."""
     folder = Path(error.filename).parent if error.filename else out_dir
     try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free there"
+        free = f"{size_text(shutil.disk_usage(folder).free)} free there"
     except OSError:
         free = "its free space is unknown"
     reason = f"could not write to {folder} ({error.strerror or error}; {free})"
     with contextlib.suppress(OSError):
         write_json(out_dir / SUMMARY, {"status": "failed", "reason": reason,
                                               "config": OmegaConf.to_container(cfg, resolve=True)})
-    return RunFailed(f"{reason}. Everything saved before is intact: free some space (or fix the folder) and "
-                     "resume the run (same settings, same output dir) to continue from its last checkpoint.")
+    return RunFailed(f"{reason}. Everything saved before is intact: {write_fix(error)} and resume the run "
+                     "(same settings, same output dir) to continue from its last checkpoint.")
 
 
 class Run:
@@ -324,7 +330,7 @@ class Run:
         self.precision.load_state_dict(state.get("precision", {}))
         self.state.load_state_dict(state["loop"])
         set_rng_state(state["rng"], self.device)
-        self.best.restore(self.ckpt_dir, self.state.best_val_step, self.device)
+        self.best.restore(self.ckpt_dir, state.get("best"), self.state.best_val_step, self.device)
 
     def start_signal_prop(self, fresh: bool) -> None:
         if not self.t.signal_prop:
@@ -542,6 +548,7 @@ class Run:
             "step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
             **run_about(self.cfg, self.data.info), "loop": self.state.state_dict(),
             "rng": rng_state(self.device), **({} if self.ema is None else {"ema": self.ema.state_dict()}),
+            "best": self.best.state_dict(),
         })
 
     def select_and_test(self, record: dict) -> dict:

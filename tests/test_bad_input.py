@@ -113,5 +113,5 @@ def test_unwritable_or_full_output_dir_is_reported_before_training(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match="not writable.*hydra.run.dir"):
         check_writable(blocker / "run")
-    with pytest.raises(ConfigError, match="MB free"):
+    with pytest.raises(ConfigError, match="(bytes|[KMGT]B) free, need at least"):
         check_writable(tmp_path, need_mb=10**12)

@@ -309,6 +309,51 @@ def test_clear_errors(sweep, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def damage(run, what):
+    """One of the damaged inputs an operator found msr-compare crashing on (issue 30)."""
+    summary, metrics = run / "summary.json", run / "metrics.jsonl"
+    if what == "summary a list":
+        summary.write_text("[1, 2]")
+    elif what == "summary not JSON":
+        summary.write_text('{"status": "compl')
+    elif what == "summary not UTF-8":
+        summary.write_bytes(b"\xff\xfe{}")
+    elif what == "a metric a string":
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "selected_test_acc": "0.9"}))
+    elif what == "metrics not UTF-8":
+        metrics.write_bytes(metrics.read_bytes() + b"\xff\n")
+    elif what == "metrics garbage":
+        lines = metrics.read_text().splitlines(keepends=True)
+        metrics.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    elif what == "hydra config damaged":
+        summary.unlink()
+        (run / ".hydra" / "config.yaml").write_text("a: [unclosed")
+
+
+DAMAGES = ["summary a list", "summary not JSON", "summary not UTF-8", "a metric a string", "metrics not UTF-8",
+           "metrics garbage", "hydra config damaged"]
+
+
+@pytest.mark.parametrize("what", DAMAGES)
+def test_a_damaged_file_is_a_warning_naming_it_and_the_rest_is_compared(sweep, tmp_path, capsys, what):
+    run = sweep / "method=msr,batch_size=8" / "seed=1"
+    damage(run, what)
+    compare.main([str(sweep), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "msr-compare: warning: " + str(run) in captured.err and "Traceback" not in captured.err
+    assert "| bn | 6 |" in captured.out  # the undamaged runs are still compared
+    loaded = compare.Run.load(run)
+    if what.startswith("metrics"):  # every well-formed row is read, the ones after the damage too
+        assert [r["step"] for r in loaded.records] == [100, 200, 300]
+    if what == "a metric a string":
+        assert "selected_test_acc" not in loaded.summary and loaded.summary["final_test_acc"] > 0
+
+
+def test_a_path_over_the_length_limit_is_a_clear_error(capsys):
+    err = error_of(capsys, "x" * 5000)
+    assert "File name too long" in err and "Traceback" not in err
+
+
 def test_console_script_reports_errors_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "msr_train.compare", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)

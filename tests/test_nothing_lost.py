@@ -149,7 +149,7 @@ REAL_FSYNC = os.fsync
 @pytest.mark.parametrize("first", [3, 6, 9])  # at metrics, checkpoints and best.pt writes of later evaluations
 def test_a_full_disk_mid_run_fails_clearly_and_loses_nothing_saved(tmp_path, monkeypatch, first):
     monkeypatch.setattr(os, "fsync", FullDisk(first, times=1))
-    with pytest.raises(RunFailed, match="No space left on device; .* MB free there.*resume the run"):
+    with pytest.raises(RunFailed, match="No space left on device; .* (bytes|[KMGT]B) free there.*free some space and resume"):
         train(make_cfg(*RUN), tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "No space left" in summary["reason"]

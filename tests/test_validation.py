@@ -89,26 +89,34 @@ def test_test_every_eval_logs_test_numbers_beside_validation(tmp_path):
     assert len(records) == 2 and all({"val_acc", "test_acc"} <= r.keys() for r in records)
 
 
-def test_best_model_of_the_resumed_checkpoint_survives_a_kill_between_best_and_last(tmp_path):
-    """best.pt is written before last.pt at an evaluation; a kill in between leaves a
-    best.pt newer than the checkpoint a resumed run continues from. The one it replaced
-    (best_prev.pt) holds that checkpoint's best model."""
-    from msr_train.errors import ConfigError
+def test_the_best_model_comes_from_the_checkpoint_and_older_runs_from_their_best_files(tmp_path):
+    """Each checkpoint carries its best model; restoring it makes best.pt hold it again (a
+    newer best.pt, left by a kill between writing it and last.pt, is rewritten). A
+    checkpoint of an older run carries none: best.pt or best_prev.pt holds it."""
+    from msr_train.checkpoint import read_checkpoint_file, write_checkpoint_file
     from msr_train.train import BestModel
-    net = torch.nn.Linear(2, 2)
-    best = BestModel(tmp_path / "best.pt")
+    net, best, carried = torch.nn.Linear(2, 2), BestModel(tmp_path / "best.pt"), {}
     for step in (10, 15):
         with torch.no_grad():
             net.weight.fill_(step)
         best.update(net, step, val_acc=step / 100)
+        carried[step] = best.state_dict()
+    assert read_checkpoint_file(tmp_path / "best.pt")["step"] == 15
+    restored = BestModel(tmp_path / "best.pt")
+    restored.restore(tmp_path, carried[10], 10, CPU)
+    assert torch.equal(restored.state["weight"], torch.full((2, 2), 10.0))
+    assert read_checkpoint_file(tmp_path / "best.pt")["step"] == 10
+    old = tmp_path / "old"
+    for name, step in (("best.pt", 15), ("best_prev.pt", 10)):
+        write_checkpoint_file(old / name, carried[step])
     for step in (10, 15):
-        restored = BestModel(None)
-        restored.restore(tmp_path, step, CPU)
-        assert torch.equal(restored.state["weight"], torch.full((2, 2), float(step)))
-    with pytest.raises(ConfigError, match="best.pt"):
-        BestModel(None).restore(tmp_path, 5, CPU)
+        legacy = BestModel(None)
+        legacy.restore(old, None, step, CPU)
+        assert torch.equal(legacy.state["weight"], torch.full((2, 2), float(step)))
+    with pytest.raises(ValueError, match="step 5.* is in neither best file .best.pt holds step 15"):
+        BestModel(None).restore(old, None, 5, CPU)
     nothing = BestModel(None)
-    nothing.restore(tmp_path, None, CPU)  # no validation yet: nothing to restore
+    nothing.restore(tmp_path, None, None, CPU)  # no validation yet: nothing to restore
     assert nothing.state is None
 
 
