@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, describe
-from .safe_files import atomic_write
+from .safe_files import atomic_write, remove_torn_writes
 
 
 LAST, PREVIOUS = "last.pt", "prev.pt"
@@ -81,12 +81,6 @@ def read_checkpoint_file(path: Path, map_location="cpu") -> dict:
 def save_checkpoint(folder: Path, state: dict) -> None:
     """Write ``folder/last.pt``; the one it replaces stays as ``prev.pt``."""
     write_checkpoint_file(Path(folder) / LAST, state, keep_previous_as=Path(folder) / PREVIOUS)
-
-
-def remove_torn_writes(folder: Path) -> None:
-    """Delete temp files of checkpoint writes (last.pt, best.pt) that a kill interrupted."""
-    for stale in Path(folder).glob(".*.pt.*.tmp"):
-        stale.unlink()
 
 
 def tidy_checkpoints(folder: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -44,11 +45,14 @@ class OutputDirCheck(Callback):
 
     @staticmethod
     def check(folder: str, key: str) -> None:
+        """The folder exists and takes files (a read-only one would crash Hydra's logging)."""
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
         except OSError as e:
-            print(f"msr-train: error: cannot create the output dir {folder} ({e.strerror}); set {key} to a "
-                  "folder you can write to", file=sys.stderr)
+            print(f"msr-train: error: the output dir {folder} cannot be created or written to ({e.strerror}); "
+                  f"set {key} to a folder you can write to", file=sys.stderr)
             sys.exit(2)
 
 
@@ -124,4 +128,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .entry import msr_train
+    msr_train()

@@ -46,6 +46,15 @@ def atomic_write(path: Path, write, *, keep_previous_as: Path | None = None) -> 
         raise
 
 
+def remove_torn_writes(folder: Path) -> None:
+    """Delete the temp files of ``atomic_write`` calls in ``folder`` that a kill
+    interrupted (only the holder of the folder's run lock may: they could be a live
+    writer's)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        if stale.is_file():
+            stale.unlink()
+
+
 def size_text(n: float) -> str:
     """A byte count as people read it: 393 KB, 12 MB, 62 GB."""
     for unit in ("bytes", "KB", "MB", "GB"):

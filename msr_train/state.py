@@ -12,13 +12,14 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpoint_file, readable_checkpoints,
-                         remove_torn_writes, write_checkpoint_file)
+                         write_checkpoint_file)
 from .checks import RETIRED_SETTINGS, setting_rules
 from .distributed import Context
 from .errors import ConfigError, describe
 from .rules import NOT_ADDED
 from .run_files import SUMMARY
 from .run_log import flat_hparams, hparam_value
+from .safe_files import remove_torn_writes
 
 @dataclasses.dataclass
 class LoopState:

@@ -34,6 +34,7 @@ from .clipping import GradientClipping
 from .data import build_data
 from .distributed import Context, launched_group, process_group, spawn
 from .ema import WeightEMA
+from .entry import RECEIVED
 from .errors import ConfigError, RunFailed, describe
 from .methods import build_method
 from .models import build_model
@@ -43,7 +44,7 @@ from .precision import FULL, Precision
 from .run_lock import RunLock
 from .report import end_report, epoch_line, start_banner
 from .run_log import RunLog
-from .safe_files import size_text, truncate_jsonl, write_fix, write_json
+from .safe_files import remove_torn_writes, size_text, truncate_jsonl, write_fix, write_json
 from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
 from .signal_prop import conv_mean_shift, record_signal_prop
 from .state import (BestModel, LoopState, TrainingWindow, finished_summary, resumable_checkpoints, rng_state,
@@ -136,6 +137,8 @@ class StopSignal:
         self._previous = {}
 
     def __enter__(self):
+        if RECEIVED:  # a stop signal before the loop began, whose KeyboardInterrupt was swallowed
+            self.received = RECEIVED[-1]
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -151,7 +154,7 @@ class StopSignal:
 
     def hand_over(self) -> None:
         previous = self._previous.get(self._signum)
-        if self._signum != signal.SIGINT and callable(previous):
+        if self._signum != signal.SIGINT and callable(previous) and not getattr(previous, "not_handed_over", False):
             previous(self._signum, None)
 
 
@@ -175,6 +178,8 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
                 note(f"msr-train: {out_dir} has already finished ({finished['status']} at step {finished['step']:,}) "
                      "with these settings: nothing to do (msr-eval evaluates its checkpoints again)")
             return finished
+        if group is None or group[0] == 0:
+            remove_torn_writes(out_dir)  # summary.json's, metrics.jsonl's
         if group is not None:
             return train_in_group(cfg, out_dir, method, devices[0], *group)
         check_parallel(cfg, method, len(devices), devices[0])
@@ -210,9 +215,14 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
     set_cpu_threads(cfg.trainer, device, ctx)
     try:
         run = Run(cfg, out_dir, device, ctx)
+        # A signal during the final test waits for the summary (the status reached stands).
         with StopSignal() as stop:
-            status = run.fit(stop)
-        summary = run.summarise(status)
+            try:
+                summary = run.summarise(run.fit(stop))
+            except KeyboardInterrupt:  # a second signal: stop at once, say where things stand
+                if ctx.is_main:
+                    run.summarise("interrupted")
+                raise
         if ctx.is_main:
             note(end_report(summary, Path(out_dir)))
         stop.hand_over()

@@ -147,7 +147,7 @@ def test_an_output_dir_that_cannot_be_created_is_a_clear_error(tmp_path, mode, k
     blocker.write_text("not a folder")
     res = msr_train(*mode, "debug=quick", f"{key}={blocker / 'run'}", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert f"cannot create the output dir {blocker / 'run'}" in res.stderr and key in res.stderr
+    assert f"the output dir {blocker / 'run'} cannot be created or written to" in res.stderr and key in res.stderr
 
 
 def test_an_interrupted_run_prints_the_command_that_continues_it(tmp_path):

@@ -5,6 +5,7 @@ first (against an uninterrupted reference run), then fixed."""
 import errno
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import torch
 
 from conftest import make_cfg
 from helpers import cli
+from msr_train.checkpoint import find_checkpoint
 from msr_train.run_lock import RunLock
 from msr_train.safe_files import read_jsonl, size_text, write_fix
 from msr_train.train import train
@@ -221,3 +223,76 @@ def test_a_killed_joblib_sweep_stops_its_workers_and_a_re_run_resumes_then_skips
     assert third.returncode == 0 and third.stderr.count("has already finished (completed") == 2
     assert [(job / "metrics.jsonl").read_bytes() for job in jobs] == metrics  # nothing tested or logged again
     assert [json.loads((job / "summary.json").read_text()) for job in jobs] == summaries
+
+
+def entry(*args, patch: str = "", cwd):
+    """The msr-train console script's code (msr_train.entry), after ``patch``."""
+    script = textwrap.dedent(patch) + "\nfrom msr_train.entry import msr_train\nmsr_train()\n"
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_while_it_starts_ends_it_cleanly(tmp_path, sig):
+    proc = entry(*RUN, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    time.sleep(0.5)  # importing Hydra and torch
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"msr-train: stopped by {sig.name}" in err
+
+
+def test_a_signal_during_the_final_test_waits_for_the_summary(tmp_path):
+    patch = """
+        import os, signal
+        from msr_train import train
+        select_and_test = train.Run.select_and_test
+        def signalled(self, record):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return select_and_test(self, record)
+        train.Run.select_and_test = signalled
+    """
+    proc = entry(*RUN, f"hydra.run.dir={tmp_path / 'run'}", patch=patch, cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["selected_test_acc"] is not None
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback_and_says_where_it_stood(tmp_path):
+    run = tmp_path / "run"
+    long_run = [o for o in RUN if not o.startswith(("trainer.max_steps=", "trainer.eval_every="))]
+    proc = entry(*long_run, "epochs=1000", "trainer.eval_every=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    state, path = find_checkpoint(run / "checkpoints")  # what a resumed run continues from
+    assert path.name == "last.pt" and state["step"] > 0
+
+
+def test_temp_files_of_interrupted_writes_are_removed_on_the_next_start(tmp_path, killed):
+    run = copy(killed, tmp_path / "run")
+    for name in (".summary.json.x1.tmp", ".metrics.jsonl.x2.tmp", "checkpoints/.last.pt.x3.tmp"):
+        (run / name).write_bytes(b"")
+    train(make_cfg(*RUN), run)
+    assert not list(run.glob(".*.tmp")) and not list(run.glob("checkpoints/.*.tmp"))
+
+
+def test_an_output_dir_that_takes_no_files_is_refused_before_hydra_logs_into_it(tmp_path):
+    patch = """
+        import errno, tempfile
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+        tempfile.TemporaryFile = read_only
+    """
+    proc = entry(*RUN, f"hydra.run.dir={tmp_path / 'run'}", patch=patch, cwd=tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert f"the output dir {tmp_path / 'run'} cannot be created or written to (Read-only file system)" in err
