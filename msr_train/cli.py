@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, RunFailed
+from .overrides import check_command_line
 from .sweeps import announce_keys, objective, stop_with_sweep, sweep_subdir
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
@@ -123,6 +124,11 @@ def register_search_sweeper() -> None:
 
 
 def main() -> None:
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as e:
+        print(f"msr-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     register_search_sweeper()
     _run()
 
