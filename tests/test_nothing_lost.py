@@ -100,6 +100,7 @@ def test_a_flipped_bit_in_last_pt_is_detected_and_the_run_resumes_from_prev_pt(t
     assert (state["step"], path.name) == (2, "prev.pt")
     err = capfd.readouterr().err
     assert "last.pt is unusable" in err and "do not match its checksum" in err
+    (tmp_path / "summary.json").unlink()  # as if killed after the checkpoint: not finished
     summary = train(make_cfg(*RUN, "trainer.max_steps=4"), tmp_path)
     assert summary["status"] == "completed" and "at step 2 of 4 (from prev.pt)" in capfd.readouterr().err
 
@@ -115,6 +116,7 @@ def test_a_last_pt_that_does_not_fit_the_run_falls_back_to_prev_pt(tmp_path, cap
         name = next(k for k in state["model"] if k.endswith("weight"))
         state["model"][name] = state["model"][name][:1]
     write_checkpoint_file(ckpt / "last.pt", state)  # valid checksum, wrong contents
+    (tmp_path / "summary.json").unlink()  # as if killed after the checkpoint: not finished
     # The same settings continue: from prev.pt (step 2) to step 3 again.
     summary = train(make_cfg(*RUN, "trainer.eval_every=1", "trainer.max_steps=3"), tmp_path)
     err = capfd.readouterr().err
