@@ -14,7 +14,7 @@ from .data import dataset_rules
 from .errors import ConfigError
 from .methods import build_method
 from .models import MODEL_RULES
-from .optim import check_optimizer_links, optimizer_rules, scheduler_rules
+from .optim import check_optimizer_links, check_schedule_fits, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
 from .rules import (Rule, added_later, check_group, choice, either, flag, integer, is_int, number, optional_key,
                     resumable, text)
@@ -51,8 +51,8 @@ RETIRED_SETTINGS = {"trainer.tensorboard": "logger=tensorboard (or logger=none)"
 TRAINER_RULES = {
     "accelerator": choice("auto", "cpu", "cuda"),
     "devices": either(choice("auto"), integer(1, note="processes"), Rule(
-        lambda v: isinstance(v, list) and len(v) > 0 and all(is_int(i) and i >= 0 for i in v),
-        "a list of GPU ids, e.g. [0,2]")),
+        lambda v: isinstance(v, list) and len(v) > 0 and all(is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v),
+        "a list of distinct GPU ids, e.g. [0,2]")),
     "max_steps": integer(1, null=True, note="a cap on optimizer steps; the schedule ends there"),
     "eval_every": integer(1, null=True),
     "test_every_eval": flag(),
@@ -77,7 +77,9 @@ TRAINER_RULES = {
                                         note="a fraction, e.g. 0.9: stop once validation accuracy reaches it; null: off")),
     "divergence_factor": number(0, lo_open=True, null=True, note="x ln(num_classes); null: NaN/inf only"),
     "resume": resumable(choice("auto", "never")),
-    "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    # 32 and '32' are one setting: a resume compares them as text.
+    "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS),
+                      canonical=str),
     "channels_last": flag(),
     "compile": flag(),
 }
@@ -105,6 +107,7 @@ def validate_config(cfg) -> None:
              f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate={cfg.trainer.accumulate}: "
              "each step splits the batch into that many equal micro-batches")
     check_optimizer_links(cfg.optimizer)
+    check_schedule_fits(cfg.scheduler, cfg.epochs)
     _require(not (cfg.trainer.grad_clip_norm and cfg.method.get("grad_clip_norm")),
              f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
              f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
@@ -132,12 +135,13 @@ def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device
     _require(devices == "auto" or (is_int(devices) and devices >= 1) or isinstance(devices, (list, ListConfig)),
              f"trainer.devices={devices!r} must be auto, a number of devices (e.g. 2) or a list of GPU ids (e.g. [0,2])")
     if acc == "cpu":
+        _require(not isinstance(devices, (list, ListConfig)),
+                 f"trainer.devices={list(devices) if isinstance(devices, ListConfig) else devices} names GPU ids, "
+                 "but the run is on the CPU (no CUDA device here, or trainer.accelerator=cpu); give a number of "
+                 "CPU processes (trainer.devices=2) or use trainer.accelerator=cuda on a machine with GPUs")
         _require(trainer_cfg.accelerator == "cpu" or devices == "auto" or devices == 1,
                  f"trainer.devices={devices} on a machine without CUDA would start {devices} CPU processes "
                  "(data-parallel on the CPU); set trainer.accelerator=cpu to do that on purpose")
-        _require(not isinstance(devices, (list, ListConfig)),
-                 f"trainer.devices={devices} names GPU ids, but the run is on the CPU; give a number of "
-                 "CPU processes (trainer.devices=2) or use trainer.accelerator=cuda")
         return [torch.device("cpu")] * (1 if devices == "auto" else devices)
     count = torch.cuda.device_count()
     if count == 0:

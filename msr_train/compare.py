@@ -258,6 +258,59 @@ def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
     return dict(sorted(groups.items(), key=lambda kv: [_order(v) for v in kv[0]]))
 
 
+#: What makes runs the same experiment, seed aside. Runs pooled into one group must agree
+#: on all of these but the --by/--x keys; groups set side by side must agree on
+#: ``COMPARED_ALIKE`` (each method's own lr or optimizer may differ between groups).
+IDENTITY = ("model", "dataset", "dataset.train_size", "batch_size", "epochs", "trainer.max_steps", "optimizer",
+            "optimizer.lr", "scheduler", "method", "choices.method", "choices.experiment")
+COMPARED_ALIKE = ("model", "dataset", "dataset.train_size", "batch_size", "epochs", "trainer.max_steps",
+                  "choices.experiment")
+
+
+def _varied(key: str, keys: list[str]) -> bool:
+    """Whether ``key`` is in the config group of one of the --by/--x ``keys`` (by method:
+    method, choices.method and method.*)."""
+    def group(k: str) -> str:
+        return k.removeprefix("choices.").split(".")[0]
+    return any(group(key) == group(k) for k in keys)
+
+
+def _differences(runs: list[Run], identity: tuple[str, ...], keys: list[str]) -> list[str]:
+    """``key (value: n runs, ...)`` for each identity key on which ``runs`` disagree
+    (runs without the key are not counted against it)."""
+    out = []
+    for key in identity:
+        if _varied(key, keys):
+            continue
+        absent = object()
+        counts = Counter(label(v) for v in (run.get(key, absent) for run in runs) if v is not absent)
+        if len(counts) > 1:
+            out.append(f"{key} ({', '.join(f'{v}: {n} run(s)' for v, n in sorted(counts.items()))})")
+    return out
+
+
+def check_like_runs(runs: list[Run], groups: dict[tuple, list[Run]], keys: list[str]) -> None:
+    """Refuse to average or set side by side runs that are different experiments (e.g.
+    ResNet-8 with ResNet-50 runs, or two batch sizes in one line): ConfigError naming the
+    keys on which they differ and how to compare them."""
+    problems = [f"the runs of {', '.join(f'{k}={label(v)}' for k, v in zip(keys, group))} differ in "
+                f"{'; '.join(diff)}" for group, members in groups.items()
+                if (diff := _differences(members, IDENTITY, keys))]
+    across = _differences(runs, COMPARED_ALIKE, keys)
+    if across:
+        problems.append(f"the groups differ in {'; '.join(across)}")
+    if problems:
+        raise ConfigError(f"{'. '.join(problems[:3])}. Compare like with like: pass only the runs of one experiment "
+                          "(a narrower folder), add the key to --by or --x, or pass --allow-mixed to pool them "
+                          "anyway")
+
+
+def note_one_point(runs: list[Run], x: str | None) -> None:
+    if x is not None and len(set(_values(runs, x))) == 1:
+        print(f"msr-compare: note: every run has {x}={label(runs[0].get(x))}, so the sweep figure has one point "
+              f"per --by group; pass runs with several values of {x}, or drop --x", file=sys.stderr)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1); NaN where undefined (no value, one value)."""
     if not values:
@@ -657,12 +710,16 @@ DPI = 120
 
 
 def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean", baseline: str | None = None,
-            margin: float = 0.5) -> list[Path]:
+            margin: float = 0.5, allow_mixed: bool = False) -> list[Path]:
     """Curves, table, (with ``x``) the sweep figure and (with ``baseline``) the statistics
-    into ``out``; returns the files."""
+    into ``out``; returns the files. Unlike runs are refused unless ``allow_mixed``."""
     runs = find_runs(paths)
     keys = [by] if x is None else [by, x]
-    rows = table_rows(group_runs(runs, keys), keys)
+    groups = group_runs(runs, keys)
+    if not allow_mixed:
+        check_like_runs(runs, groups, keys)
+    note_one_point(runs, x)
+    rows = table_rows(groups, keys)
     tested = baseline_comparisons(runs, by, x, baseline, margin) if baseline is not None else None
     figures = {out / f"curves_{name}.png": fig for name, fig in curve_figures(runs, by, x, seeds).items()}
     if x is not None:
@@ -707,6 +764,9 @@ def main(argv=None) -> None:
                    "--x value: paired t-tests over seeds, 95%% CIs, Holm-adjusted p and a verdict (stats.md, stats.csv)")
     p.add_argument("--margin", type=float, default=0.5, metavar="POINTS",
                    help="with --baseline: the equivalence margin in accuracy points (default 0.5)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="pool runs that differ in model, dataset, batch size, epochs, optimizer, lr, scheduler or "
+                   "method within a group (refused by default)")
     p.add_argument("--signal-prop", action="store_true",
                    help="plot the signal propagation records (signal_prop.jsonl) instead")
     p.add_argument("--epoch", type=int, metavar="N", help="with --signal-prop: the epoch to plot (default 0, init)")
@@ -725,7 +785,8 @@ def main(argv=None) -> None:
         if args.signal_prop:
             written = compare_signal_prop(args.paths, args.out, args.by, args.epoch or 0)
         else:
-            written = compare(args.paths, args.out, args.by, args.x, args.seeds, args.baseline, args.margin)
+            written = compare(args.paths, args.out, args.by, args.x, args.seeds, args.baseline, args.margin,
+                              args.allow_mixed)
     except ConfigError as e:
         print(f"msr-compare: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -347,9 +347,14 @@ def random_erase(x: torch.Tensor, g: torch.Generator, p: float, scale=(0.02, 0.4
     return torch.where(inside, fill, x)
 
 
-def _subset(size: int | None, n: int, seed: int) -> torch.Tensor:
-    """Indices of a fixed random subset of ``size`` of ``n`` items (all, in order, for None)."""
-    if size is None or size >= n:
+def _subset(size: int | None, n: int, seed: int, key: str) -> torch.Tensor:
+    """Indices of a fixed random subset of ``size`` of ``n`` items (all, in order, for
+    None); a size beyond ``n`` is refused (``key`` names the setting), never cut short."""
+    if size is not None and size > n:
+        raise ConfigError(f"{key}={size} exceeds the {n:,} images there are"
+                          f"{' after the validation split (dataset.val_size)' if key.endswith('train_size') else ''};"
+                          f" use at most {n} or null for all of them")
+    if size is None or size == n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
@@ -362,10 +367,12 @@ def check_split_sizes(cfg, available: int, batch_size: int) -> None:
         raise ConfigError(f"the training set ({source}) has {available} images, fewer than one batch "
                           f"(batch_size={batch_size}); lower batch_size")
     if available - val_size < batch_size:
-        left = (f"leaves {available - val_size} of the {available} training images, fewer than one batch "
-                f"(batch_size={batch_size})") if val_size < available else f"exceeds the {available} training images"
-        raise ConfigError(f"dataset.val_size={val_size} {left}; lower dataset.val_size (0 for no validation split)"
-                          " or batch_size")
+        if val_size < available:
+            raise ConfigError(f"dataset.val_size={val_size} leaves {available - val_size} of the {available} training "
+                              f"images, fewer than one batch (batch_size={batch_size}); lower dataset.val_size (0 for "
+                              "no validation split) or batch_size")
+        raise ConfigError(f"dataset.val_size={val_size} exceeds the {available} training images; lower "
+                          "dataset.val_size (0 for no validation split)")
 
 
 def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
@@ -383,8 +390,8 @@ def build_data(cfg, *, batch_size: int, eval_batch_size: int, seed: int, device:
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     check_split_sizes(cfg, len(ytr), batch_size)
     train_idx, val_idx = split_indices(ytr, cfg.val_size, cfg.split_seed)
-    train_idx = train_idx[_subset(cfg.train_size, len(train_idx), cfg.split_seed)]
-    test_idx = _subset(cfg.test_size, len(yte), cfg.split_seed)
+    train_idx = train_idx[_subset(cfg.train_size, len(train_idx), cfg.split_seed, "dataset.train_size")]
+    test_idx = _subset(cfg.test_size, len(yte), cfg.split_seed, "dataset.test_size")
     if batch_size > len(train_idx):
         raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(train_idx)} images);"
                           " lower batch_size or raise dataset.train_size")
@@ -479,9 +486,11 @@ def _build_imagefolder(cfg, *, batch_size, eval_batch_size, seed, shard, device)
     root = Path(os.path.expanduser(cfg.root))
     train_ds, val_ds, test_ds = _imagefolder_splits(cfg, root)
     if cfg.get("train_size"):
-        train_ds = torch.utils.data.Subset(train_ds, _subset(cfg.train_size, len(train_ds), cfg.split_seed).tolist())
+        keep = _subset(cfg.train_size, len(train_ds), cfg.split_seed, "dataset.train_size")
+        train_ds = torch.utils.data.Subset(train_ds, keep.tolist())
     if cfg.get("test_size"):
-        test_ds = torch.utils.data.Subset(test_ds, _subset(cfg.test_size, len(test_ds), cfg.split_seed).tolist())
+        keep = _subset(cfg.test_size, len(test_ds), cfg.split_seed, "dataset.test_size")
+        test_ds = torch.utils.data.Subset(test_ds, keep.tolist())
     if batch_size > len(train_ds):
         raise ConfigError(f"batch_size={batch_size} is larger than the training set ({len(train_ds)} images);"
                           " lower batch_size, dataset.val_size, or raise dataset.train_size")

@@ -1,13 +1,17 @@
 """The console scripts' first code. Their imports take seconds (Hydra, torch), and a stop
 signal in that time, or outside the training loop (which takes the signals over, see
 train.StopSignal), or a second Ctrl-C, must end the process cleanly: one line, exit 130,
-no traceback. Each tool's own module is imported only once the handlers are in place."""
+no traceback. A background thread that fails (TensorBoard's writer in a folder gone
+read-only) is one line too: the main thread, whose writes fail the same way, says what to
+do. Each tool's own module is imported only once the handlers are in place."""
 
 from __future__ import annotations
 
 import importlib
 import signal
 import sys
+import threading
+from functools import partial
 
 #: Stop signals that, outside the loop, end the process as Ctrl-C does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -27,9 +31,18 @@ def interrupted_outside_the_loop(signum, frame):
 interrupted_outside_the_loop.not_handed_over = True
 
 
+def thread_failed(tool: str, args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    text = str(args.exc_value).splitlines()[0] if str(args.exc_value) else ""
+    name = args.thread.name if args.thread is not None else "?"
+    print(f"{tool}: warning: a background thread ({name}) failed: {args.exc_type.__name__}: {text}", file=sys.stderr)
+
+
 def guarded(tool: str, module: str) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, interrupted_outside_the_loop)
+    threading.excepthook = partial(thread_failed, tool)
     try:
         importlib.import_module(module).main()
     except KeyboardInterrupt as e:

@@ -32,8 +32,10 @@ SCHEDULER_RULES = {
     "cosine": {"name": choice(*SCHEDULERS), **_WARMUP,
                "min_lr_ratio": number(0, 1, note="the final lr as a fraction of the peak")},
     "multistep": {"name": choice(*SCHEDULERS), **_WARMUP,
-                  "milestones": Rule(lambda v: isinstance(v, list) and all(is_number(m) and 0 < m <= 1e6 for m in v)
-                                     and v == sorted(v), "an increasing list of epochs > 0, e.g. [100,150]"),
+                  "milestones": Rule(lambda v: isinstance(v, list) and len(v) > 0 and v == sorted(v)
+                                     and all(is_number(m) and 0 < m <= 1e6 for m in v),
+                                     "a non-empty increasing list of epochs > 0, e.g. [100,150] "
+                                     "(no milestones: scheduler=constant)"),
                   "gamma": number(0, 1, lo_open=True, note="the lr's factor at each milestone")},
     "constant": {"name": choice(*SCHEDULERS), **_WARMUP},
 }
@@ -49,6 +51,15 @@ def scheduler_rules(name: str) -> dict[str, Rule]:
     if name not in SCHEDULER_RULES:
         raise unknown("scheduler", name, SCHEDULERS)
     return SCHEDULER_RULES[name]
+
+
+def check_schedule_fits(scheduler, epochs: int) -> None:
+    """A warmup as long as the run would train at a rising lr to the end, never reaching
+    the schedule it was asked for."""
+    warmup = scheduler.get("warmup_epochs", 0)
+    if warmup >= epochs:
+        raise ConfigError(f"scheduler.warmup_epochs={warmup:g} is not shorter than the run (epochs={epochs}): the lr "
+                          "would still be warming up when training ends; use fewer warmup epochs or more epochs")
 
 
 def check_optimizer_links(cfg) -> None:

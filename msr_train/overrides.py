@@ -49,6 +49,10 @@ def check_command_line(argv: list[str]) -> None:
         if any(len(part) > MAX_KEY_PART for part in override.key_or_group.split(".")):
             raise ConfigError(f"{override.input_line[:60]}...: a key part of over {MAX_KEY_PART} characters; "
                               "no setting has one")
+        group, _, key = override.key_or_group.partition(".")
+        if group in groups and key == "name":  # the rest of the group would stay the old choice's
+            raise ConfigError(f"{override.input_line}: {group}.name names the chosen config; choose another "
+                              f"with {group}={first_value(override)} (the choices: {', '.join(groups[group])})")
     plain = [o for o in ours if not (o.is_add() or o.is_force_add() or o.is_delete())]
     if plain:
         check_keys(plain, [o for o in parsed if o.key_or_group in groups])

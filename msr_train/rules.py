@@ -41,6 +41,9 @@ class Rule:
     may_change_on_resume: bool = False
     #: For a setting added after checkpoints were written: the value that trains as before.
     added_with: Any = NOT_ADDED
+    #: The value's canonical form, for settings written in more than one way (precision
+    #: ``32`` or ``'32'``): the resume check compares canonical forms.
+    canonical: Callable[[Any], Any] = lambda v: v  # noqa: E731 (an instance attribute: never bound)
 
 
 def optional_key(rule: Rule) -> Rule:
@@ -57,6 +60,17 @@ def added_later(rule: Rule, value) -> Rule:
     return replace(rule, added_with=value)
 
 
+def shown(v) -> str:
+    """A value as it is written in an override: null, true, 2147483647 (not 2.14748e+09)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}" if abs(v) < 1e15 else repr(v)
+    return repr(v) if isinstance(v, str) else str(v)
+
+
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -70,11 +84,11 @@ def _range(lo, hi, lo_open: bool, hi_open: bool) -> tuple[Callable[[float], bool
         return ((lo is None or (v > lo if lo_open else v >= lo)) and
                 (hi is None or (v < hi if hi_open else v <= hi)))
     if lo is not None and hi is not None:
-        text = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        text = f"in {'(' if lo_open else '['}{shown(lo)}, {shown(hi)}{')' if hi_open else ']'}"
     elif lo is not None:
-        text = f"{'>' if lo_open else '>='} {lo:g}"
+        text = f"{'>' if lo_open else '>='} {shown(lo)}"
     else:
-        text = f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else ""
+        text = f"{'<' if hi_open else '<='} {shown(hi)}" if hi is not None else ""
     return ok, text
 
 
@@ -101,7 +115,7 @@ def flag(note: str = "") -> Rule:
 def choice(*values, note: str = "") -> Rule:
     # Exact types: True must not pass for 1, nor 1 for True.
     return _with_null(lambda v: any(type(v) is type(c) and v == c for c in values),
-                      "one of " + ", ".join(str(c) for c in values), False, note)
+                      "one of " + ", ".join(c if isinstance(c, str) else shown(c) for c in values), False, note)
 
 
 def text(note: str = "", *, null: bool = False) -> Rule:
@@ -149,4 +163,4 @@ def check_group(group: str, node, rules: Mapping[str, Rule], *, skip: tuple[str,
                 continue
             raise ConfigError(f"{prefix}{key} is missing: it must be {rule.allowed}")
         if not rule.ok(values[key]):
-            raise ConfigError(f"{prefix}{key}={values[key]!r} must be {rule.allowed}")
+            raise ConfigError(f"{prefix}{key}={shown(values[key])} must be {rule.allowed}")

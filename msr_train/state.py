@@ -16,7 +16,7 @@ from .checkpoint import (BEST, BEST_PREVIOUS, no_usable_checkpoint, read_checkpo
 from .checks import RETIRED_SETTINGS, setting_rules
 from .distributed import Context
 from .errors import ConfigError, describe
-from .rules import NOT_ADDED
+from .rules import NOT_ADDED, shown
 from .run_files import SUMMARY
 from .run_log import flat_hparams, hparam_value
 from .safe_files import remove_torn_writes
@@ -178,14 +178,30 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def changed_settings(saved_cfg: dict, cfg) -> list[str]:
     """The settings of ``cfg`` that differ from a checkpoint's and may not change on
-    resume, by each setting's rule (msr_train.rules: ``resumable``, ``added_later``)."""
+    resume, by each setting's rule (msr_train.rules: ``resumable``, ``added_later``,
+    ``canonical``), each as ``key: before -> now``."""
     rules = setting_rules(cfg)
     saved, now = flat_hparams(OmegaConf.create(saved_cfg)), flat_hparams(cfg)
     added = {k: hparam_value(r.added_with) for k, r in rules.items() if r.added_with is not NOT_ADDED and k in now}
     saved = {**added, **saved}
-    return [f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
+
+    def value(values: dict, key: str):
+        if key not in values:
+            return NOT_SET
+        return rules[key].canonical(values[key]) if key in rules else values[key]
+    return [f"{k}: {_show(value(saved, k))} -> {_show(value(now, k))}" for k in sorted(saved.keys() | now.keys())
             if not (k in rules and rules[k].may_change_on_resume) and k not in RETIRED_SETTINGS
-            and saved.get(k) != now.get(k)]
+            and value(saved, k) != value(now, k)]
+
+
+NOT_SET = object()
+
+
+def _show(value) -> str:
+    """A flat_hparams value (text as it is: null and lists are text there)."""
+    if value is NOT_SET:
+        return "(not set)"
+    return value if isinstance(value, str) else shown(value)
 
 
 def resumable_settings(cfg) -> list[str]:

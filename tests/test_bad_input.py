@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from conftest import make_cfg
-from msr_train.checks import check_writable, validate_config
+from msr_train.checks import check_writable, select_devices, validate_config
 from msr_train.errors import ConfigError
 from msr_train.methods import METHODS
+from msr_train.state import changed_settings
 from msr_train.train import train
 
 BASE = ["debug=quick", "dataset.synthetic_train=64", "dataset.synthetic_test=16", "dataset.image_size=8",
@@ -94,6 +95,11 @@ REPORTED = [
     (["dataset.mean=[abc]"], "dataset.mean"), (["dataset.std=[0,0.3,0.3]"], "dataset.std"),
     (["dataset.std=[0.3]"], "dataset.std"), (["method=bn", "method.sync_bn=maybe"], "method.sync_bn"),
     (["trainer.devices=3"], "trainer.devices"),
+    # accepted silently or with a misleading message before (issue 30, item 8)
+    (["scheduler=multistep", "scheduler.milestones=[]"], "scheduler.milestones"),
+    (["scheduler.warmup_epochs=1"], "scheduler.warmup_epochs"),  # epochs=1: warming up to the end
+    (["dataset.train_size=1000"], "dataset.train_size"), (["dataset.test_size=1000"], "dataset.test_size"),
+    (["trainer.devices=[0,0]"], "trainer.devices"), (["trainer.devices=[0]"], "trainer.devices"),
 ]
 
 
@@ -101,6 +107,24 @@ REPORTED = [
 def test_each_reported_bad_value_names_its_key_before_any_work(tmp_path, overrides, key):
     assert trains_or_names_the_key(tmp_path, key, *overrides) is None
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_messages_show_values_as_they_are_written():
+    with pytest.raises(ConfigError, match=r"seed=-1 must be an integer in \[0, 2147483647\]$"):
+        validate_config(make_cfg(*BASE, "seed=-1"))
+    with pytest.raises(ConfigError, match="trainer.accumulate=null must be an integer >= 1$"):
+        validate_config(make_cfg(*BASE, "trainer.accumulate=null"))
+    with pytest.raises(ConfigError, match="trainer.devices=\\[0\\] names GPU ids, but the run is on the CPU"):
+        select_devices(make_cfg(*BASE, "trainer.devices=[0]", "trainer.accelerator=cpu").trainer)
+
+
+def test_a_resume_compares_settings_as_values_and_names_removed_ones(tmp_path):
+    # trainer.precision='32' (text) and the default 32 (a number) are one setting: the
+    # finished run is found finished (a changed setting would be refused).
+    first = train(make_cfg(*BASE, "trainer.checkpoint=true", "trainer.precision='32'"), tmp_path)
+    assert train(make_cfg(*BASE, "trainer.checkpoint=true"), tmp_path) == first
+    saved = OmegaConf.to_container(make_cfg(*BASE, "method=msr", "+method.extra=0.0005"), resolve=True)
+    assert "method.extra: 0.0005 -> (not set)" in changed_settings(saved, make_cfg(*BASE, "method=msr"))
 
 
 def test_a_named_dataset_has_its_own_number_of_classes():

@@ -37,7 +37,8 @@ def config(method, bs, seed):
 
 
 def write_run(folder, method, bs, seed, *, status="completed", epochs=3, summary=True):
-    """A run folder as msr-train writes it; ``summary=False``: still running."""
+    """A run folder as msr-train writes it, of a 3-epoch run that logged ``epochs`` of
+    them (fewer: it diverged); ``summary=False``: still running."""
     folder.mkdir(parents=True)
     (folder / ".hydra").mkdir()
     (folder / ".hydra" / "config.yaml").write_text(json.dumps(config(method, bs, seed)))  # JSON is YAML
@@ -49,7 +50,7 @@ def write_run(folder, method, bs, seed, *, status="completed", epochs=3, summary
     if summary:
         (folder / "summary.json").write_text(json.dumps({
             "status": status, "model": "resnet8", "method": method, "dataset": "fashion_mnist",
-            "optimizer": "sgd", "scheduler": "cosine", "batch_size": bs, "lr": 0.1, "epochs": epochs,
+            "optimizer": "sgd", "scheduler": "cosine", "batch_size": bs, "lr": 0.1, "epochs": 3,
             "seed": seed, "final_test_acc": final_acc(method, bs, seed),
             "selected_test_acc": selected_acc(method, bs, seed), "best_val_acc": final_acc(method, bs, seed) + 0.01,
             "total_time_s": 100.0 + bs + seed, "train_time_s": 90.0 + bs + seed, "img_per_s": 1000.0 * bs + seed,
@@ -185,7 +186,7 @@ def test_curves_with_seeds_all_have_one_line_per_run_coloured_by_group(sweep, tm
     assert crosses(figs["examples_seen"].axes[0]) == [(100 * 1024, pytest.approx(100 * (final_acc("bn", 1024, 0) - 0.1)))]
 
     out = tmp_path / "out"
-    compare.main([str(sweep), "--out", str(out), "--seeds", "all"])
+    compare.main([str(sweep), "--out", str(out), "--seeds", "all", "--allow-mixed"])  # batch sizes pooled
     assert {p.name for p in out.iterdir()} == {"curves_epoch.png", "curves_examples_seen.png",
                                                "curves_wall_time_s.png", "table.md", "table.csv"}
     assert all((out / p).stat().st_size > 10_000 for p in ("curves_epoch.png", "curves_wall_time_s.png"))
@@ -338,15 +339,34 @@ DAMAGES = ["summary a list", "summary not JSON", "summary not UTF-8", "a metric 
 def test_a_damaged_file_is_a_warning_naming_it_and_the_rest_is_compared(sweep, tmp_path, capsys, what):
     run = sweep / "method=msr,batch_size=8" / "seed=1"
     damage(run, what)
-    compare.main([str(sweep), "--out", str(tmp_path / "out")])
+    compare.main([str(sweep), "--out", str(tmp_path / "out"), "--x", "batch_size"])
     captured = capsys.readouterr()
     assert "msr-compare: warning: " + str(run) in captured.err and "Traceback" not in captured.err
-    assert "| bn | 6 |" in captured.out  # the undamaged runs are still compared
+    assert "| bn | 8 | 2 |" in captured.out  # the undamaged runs are still compared
     loaded = compare.Run.load(run)
     if what.startswith("metrics"):  # every well-formed row is read, the ones after the damage too
         assert [r["step"] for r in loaded.records] == [100, 200, 300]
     if what == "a metric a string":
         assert "selected_test_acc" not in loaded.summary and loaded.summary["final_test_acc"] > 0
+
+
+def test_runs_that_differ_in_what_they_are_are_not_pooled(sweep, tmp_path, capsys):
+    # By method alone, each line would average three batch sizes: refused, naming them.
+    err = error_of(capsys, str(sweep), "--out", str(tmp_path / "a"))
+    assert "the runs of method=bn differ in batch_size (1024: 2 run(s), 128: 2 run(s), 8: 2 run(s))" in err
+    assert "add the key to --by or --x" in err and "Traceback" not in err and not (tmp_path / "a").exists()
+    # A ResNet-50 run among ResNet-8 runs at one batch size: in its group, and across groups.
+    other = sweep / "r50"
+    write_run(other, "msr", 8, 2)
+    summary = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps(summary | {"model": "resnet50"}))
+    err = error_of(capsys, str(sweep), "--out", str(tmp_path / "b"), "--x", "batch_size")
+    assert "the runs of method=msr, batch_size=8 differ in model (resnet50: 1 run(s), resnet8: 2 run(s))" in err
+    # Pooled on purpose; and one --x value is a note, not a silent one-point figure.
+    compare.main([str(sweep / "method=bn,batch_size=8"), "--out", str(tmp_path / "c"), "--x", "batch_size"])
+    assert "every run has batch_size=8, so the sweep figure has one point" in capsys.readouterr().err
+    compare.main([str(sweep), "--out", str(tmp_path / "d"), "--allow-mixed"])
+    assert "| msr | 6 |" in capsys.readouterr().out
 
 
 def test_a_path_over_the_length_limit_is_a_clear_error(capsys):

@@ -26,6 +26,7 @@ MISTAKES = [
     (["--method", "msr"], "--method: overrides are written key=value, without dashes, e.g. method=msr"),
     (["+method." + "k" * 300 + "=1"], "a key part of over 100 characters"),
     (["experiment=fashion_mnist_converged", "method.zmg_alph=1"], "(did you mean method.zmg_alpha?)"),
+    (["method.name=bn"], "method.name=bn: method.name names the chosen config; choose another with method=bn"),
 ]
 
 

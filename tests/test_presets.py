@@ -66,9 +66,10 @@ def test_every_preset_composes_with_every_method(preset, method):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_trains_two_steps(preset, tmp_path):
     # The preset's model, method and recipe on debug=quick's generated data (CIFAR and the
-    # full datasets are not on the test machine).
+    # full datasets are not on the test machine); epochs=5 outlasts any preset's warmup
+    # (debug=quick's 2 epochs would not), trainer.max_steps ends it.
     model = make_cfg(f"experiment={preset}").model.name
-    cfg = make_cfg(f"experiment={preset}", "debug=quick", f"model={model}", "dataset.train_size=null",
+    cfg = make_cfg(f"experiment={preset}", "debug=quick", f"model={model}", "epochs=5", "dataset.train_size=null",
                    "dataset.val_size=32", "batch_size=16", "trainer.max_steps=2", "trainer.cpu_threads=1")
     summary = train(cfg, tmp_path)
     assert (summary["status"], summary["step"], summary["model"]) == ("completed", 2, model)

@@ -296,3 +296,22 @@ def test_an_output_dir_that_takes_no_files_is_refused_before_hydra_logs_into_it(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in err
     assert f"the output dir {tmp_path / 'run'} cannot be created or written to (Read-only file system)" in err
+
+
+def test_a_background_thread_that_fails_is_one_line(tmp_path):
+    # As TensorBoard's writer thread fails in a folder gone read-only: no thread traceback.
+    patch = """
+        import threading
+        from msr_train import cli
+        main = cli.main
+        def with_a_failing_thread():
+            thread = threading.Thread(target=lambda: open("/nonexistent/events", "w"), name="writer")
+            thread.start()
+            thread.join()
+            main()
+        cli.main = with_a_failing_thread
+    """
+    proc = entry(*RUN, f"hydra.run.dir={tmp_path / 'run'}", patch=patch, cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert "msr-train: warning: a background thread (writer) failed: FileNotFoundError: [Errno 2]" in err
