@@ -15,7 +15,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, RunFailed
-from .overrides import check_command_line
+from .launch import stage, staged_subdir, withdraw
+from .overrides import check_command_line, check_sweep
 from .sweeps import announce_keys, objective, stop_with_sweep, sweep_subdir
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
@@ -31,6 +32,7 @@ def varying_keys(hydra_cfg) -> list[str]:
 
 
 OmegaConf.register_new_resolver("msr_sweep_subdir", sweep_subdir, replace=True)
+OmegaConf.register_new_resolver("msr_launch_subdir", staged_subdir, replace=True)
 
 
 class OutputDirCheck(Callback):
@@ -47,6 +49,10 @@ class OutputDirCheck(Callback):
     @staticmethod
     def check(folder: str, key: str) -> None:
         """The folder exists and takes files (a read-only one would crash Hydra's logging)."""
+        if not str(folder).strip():
+            print(f"msr-train: error: {key} is empty, which would write the run into the current directory; "
+                  f"leave {key} out (a new folder under outputs/) or name a folder", file=sys.stderr)
+            sys.exit(2)
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):
@@ -88,15 +94,24 @@ def share_cpu_threads(cfg, hydra_cfg) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://msr_train.conf", config_name="config")
 def _run(cfg) -> float | None:
-    from .train import train  # torch is imported only once Hydra has parsed the command line
     hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    stage(hydra_cfg.runtime.output_dir, hydra_cfg.output_subdir)
+    try:
+        return run_job(cfg, hydra_cfg, out_dir)
+    finally:  # a refused or stopped launch leaves nothing behind (msr_train.launch)
+        withdraw(out_dir, f"{hydra_cfg.job.name}.log")
+
+
+def run_job(cfg, hydra_cfg, out_dir: Path) -> float | None:
+    from .train import train  # torch is imported only once Hydra has parsed the command line
     sweep = hydra_cfg.mode.name == "MULTIRUN"
     if sweep:
         stop_with_sweep()
     try:
         check_objective(cfg, hydra_cfg)
         share_cpu_threads(cfg, hydra_cfg)
-        summary = train(cfg, Path(hydra_cfg.runtime.output_dir), job_num=hydra_cfg.job.num if sweep else None)
+        summary = train(cfg, out_dir, job_num=hydra_cfg.job.num if sweep else None)
     except (ConfigError, RunFailed) as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
         if sweep:
@@ -126,6 +141,7 @@ def register_search_sweeper() -> None:
 def main() -> None:
     try:
         check_command_line(sys.argv[1:])
+        check_sweep(sys.argv[1:])
     except ConfigError as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,15 +2,19 @@
 config choice, or an override Hydra's grammar cannot read, is one line that names it,
 says what would be right (a did-you-mean, the choices) and exits 2 before any work.
 Hydra's own messages suggest ``+key=value`` (the wrong fix for a typo), exit 1 (a
-diverged run's code) and, for a very long key, end in a traceback."""
+diverged run's code) and, for a very long key, end in a traceback. A launcher or sweeper
+whose plugin is not installed names the extra that installs it, and a sweep's jobs are
+all checked before the first one trains (``check_sweep``)."""
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 from importlib import resources
 
 from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override
@@ -22,6 +26,12 @@ from .errors import ConfigError
 CONFIG_MODULE = "msr_train.conf"
 #: Longest part of a dotted key; longer ones are refused (Hydra looks parts up as files).
 MAX_KEY_PART = 100
+#: Hydra plugins of the ``launchers`` extra: (group, option) -> the module that provides it.
+PLUGINS = {("hydra/launcher", "joblib"): "hydra_plugins.hydra_joblib_launcher",
+           ("hydra/launcher", "submitit_local"): "hydra_plugins.hydra_submitit_launcher",
+           ("hydra/launcher", "submitit_slurm"): "hydra_plugins.hydra_submitit_launcher",
+           ("hydra/sweeper", "optuna"): "hydra_plugins.hydra_optuna_sweeper",
+           ("hparams_search", "lr_optuna"): "hydra_plugins.hydra_optuna_sweeper"}
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -42,6 +52,7 @@ def check_command_line(argv: list[str]) -> None:
     parsed = [parse(text) for text in args.overrides]
     groups = config_groups()
     for override in parsed:
+        check_plugin(override)
         if override.key_or_group in groups:
             check_choices(override, groups)
     ours = [o for o in parsed if not o.key_or_group.startswith("hydra") and o.key_or_group not in groups]
@@ -65,6 +76,36 @@ def parse(text: str) -> Override:
         hint = ("an override is key=value, with no spaces around '=' (method=msr)" if "=" not in text else
                 "sweep values are separated by commas, with no trailing one and no spaces (method=bn,msr)")
         raise ConfigError(f"{text!r} is not an override Hydra can read: {hint}") from None
+
+
+def check_plugin(override: Override) -> None:
+    module = PLUGINS.get((override.key_or_group, str(first_value(override))))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{override.input_line} needs a Hydra plugin that is not installed ({module}); install it "
+                          'with: pip install -e ".[launchers]"')
+
+
+def check_sweep(argv: list[str]) -> None:
+    """Check the config of every job of a ``-m`` sweep of value lists before the first
+    one trains, and raise one ConfigError listing every job that would be refused (a
+    search sweeper's jobs are sampled as it goes: each is checked at its start)."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    parsed = [parse(text) for text in args.overrides]
+    if not args.multirun or any(o.key_or_group in ("hydra/sweeper", "hparams_search") for o in parsed):
+        return
+    from .checks import validate_config  # torch: only for a sweep, once the overrides read well
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    refused = []
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        for job in jobs:
+            try:
+                validate_config(compose("config", overrides=[o for o in job if not o.startswith("hydra")]))
+            except (ConfigError, HydraException) as e:
+                refused.append(f"{' '.join(o for o in job if o.split('=', 1)[0] in swept)}: {e}")
+    if refused:
+        raise ConfigError(f"{len(refused)} of the sweep's {len(jobs)} jobs would be refused, so none was started:\n  "
+                          + "\n  ".join(refused))
 
 
 def check_choices(override: Override, groups: dict[str, list[str]]) -> None:

@@ -20,12 +20,15 @@ def duration(seconds: float) -> str:
 
 
 def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, params: int,
-                 total_steps: int) -> str:
+                 total_steps: int, steps_per_epoch: int) -> str:
     where = str(device) + (f" x {ctx.world_size} processes" if ctx.parallel else "")
     if device.type == "cpu":
         where += f", {torch.get_num_threads()} thread(s) each" if ctx.parallel else \
             f", {torch.get_num_threads()} thread(s)"
-    o = cfg.optimizer
+    o, t = cfg.optimizer, cfg.trainer
+    planned = cfg.epochs * steps_per_epoch
+    steps = f"{cfg.epochs} epochs = {planned:,} steps" + \
+        (f", stopped at step {total_steps:,} (trainer.max_steps)" if total_steps < planned else "")
     return "\n".join([
         f"msr-train: run dir {out_dir}",
         f"  device    {where}",
@@ -33,10 +36,18 @@ def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, p
         f"{info.test_size:,} test images",
         f"  model     {cfg.model.name} ({params:,} parameters), method {cfg.method.name}",
         f"  training  batch {cfg.batch_size}, lr {scaled_lr(o, cfg.batch_size):.4g} ({o.name}; optimizer.lr "
-        f"{o.lr:g} at batch {o.base_batch_size}, {o.lr_scaling} scaling), {cfg.epochs} epochs = "
-        f"{total_steps:,} steps" + (f"; evaluates an EMA of the weights (decay {cfg.trainer.ema_decay:g})"
-                                    if cfg.trainer.get("ema_decay") else ""),
+        f"{o.lr:g} at batch {o.base_batch_size}, {o.lr_scaling} scaling), {steps}"
+        + (f"; evaluates an EMA of the weights (decay {t.ema_decay:g})" if t.get("ema_decay") else ""),
+        f"  step      precision {t.precision}, {t.accumulate} micro-batch(es) per step (trainer.accumulate), "
+        f"{'compiled' if t.compile else 'eager'} (trainer.compile)" + precision_note(t.precision, device),
     ])
+
+
+def precision_note(precision, device: torch.device) -> str:
+    # The CPU has no fast float16 kernels: autocast to float16 there is many times slower.
+    if device.type == "cpu" and str(precision) == "16-mixed":
+        return "; note: float16 on the CPU is many times slower than 32 (use 32 or bf16 there)"
+    return ""
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -44,12 +55,14 @@ def epoch_line(record: dict, epochs: int) -> str:
     val = f", val acc {100 * record['val_acc']:.2f}% (best {100 * record['best_val_acc']:.2f}%)" \
         if "val_acc" in record else ""
     return (f"epoch {record['epoch']:g}/{epochs}: train loss {record['train_loss']:.4f}, train acc "
-            f"{100 * record['train_acc']:.2f}%{val}, {duration(record['wall_time_s'])}")
+            f"{100 * record['train_acc']:.2f}%{val}, {duration(record['wall_time_s'])} since the start")
 
 
 def end_report(summary: dict, out_dir: Path) -> str:
+    speed = f"{summary['img_per_s']:.0f} img/s in training" if summary.get("img_per_s") else \
+        "no training step timed in this launch"
     lines = [f"msr-train: {summary['status']} at step {summary['step']:,} after {duration(summary['total_time_s'])} "
-             f"({summary['img_per_s']:.0f} img/s in training)"]
+             f"({speed})"]
     selected, final = summary.get("selected_test_acc"), summary.get("final_test_acc")
     if summary["status"] == "completed" and summary.get("best_val_acc") is not None:
         lines.append(f"  test acc  {100 * selected:.2f}% (the model selected on validation: best validation "

@@ -5,7 +5,7 @@ metrics and can rename each other's checkpoints away. The lock is ``flock`` on
 ``<run dir>/run.lock``: the kernel releases it when its holder exits or dies, so a lock
 left by a killed process is simply taken by the next run, and nothing is ever stale. The
 file names the holder (pid, host, start time) for the message the second process gets.
-Hydra writes the run dir's ``.hydra/`` config copies before msr-train starts; everything
+Hydra stages its ``.hydra/`` config copies (msr_train.launch); everything
 msr-train writes happens under the lock.
 """
 

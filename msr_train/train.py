@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import resource
@@ -36,6 +37,7 @@ from .distributed import Context, launched_group, process_group, spawn
 from .ema import WeightEMA
 from .entry import RECEIVED
 from .errors import ConfigError, RunFailed, describe
+from .launch import accept
 from .methods import build_method
 from .models import build_model
 from .norms import NormProbe
@@ -110,9 +112,14 @@ def evaluate(model, batches, num_classes: int, ctx: Context = Context(), precisi
     return out
 
 
+#: The console's copy in the run dir's log (conf/config.yaml's hydra.job_logging).
+CONSOLE_COPY = logging.getLogger("msr_train.console")
+
+
 def note(message: str) -> None:
     """A message for the person watching, on stderr and clear of the progress bar."""
     tqdm.write(message, file=sys.stderr)
+    CONSOLE_COPY.info(message)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -294,6 +301,8 @@ class Run:
         self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.t.checkpoint else None,
                               run_about(cfg, self.data.info))
         resumed = self.resume()
+        if ctx.is_main:
+            accept(self.out_dir)  # every check has passed: this launch's config is the run's record
         self.window = TrainingWindow(self.state, device, ctx.is_main)
         self.log = RunLog(self.out_dir, cfg, resume_step=None if resumed is None else self.state.step) \
             if ctx.is_main else None
@@ -365,7 +374,8 @@ class Run:
         self.stop, self.started, self.earlier_wall_time = stop, time.perf_counter(), self.state.wall_time
         if self.ctx.is_main:
             note(start_banner(self.cfg, self.out_dir, self.device, self.ctx, self.data.info,
-                              sum(p.numel() for p in self.model.parameters()), self.total_steps))
+                              sum(p.numel() for p in self.model.parameters()), self.total_steps,
+                              self.steps_per_epoch))
             if self.t.compile:
                 note("Compiling the model (trainer.compile=true): the first steps take a while.")
         self.model.train()

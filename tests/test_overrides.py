@@ -2,13 +2,14 @@
 misspelled key or config choice, or an override Hydra cannot read, is one line with a
 did-you-mean or the choices, exit code 2; every preset and a real sweep still pass."""
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 
 from msr_train.errors import ConfigError
-from msr_train.overrides import check_command_line, config_groups, did_you_mean
+from msr_train.overrides import check_command_line, check_sweep, config_groups, did_you_mean
 
 MISTAKES = [
     (["methd=msr"], "there is no setting 'methd' (did you mean method?)"),
@@ -68,3 +69,38 @@ def test_the_cli_exits_2_with_the_message_and_no_traceback(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("msr-train: error: methd=msr: there is no setting 'methd' (did you mean method?)")
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run dir
+
+
+@pytest.mark.parametrize("argv", [["-m", "hydra/launcher=joblib", "seed=0,1"], ["-m", "hparams_search=lr_optuna"],
+                                  ["-m", "hydra/launcher=submitit_slurm", "seed=0,1"]])
+def test_a_launcher_or_sweeper_that_is_not_installed_names_the_extra(argv, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.") else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r'needs a Hydra plugin that is not installed .*pip install -e "\.\[launchers\]"'):
+        check_command_line(argv)
+
+
+def test_every_job_of_a_sweep_is_checked_before_the_first_trains(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        check_sweep(["-m", "debug=quick", "optimizer.lr=0.1,-1", "method=bn,msr", "trainer.accumulate=1,2,3"])
+    lines = str(e.value).splitlines()
+    # lr -1 in all 6 of its jobs, accumulate 3 (not dividing batch 32) in the 2 others
+    assert lines[0] == "8 of the sweep's 12 jobs would be refused, so none was started:"
+    assert any(line.startswith("  optimizer.lr=-1 method=bn trainer.accumulate=1: optimizer.lr=-1 must be a number in")
+               for line in lines)
+    assert any(line.startswith("  optimizer.lr=0.1 method=msr trainer.accumulate=3: batch_size=32 is not divisible")
+               for line in lines)
+    check_sweep(["-m", "debug=quick", "optimizer.lr=0.1,0.2"])  # every job fine
+    check_sweep(["debug=quick", "optimizer.lr=-1"])  # not a sweep: the run itself checks it
+    res = subprocess.run([sys.executable, "-m", "msr_train.cli", "-m", "debug=quick", "optimizer.lr=0.1,-1",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "1 of the sweep's 2 jobs" in res.stderr
+    assert not (tmp_path / "sweep").exists()  # the good job did not train first
+
+
+def test_help_says_what_the_tool_does_and_lists_the_groups():
+    res = subprocess.run([sys.executable, "-m", "msr_train.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("msr-train: train ResNet and VGG image classifiers")
+    assert "\nmethod: bn, bnp, gn, gn_ws, mimicnorm, msr, msr_authors, msr_paper, nf, none\n" in res.stdout
+    assert "The README (Install and run" in res.stdout and "powered by Hydra" not in res.stdout
