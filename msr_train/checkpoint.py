@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -103,12 +104,32 @@ def readable_checkpoints(folder: Path, problems: list[str], set_aside: bool = Fa
         try:
             state = read_checkpoint_file(path)
         except Exception as e:  # torch raises many types for a torn or foreign file
-            problems.append(f"{path.name}: {describe(e)}")
+            problems.append(f"{path.name}: {unreadable(e)}")
             kept = f"; kept as {set_aside_damaged(path).name}" if set_aside else ""
-            print(f"msr-train: checkpoint {path} is unusable ({problems[-1]}{kept}); trying the previous one",
+            print(f"msr-train: checkpoint {path} is unusable ({problems[-1]}{kept}); {what_next(path)}",
                   file=sys.stderr)
             continue
         yield state, path
+
+
+def what_next(path: Path) -> str:
+    """After checkpoint ``path`` failed: whether an older one is left to try."""
+    older = path.name == LAST and (path.parent / PREVIOUS).exists()
+    return "trying prev.pt" if older else "no older checkpoint to try"
+
+
+def unreadable(error: Exception) -> str:
+    """Why a checkpoint could not be read, in one line. torch's refusals under
+    weights_only=True advise loading the file with weights_only=False, which would run any
+    code it carries: msr-train never does, so the message says what torch found instead."""
+    text = str(error)
+    if not (isinstance(error, pickle.UnpicklingError) and text.lower().startswith("weights only load failed")):
+        return describe(error)
+    if "GLOBAL" in text:
+        return "UnpicklingError: it holds objects other than tensors and plain data (loading it would run code; refused)"
+    found = [line.strip() for line in text.splitlines()[1:] if line.strip()
+             and not line.startswith(("Please file", "Check the documentation"))]
+    return f"UnpicklingError: not a file torch.save wrote, or damaged ({found[0] if found else 'unreadable'})"
 
 
 def set_aside_damaged(path: Path) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import blended_transform_factory
 from omegaconf import OmegaConf
 
@@ -541,10 +542,21 @@ def _draw_series(ax, series: Series, x: str, panel: Panel, colour) -> None:
             ax.plot([last], [points[last]], color=colour, **FAILED_MARK)
 
 
+def plain_log_ticks(ax) -> None:
+    """Log-axis tick labels as numbers (0.5, 2, 3), not as 2x10^0; the ticks between
+    powers of 10 labelled (at 2, 3 and 5) only where the axis spans under two decades."""
+    def minor(v, _):
+        low, high = ax.get_ylim()
+        return f"{v:g}" if 0 < low and high < 100 * low and f"{v:.0e}"[0] in "235" else ""
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def _robust_log_limits(ax, values: list[float]) -> None:
     """A log axis that an explosion (a diverged run's 1e9 loss) does not stretch so far
     that every other curve lies flat: at most 10x above the 90th percentile."""
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     finite = sorted(v for v in values if math.isfinite(v) and v > 0)
     if finite:
         top = min(finite[-1], 10 * finite[int(0.9 * (len(finite) - 1))])
@@ -592,10 +604,11 @@ def curve_figures(runs: list[Run], by: str, style: str | None = None, seeds: str
             series += [Series(name, label(key[0]), line, part) for part in parts if part]
         n = sorted({len(g) for g in groups.values() if g})
         how = "one line per run" if seeds == "all" or x == "wall_time_s" else \
-            f"mean over {n[0]}-{n[-1]} runs per line, min-max band" if len(n) > 1 and n[0] != n[-1] else \
-            f"mean over {n[0]} run(s) per line, min-max band" if n else "no runs"
-        figures[x] = series_figure(series, x, CURVE_PANELS, xlabel=xlabel, legend_title=by,
-                                   title=f"validation accuracy and train loss against {xlabel} ({how})")
+            "no runs" if not n else f"mean over {n[0] if n[0] == n[-1] else f'{n[0]}-{n[-1]}'} run(s) per line" + \
+            (", band: min-max over them" if n[-1] > 1 else "")
+        figures[x] = series_figure(series, x, CURVE_PANELS, xlabel=xlabel, legend_title=", ".join(keys),
+                                   title=f"{what_was_trained(runs)}: validation accuracy and train loss against "
+                                         f"{xlabel}\n({how})")
     return figures
 
 
@@ -614,6 +627,8 @@ def lines_figure(series: list[tuple[str, list[dict]]], x: str, panels, *, xlabel
             ax.plot(xs, ys, color=colours[name], label="_nolegend_" if name in seen else name)
             seen.add(name)
         ax.set(xlabel=xlabel, ylabel=panel.label, yscale="log" if panel.log else "linear")
+        if panel.log:
+            plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     axes[-1].legend(title=legend_title, fontsize="small")
     if title:
@@ -621,10 +636,11 @@ def lines_figure(series: list[tuple[str, list[dict]]], x: str, panels, *, xlabel
     return fig
 
 
-def _sweep_panel(ax, groups: dict, position: dict, metric: str, colours: dict) -> None:
-    """One line per value of ``by``: the mean over completed runs with a min-max band, a
-    gap where none completed, and a cross at the bottom of every point where a run
-    diverged or failed."""
+def _sweep_lines(ax, groups: dict, position: dict, metric: str, colours: dict, final: bool) -> None:
+    """One line per value of ``by``: the mean over completed runs (solid, with a min-max
+    band, for the val-selected model; dashed for the ``final`` model), a gap where none
+    completed, and (once, with the solid lines) a cross at the bottom of every point where
+    a run diverged or failed."""
     bottom = blended_transform_factory(ax.transData, ax.transAxes)
     for by_value in dict.fromkeys(key[0] for key in groups):
         cells = [(position[key[1]], group) for key, group in groups.items() if key[0] == by_value]
@@ -633,6 +649,9 @@ def _sweep_panel(ax, groups: dict, position: dict, metric: str, colours: dict) -
         mean, low, high = zip(*stats)
         pos = [p for p, _ in cells]
         colour = colours[label(by_value)]
+        if final:
+            ax.plot(pos, mean, marker=".", color=colour, linestyle="--", linewidth=1, label="_nolegend_")
+            continue
         ax.plot(pos, mean, marker="o", color=colour, label=label(by_value))
         ax.fill_between(pos, low, high, color=colour, alpha=0.2, linewidth=0)
         failed = [p for p, group in cells if any(r.status in ("diverged", "failed") for r in group)]
@@ -640,32 +659,45 @@ def _sweep_panel(ax, groups: dict, position: dict, metric: str, colours: dict) -
 
 
 def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
-    """Test accuracy of the val-selected and of the final model against ``x``, one line
-    per value of ``by`` (see ``_sweep_panel``). Log x-axis for positive numbers spanning
-    more than 10x; categories for non-numbers. The title says how many completed runs
-    each point averages."""
+    """Test accuracy against ``x``, one colour per value of ``by``: the val-selected model
+    solid (see ``_sweep_lines``), the final model dashed, on one axis so the two read
+    against each other. Log x-axis for positive numbers spanning more than 10x;
+    categories for non-numbers. The title says what was trained and how many completed
+    runs each point averages."""
     groups = group_runs(runs, [by, x])
     xs = sorted({key[1] for key in groups}, key=_order)
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs)
     position = {v: (v if numeric else i) for i, v in enumerate(xs)}
     colours = _colours(label(key[0]) for key in groups)
-    fig, axes = _figure(2)
-    for ax, metric, name in zip(axes, ("selected_test_acc", "final_test_acc"), ("val-selected model", "final model")):
-        _sweep_panel(ax, groups, position, metric, colours)
-        if numeric and xs[0] > 0 and xs[-1] > 10 * xs[0]:
-            ax.set_xscale("log")
-        # Ticks at the swept values: a log axis would otherwise label only powers of 10.
-        ax.set_xticks(list(position.values()), [label(v) for v in xs])
-        ax.minorticks_off()
-        ax.set(xlabel=x, ylabel=f"test accuracy (%), {name}")
-        ax.grid(alpha=0.3)
+    fig, (ax,) = _figure(1)
+    fig.set_figwidth(7)
+    for final in (False, True):
+        _sweep_lines(ax, groups, position, "final_test_acc" if final else "selected_test_acc", colours, final)
+    if numeric and xs[0] > 0 and xs[-1] > 10 * xs[0]:
+        ax.set_xscale("log")
+    # Ticks at the swept values: a log axis would otherwise label only powers of 10.
+    ax.set_xticks(list(position.values()), [label(v) for v in xs])
+    ax.minorticks_off()
+    ax.set(xlabel=x, ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.plot([], [], color="grey", label="solid: val-selected model")
+    ax.plot([], [], color="grey", linestyle="--", linewidth=1, label="dashed: final model")
     if any(r.status in ("diverged", "failed") for r in runs):
-        axes[-1].plot([], [], color="grey", label="x: a run diverged or failed (in no mean)", **FAILED_MARK)
-    axes[-1].legend(title=by, fontsize="small")
+        ax.plot([], [], color="grey", label="x: a run diverged or failed (in no mean)", **FAILED_MARK)
+    ax.legend(title=by, fontsize="small")
     counts = sorted({len(completed_values(g, "selected_test_acc")) for g in groups.values()} - {0})
     n = "no completed run" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    fig.suptitle(f"test accuracy against {x}: mean over {n} completed seed(s) per point, min-max band")
+    band = ", band: min-max over them" if counts and counts[-1] > 1 else ""
+    fig.suptitle(f"{what_was_trained(runs)}: test accuracy against {x}\nmean over {n} completed seed(s) per "
+                 f"point{band}")
     return fig
+
+
+def what_was_trained(runs: list[Run]) -> str:
+    """``resnet20 on fashion_mnist`` (every value where the runs differ), for titles."""
+    def values(key):
+        return "/".join(dict.fromkeys(label(v) for r in runs if (v := r.get(key, None)) is not None)) or "?"
+    return f"{values('model')} on {values('dataset')}"
 
 
 def signal_prop_figure(series: list[tuple[str, list[dict]]], *, legend_title: str = "method",

@@ -8,7 +8,10 @@ class ConfigError(ValueError):
 
 def describe(error: BaseException) -> str:
     """An exception in one line for a message: its type and the first line of its text."""
-    line = str(error).splitlines()[0] if str(error) else ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line, rest = (lines[0], lines[1:]) if lines else ("", [])
+    while line.endswith(":") and rest:  # "Error downloading x.gz:" says why on its next lines
+        line = f"{line} {rest.pop(0)}"
     if len(line) > 160 and ". " in line[20:]:  # torch's messages go on with advice: keep what happened
         line = line[:line.index(". ", 20) + 1]
     return f"{type(error).__name__}: {line}"

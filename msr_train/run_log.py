@@ -40,11 +40,17 @@ HPARAM_METRICS = ("val/best_acc", "test/selected_acc", "test/acc")
 COMPARE_CHARTS = ("val/acc", "val/loss", "train/loss", "train/acc", "test/acc", "lr", "throughput/img_per_s")
 
 
+#: TensorBoard labels every x-axis "Step"; ours holds examples seen (runs at different
+#: batch sizes line up), so the Custom Scalars charts say so where the user reads them.
+X_AXIS_NOTE = " (x: examples seen)"
+
+
 def custom_scalars_layout() -> dict:
     """One chart per tag of ``COMPARE_CHARTS``. Charts select tags by regex and draw every
     run that has a matching tag, and TensorBoard merges the identical layouts that all
     runs write, so each chart overlays all runs."""
-    return {"compare runs": {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in COMPARE_CHARTS}}
+    return {f"compare runs{X_AXIS_NOTE}": {tag + X_AXIS_NOTE: ["Multiline", [f"^{re.escape(tag)}$"]]
+                                           for tag in COMPARE_CHARTS}}
 
 
 def flat_hparams(cfg) -> dict:

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import BEST, LAST, save_checkpoint, tidy_checkpoints
+from .checkpoint import BEST, LAST, save_checkpoint, tidy_checkpoints, what_next
 from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
 from .clipping import GradientClipping
 from .data import build_data
@@ -332,7 +332,7 @@ class Run:
                 self.apply_checkpoint(state)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 problems.append(f"{path.name}: {describe(e)}")
-                note(f"msr-train: checkpoint {path} does not fit this run ({problems[-1]}); trying the previous one")
+                note(f"msr-train: checkpoint {path} does not fit this run ({problems[-1]}); {what_next(path)}")
                 continue
             if self.ctx.is_main:
                 note(f"Resuming {self.out_dir} at step {self.state.step} of {self.total_steps}"

@@ -205,7 +205,9 @@ def test_curves_average_the_seeds_of_each_group_with_a_band_and_a_style_per_x_va
     assert means["bn, batch_size=8"].get_color() == means["bn, batch_size=128"].get_color() \
         != means["msr, batch_size=8"].get_color()
     assert len(acc_ax.collections) == 4  # a min-max band for each group of two completed seeds
-    assert "mean over 1-2 runs per line, min-max band" in fig.get_suptitle()
+    assert fig.get_suptitle().startswith("resnet8 on fashion_mnist: validation accuracy and train loss against epoch")
+    assert "(mean over 1-2 run(s) per line, band: min-max over them)" in fig.get_suptitle()
+    assert fig.axes[-1].get_legend().get_title().get_text() == "method, batch_size"
     legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     assert "x: diverged or failed (last point; in no mean)" in legend
 
@@ -236,24 +238,38 @@ def test_legends_and_tables_round_float_values(tmp_path):
 
 def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
     fig = compare.sweep_figure(compare.find_runs([sweep]), "method", "batch_size")
-    selected_ax, final_ax = fig.axes[:2]
-    assert "val-selected" in selected_ax.get_ylabel()
-    assert "mean over 1-2 completed seed(s) per point" in fig.get_suptitle()
-    for ax, fn in ((selected_ax, selected_acc), (final_ax, final_acc)):
-        bn, msr = lines(ax, "o")
-        assert ax.get_xscale() == "log"  # 8 to 1024
-        assert list(bn.get_xdata()) == [8, 128, 1024]
+    (ax,) = fig.axes  # the val-selected (solid) and the final model (dashed) on one axis
+    assert ax.get_ylabel() == "test accuracy (%)"
+    assert fig.get_suptitle() == ("resnet8 on fashion_mnist: test accuracy against batch_size\n"
+                                  "mean over 1-2 completed seed(s) per point, band: min-max over them")
+    assert ax.get_xscale() == "log"  # 8 to 1024
+    selected = [line for line in lines(ax, "o")]
+    final = [line for line in lines(ax, ".")]
+    assert [line.get_linestyle() for line in selected + final] == ["-", "-", "--", "--"]
+    for (bn, msr), fn in ((selected, selected_acc), (final, final_acc)):
+        assert list(bn.get_xdata()) == [8, 128, 1024] and bn.get_color() != msr.get_color()
         expected = [hand_stats([100 * fn("bn", bs, s) for s in SEEDS])[0] for bs in BATCH_SIZES]
         assert list(bn.get_ydata()) == pytest.approx(expected + [100 * fn("bn", 1024, 1)])
         # msr at 1024 has no completed run: a gap, not a point.
         assert list(msr.get_xdata()) == [8, 128, 1024] and math.isnan(msr.get_ydata()[-1])
-        assert len(ax.collections) == 2  # one min-max band per method
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "128", "1024"]
-        # bn's diverged seed at 1024: a cross at the bottom of that point, in bn's colour.
-        (cross,) = [line for line in lines(ax, "x")]
-        assert list(cross.get_xdata()) == [1024] and cross.get_color() == bn.get_color()
+    assert final[0].get_color() == selected[0].get_color()
+    assert len(ax.collections) == 2  # one min-max band per method, around the val-selected line
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "128", "1024"]
+    # bn's diverged seed at 1024: a cross at the bottom of that point, in bn's colour.
+    (cross,) = [line for line in lines(ax, "x")]
+    assert list(cross.get_xdata()) == [1024] and cross.get_color() == selected[0].get_color()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:4] == ["bn", "msr", "solid: val-selected model", "dashed: final model"]
     compare.main([str(sweep), "--out", str(tmp_path / "out"), "--x", "batch_size"])
     assert (tmp_path / "out" / "sweep_batch_size.png").stat().st_size > 10_000
+
+
+def test_log_axes_label_ticks_as_plain_numbers(sweep):
+    fig = compare.curve_figures(compare.find_runs([sweep]), "method", "batch_size")["epoch"]
+    loss_ax = fig.axes[1]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in loss_ax.get_yticklabels() + loss_ax.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all(re.fullmatch(r"[0-9.]+", text) for text in labels), labels  # 0.5, 2; never 2x10^0
 
 
 def test_sweep_figure_over_a_non_numeric_key_uses_categories(sweep):
@@ -391,7 +407,9 @@ def test_tensorboard_layout_overlays_runs_and_hparams_show_selection_metrics(tmp
     events.Reload()
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert [cat.title for cat in layout.category] == ["compare runs (x: examples seen)"]
+    charts = {c.title.removesuffix(" (x: examples seen)"): list(c.multiline.tag) for cat in layout.category
+              for c in cat.chart}
     assert list(charts) == list(COMPARE_CHARTS)
     # Each chart's regex picks its own tag (in every run) and no other.
     tags = [*TB_TAGS.values(), "train/loss", "lr", "test/acc_old", "signal_prop/avg_var/block_000"]

@@ -1,5 +1,6 @@
 """A plain (non-editable) install must ship the Hydra configs inside the package, and
-Hydra must find every config group in it."""
+Hydra must find every config group in it; the README's setup is what CI runs, and it puts
+the tools on the PATH."""
 
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def test_wheel_ships_every_config_and_hydra_composes_from_it(tmp_path):
@@ -37,3 +39,28 @@ def test_wheel_ships_every_config_and_hydra_composes_from_it(tmp_path):
     path, *values = out.stdout.split()
     assert path.startswith(str(target))
     assert values == ["nf", "vgg11", "adamw", "3"]
+
+
+def readme_block(heading: str) -> list[str]:
+    """The lines of the first bash block under the README's ``## heading``."""
+    text = README.read_text().split(f"\n## {heading}\n", 1)[1]
+    return text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def test_the_readme_setup_is_what_ci_runs_and_puts_the_tools_on_path():
+    setup = readme_block("Install and run")
+    assert setup[:2] == ["python3 -m venv .venv && .venv/bin/pip install -e .", "source .venv/bin/activate"]
+    assert setup[-1] == "msr-train"
+    # CI pastes the README's test command, which makes the venv the setup's first line makes.
+    test_command = readme_block("Test")
+    assert len(test_command) == 1 and test_command[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command[0].startswith(setup[0].split(" && ")[0] + " && .venv/bin/pip install -q -e ")
+    # In this venv (the one the README's lines make), `source .venv/bin/activate` puts the
+    # three tools on the PATH of a new bash, as the commands msr-train prints expect.
+    activate = Path(sys.prefix) / "bin" / "activate"
+    res = subprocess.run(["bash", "-c", f"source {activate} && command -v msr-train msr-compare msr-eval && "
+                          "msr-train --help"], capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[:3] == [str(Path(sys.prefix) / "bin" / tool)
+                                           for tool in ("msr-train", "msr-compare", "msr-eval")]
+    assert "msr-train: train ResNet and VGG image classifiers" in res.stdout

@@ -17,6 +17,7 @@ import torch
 from conftest import make_cfg
 from helpers import cli
 from msr_train.checkpoint import find_checkpoint
+from msr_train.errors import describe
 from msr_train.run_lock import RunLock
 from msr_train.safe_files import read_jsonl, size_text, write_fix
 from msr_train.train import train
@@ -315,3 +316,12 @@ def test_a_background_thread_that_fails_is_one_line(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "Traceback" not in err
     assert "msr-train: warning: a background thread (writer) failed: FileNotFoundError: [Errno 2]" in err
+
+
+def test_an_error_in_one_line_keeps_the_reason_after_a_colon():
+    # torchvision's offline MNIST error: the reason is on the lines after the first.
+    error = RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://host/t.gz, got:\n"
+                         "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+    assert describe(error) == ("RuntimeError: Error downloading train-images-idx3-ubyte.gz: Tried https://host/t.gz, "
+                               "got: <urlopen error [Errno -3] Temporary failure in name resolution>")
+    assert describe(ValueError("one line\nand more")) == "ValueError: one line"

@@ -116,10 +116,14 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     (tmp_path / "last.pt").write_bytes(full[: len(full) // 2])  # truncated
     state, path = find_checkpoint(tmp_path)
     assert state["step"] == 1 and path.name == "prev.pt"
-    assert "last.pt is unusable" in capsys.readouterr().err
+    assert "last.pt is unusable" in (err := capsys.readouterr().err) and err.rstrip().endswith("trying prev.pt")
     (tmp_path / "prev.pt").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="no usable checkpoint"):
         find_checkpoint(tmp_path)
+    # prev.pt's own failure does not promise a previous one.
+    last_line = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert "prev.pt is unusable (prev.pt: UnpicklingError: not a file torch.save wrote, or damaged (" in last_line
+    assert last_line.endswith("no older checkpoint to try") and "weights_only" not in last_line
 
 
 class Payload:
@@ -127,10 +131,14 @@ class Payload:
         return (os.system, ("echo pwned",))
 
 
-def test_a_checkpoint_cannot_carry_code(tmp_path):
+def test_a_checkpoint_cannot_carry_code(tmp_path, capsys):
     torch.save({"step": 1, "evil": Payload()}, tmp_path / "last.pt")
     with pytest.raises(ConfigError, match="no usable checkpoint"):
         find_checkpoint(tmp_path)
+    # Said as what it is, without torch's advice to load it with weights_only=False.
+    err = capsys.readouterr().err
+    assert "it holds objects other than tensors and plain data (loading it would run code; refused)" in err
+    assert "weights_only" not in err
 
 
 def test_resuming_with_other_settings_or_never_is_refused(tmp_path, uninterrupted):
