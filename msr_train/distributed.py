@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .entry import STOP_SIGNALS, interrupted_outside_the_loop
 from .errors import ConfigError, RunFailed
 
 
@@ -133,23 +134,34 @@ def _worker(index: int, fn, devices: list[torch.device], port: int, args: tuple)
     # Out of the terminal's process group: a Ctrl-C reaches the parent alone, which
     # forwards it once, so kill -INT <parent> and Ctrl-C act alike.
     os.setpgrp()
+    # A second stop signal (the loop's StopSignal puts these back after the first) stops
+    # the worker at once as Ctrl-C does, writing its summary, instead of killing it unsaid.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupted_outside_the_loop)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    with process_group(devices[index], index, len(devices)) as ctx:
-        fn(*args, device=devices[index], ctx=ctx)
+    try:
+        with process_group(devices[index], index, len(devices)) as ctx:
+            fn(*args, device=devices[index], ctx=ctx)
+    finally:  # its part is done or failed: a signal now (the parent stopping it) just ends it
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def spawn(fn, devices: list[torch.device], args: tuple) -> None:
     """Run ``fn(*args, device=, ctx=)`` in one new process per device and wait for them.
     SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 sent to this process are forwarded to the workers, which
-    checkpoint and exit while this process waits; a second one stops them at once. A
-    worker's ConfigError or RunFailed comes back as one; a worker that dies stops the
-    others and ends in a RunFailed naming its rank and exit code."""
+    checkpoint and exit while this process waits; a second one stops them at once, each
+    writing its summary (status interrupted). A worker's ConfigError or RunFailed comes back as one; a
+    worker that dies stops the others and ends in a RunFailed naming its rank and exit code."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(_worker, args=(fn, devices, free_port(), args), nprocs=len(devices),
                                  join=False, start_method="spawn")
 
+    forwarded = set()
+
     def forward(signum, frame):
+        forwarded.add(signal.Signals(signum).name)
         for p in context.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
@@ -165,6 +177,8 @@ def spawn(fn, devices: list[torch.device], args: tuple) -> None:
                 raise error(message.split(": ", 1)[1]) from None
         raise
     except mp.ProcessExitedException as e:
+        if e.signal_name in forwarded:  # a second signal reached a worker that had done its part
+            raise KeyboardInterrupt(e.signal_name) from None
         how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
         raise RunFailed(f"process {e.error_index} of {len(devices)} (pid {e.error_pid}) died with {how}; the others were "
                         "stopped. The last checkpoint is intact: resume the run (same settings, same output dir) to continue "

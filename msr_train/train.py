@@ -193,7 +193,11 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
         if len(devices) == 1:
             return train_process(cfg, out_dir, device=devices[0], ctx=Context())
         tidy_checkpoints(out_dir / CHECKPOINTS)
-        spawn(train_process, devices, (cfg, out_dir))
+        try:
+            spawn(train_process, devices, (cfg, out_dir))
+        except RunFailed as e:  # a worker died: rank 0 could not say so itself
+            record_failure(out_dir, cfg, str(e))
+            raise
         return json.loads((out_dir / SUMMARY).read_text())
 
 
@@ -238,6 +242,14 @@ def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> 
         raise write_failed(e, Path(out_dir), cfg) from e
 
 
+def record_failure(out_dir: Path, cfg, reason: str) -> None:
+    """summary.json of a run that failed (status ``failed`` and why), where the disk still
+    takes it; the run resumes from its last checkpoint."""
+    with contextlib.suppress(OSError):
+        write_json(Path(out_dir) / SUMMARY, {"status": "failed", "reason": reason,
+                                             "config": OmegaConf.to_container(cfg, resolve=True)})
+
+
 def write_failed(error: OSError, out_dir: Path, cfg) -> RunFailed:
     """The error for a write that failed mid-run, after recording the failure in
     summary.json where the disk still takes it."""
@@ -247,9 +259,7 @@ def write_failed(error: OSError, out_dir: Path, cfg) -> RunFailed:
     except OSError:
         free = "its free space is unknown"
     reason = f"could not write to {folder} ({error.strerror or error}; {free})"
-    with contextlib.suppress(OSError):
-        write_json(out_dir / SUMMARY, {"status": "failed", "reason": reason,
-                                              "config": OmegaConf.to_container(cfg, resolve=True)})
+    record_failure(out_dir, cfg, reason)
     return RunFailed(f"{reason}. Everything saved before is intact: {write_fix(error)} and resume the run "
                      "(same settings, same output dir) to continue from its last checkpoint.")
 

@@ -217,6 +217,20 @@ def test_a_dead_worker_stops_the_run_with_its_rank_and_exit_code(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert "died with signal SIGKILL" in err and "msr-train: continue with: msr-train " in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "died with signal SIGKILL" in summary["reason"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_every_worker_at_once_without_a_traceback(tmp_path, sig):
+    proc = start_parallel_run(tmp_path / "run")
+    proc.send_signal(sig)
+    time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "ProcessRaisedException" not in err, err[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "interrupted"
+    assert not workers_of(proc.pid)
 
 
 def processes_running(module: str) -> list[int]:
