@@ -138,8 +138,11 @@ def _load_mnist_like(cfg, torchvision_class: str, debian_dir: Path | None):
     found = {split: (_find_idx(folders, f"{s}-images-idx3-ubyte"), _find_idx(folders, f"{s}-labels-idx1-ubyte"))
              for split, s in stems.items()}
     if all(p for pair in found.values() for p in pair):
-        return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}, \
-            str(found["train"][0].parent)
+        source = found["train"][0].parent
+        # The banner says where the data came from, and so why a dataset.root was not used.
+        why = "does not exist" if not root.exists() else "holds none of its files"
+        unused = f" (dataset.root={cfg.root} {why})" if source == debian_dir else ""
+        return {s: (_read_idx(xp)[:, None], _read_idx(yp)) for s, (xp, yp) in found.items()}, f"{source}{unused}"
 
     def missing(why):
         return _data_missing(cfg, folders, "train-images-idx3-ubyte(.gz) and the other three IDX files", why,

@@ -40,7 +40,20 @@ def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, p
         + (f"; evaluates an EMA of the weights (decay {t.ema_decay:g})" if t.get("ema_decay") else ""),
         f"  step      precision {t.precision}, {t.accumulate} micro-batch(es) per step (trainer.accumulate), "
         f"{'compiled' if t.compile else 'eager'} (trainer.compile)" + precision_note(t.precision, device),
+        *size_note(cfg.model.name, params, device),
     ])
+
+
+#: Parameters above which a network is ImageNet-size (ResNet-50: 23.5 M): on a CPU such a
+#: run takes hours per epoch, which the banner says before the first epoch does.
+LARGE_MODEL_PARAMS = 20_000_000
+
+
+def size_note(model: str, params: int, device: torch.device) -> list[str]:
+    if device.type != "cpu" or params < LARGE_MODEL_PARAMS:
+        return []
+    return [f"  note      {model} ({params / 1e6:.0f} M parameters) is slow on a CPU: time a few steps first "
+            "(trainer.max_steps=20), or train it on a GPU (trainer.accelerator=cuda)"]
 
 
 def precision_note(precision, device: torch.device) -> str:

@@ -155,3 +155,20 @@ def test_without_download_the_error_says_where_it_looked(tmp_path):
     with pytest.raises(ConfigError, match=f"dataset=mnist: no data in {tmp_path}, {tmp_path}/MNIST/raw "
                                           r"\(dataset.download=false\)"):
         build_data(cfg, batch_size=8, eval_batch_size=8, seed=0, device=CPU)
+
+
+def test_a_dataset_root_that_does_not_exist_is_named_when_debians_copy_is_used(tmp_path, monkeypatch):
+    import msr_train.data as data
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    rng = np.random.default_rng(0)
+    for s, n in (("train", 40), ("t10k", 10)):
+        write_idx(debian / f"{s}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(debian / f"{s}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
+    cfg = make_cfg("dataset=fashion_mnist", f"dataset.root={tmp_path / 'nonexistent'}", "dataset.val_size=0").dataset
+    info = build_data(cfg, batch_size=8, eval_batch_size=4, seed=0, device=CPU).info
+    assert info.source == f"{debian} (dataset.root={tmp_path / 'nonexistent'} does not exist)"  # the banner shows it
+    cfg = make_cfg("dataset=fashion_mnist", f"dataset.root={tmp_path}", "dataset.val_size=0").dataset
+    assert build_data(cfg, batch_size=8, eval_batch_size=4, seed=0, device=CPU).info.source == \
+        f"{debian} (dataset.root={tmp_path} holds none of its files)"
