@@ -16,8 +16,8 @@ from .methods import build_method
 from .models import MODEL_RULES
 from .optim import check_optimizer_links, check_schedule_fits, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
-from .rules import (Rule, added_later, check_group, choice, either, flag, integer, is_int, number, optional_key,
-                    resumable, text)
+from .rules import (CONFIG_GROUPS, Rule, added_later, check_group, choice, either, flag, integer, is_int, number,
+                    optional_key, resumable, text)
 from .safe_files import size_text
 from .trackers import check_installed
 
@@ -33,7 +33,6 @@ RUN_RULES = {
     "epochs": integer(1, note="use trainer.max_steps to stop earlier"),
     "seed": integer(0, 2**31 - 1),
 }
-GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer", "logger")
 #: The loggers (conf/logger/, the trackers in msr_train/trackers.py): how a run is
 #: watched, so each may change on resume. A selected logger is a key of ``logger``.
 LOGGER_RULES = {
@@ -85,12 +84,12 @@ TRAINER_RULES = {
 }
 
 
-def validate_config(cfg) -> None:
+def validate_config(cfg):
     """Every setting of the run, the trainer, the model, the optimizer, the scheduler and
     the dataset against its group's table, then the rules that tie settings together.
     The method's table is its class's; it comes before the optimizer's, whose lr is the
-    method's by default."""
-    check_group("", cfg, RUN_RULES, skip=GROUPS)
+    method's by default. Returns the method, built and checked."""
+    check_group("", cfg, RUN_RULES, skip=CONFIG_GROUPS)
     check_group("trainer", cfg.trainer, TRAINER_RULES)
     check_group("model", cfg.model, MODEL_RULES)
     check_group("logger", cfg.get("logger") or OmegaConf.create({}), LOGGER_RULES)
@@ -111,6 +110,7 @@ def validate_config(cfg) -> None:
     _require(not (cfg.trainer.grad_clip_norm and cfg.method.get("grad_clip_norm")),
              f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
              f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
+    return method
 
 
 def setting_rules(cfg) -> dict[str, Rule]:

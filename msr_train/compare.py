@@ -7,7 +7,8 @@
 Three layers, each usable and testable on its own:
 
 - reading: ``find_runs`` finds run folders (any folder holding metrics.jsonl, summary.json
-  or signal_prop.jsonl) and loads them as ``Run``; ``Run.get`` looks a key up;
+  or signal_prop.jsonl) and loads them as ``RunFolder`` (what a run left on disk; not
+  train.Run, which trains one); ``RunFolder.get`` looks a key up;
 - tabulating: ``group_runs`` and ``table_rows``, written by ``write_markdown`` and
   ``write_csv``;
 - plotting: ``curve_figures``, ``sweep_figure`` and ``signal_prop_figure`` return
@@ -127,7 +128,7 @@ def _records(path: Path) -> list[dict]:
 
 
 @dataclass
-class Run:
+class RunFolder:
     path: Path
     records: list[dict]      # metrics.jsonl
     summary: dict            # summary.json; {} until the run ends
@@ -136,7 +137,7 @@ class Run:
     choices: dict            # the config chosen in each group (Hydra's runtime.choices), {} if unknown
 
     @classmethod
-    def load(cls, path: Path) -> Run:
+    def load(cls, path: Path) -> RunFolder:
         path = Path(path)
         summary = _summary(path / SUMMARY)
         config = summary.get("config")
@@ -195,7 +196,7 @@ class Run:
         return out
 
 
-def find_runs(paths) -> list[Run]:
+def find_runs(paths) -> list[RunFolder]:
     """The runs in ``paths``: each a run folder or a folder with run folders anywhere
     below it (a sweep, outputs/). Raises ConfigError for a path without runs."""
     folders = []
@@ -213,14 +214,14 @@ def find_runs(paths) -> list[Run]:
                 f"no runs under {path}: a run folder holds {', '.join(RUN_FILES)}. Pass the output "
                 "folder of msr-train runs (outputs/runs/..., a sweep's outputs/sweeps/...) or a folder above them")
         folders += [f for f in found if f not in folders]
-    runs = [Run.load(f) for f in folders]
+    runs = [RunFolder.load(f) for f in folders]
     for run in runs:
         if not (run.config or run.summary):
             warn(run.path, "no readable config nor summary, so nothing says what run it is; skipped")
     return [run for run in runs if run.config or run.summary]
 
 
-def _values(runs: list[Run], key: str) -> list:
+def _values(runs: list[RunFolder], key: str) -> list:
     """Every run's value of ``key``; a ConfigError names the runs without it."""
     values, missing = [], []
     for run in runs:
@@ -249,11 +250,11 @@ def _order(value):
     return (1 if value is not None else 2, 0, str(value))
 
 
-def group_runs(runs: list[Run], keys: list[str]) -> dict[tuple, list[Run]]:
+def group_runs(runs: list[RunFolder], keys: list[str]) -> dict[tuple, list[RunFolder]]:
     """Runs by their values of ``keys``, groups in sorted order. Raises ConfigError when a
     run lacks one of the keys."""
     columns = [_values(runs, key) for key in keys]
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[RunFolder]] = {}
     for run, values in zip(runs, zip(*columns)):
         groups.setdefault(values, []).append(run)
     return dict(sorted(groups.items(), key=lambda kv: [_order(v) for v in kv[0]]))
@@ -276,7 +277,7 @@ def _varied(key: str, keys: list[str]) -> bool:
     return any(group(key) == group(k) for k in keys)
 
 
-def _differences(runs: list[Run], identity: tuple[str, ...], keys: list[str]) -> list[str]:
+def _differences(runs: list[RunFolder], identity: tuple[str, ...], keys: list[str]) -> list[str]:
     """``key (value: n runs, ...)`` for each identity key on which ``runs`` disagree
     (runs without the key are not counted against it)."""
     out = []
@@ -290,7 +291,7 @@ def _differences(runs: list[Run], identity: tuple[str, ...], keys: list[str]) ->
     return out
 
 
-def check_like_runs(runs: list[Run], groups: dict[tuple, list[Run]], keys: list[str]) -> None:
+def check_like_runs(runs: list[RunFolder], groups: dict[tuple, list[RunFolder]], keys: list[str]) -> None:
     """Refuse to average or set side by side runs that are different experiments (e.g.
     ResNet-8 with ResNet-50 runs, or two batch sizes in one line): ConfigError naming the
     keys on which they differ and how to compare them."""
@@ -306,7 +307,7 @@ def check_like_runs(runs: list[Run], groups: dict[tuple, list[Run]], keys: list[
                           "anyway")
 
 
-def note_one_point(runs: list[Run], x: str | None) -> None:
+def note_one_point(runs: list[RunFolder], x: str | None) -> None:
     if x is not None and len(set(_values(runs, x))) == 1:
         print(f"msr-compare: note: every run has {x}={label(runs[0].get(x))}, so the sweep figure has one point "
               f"per --by group; pass runs with several values of {x}, or drop --x", file=sys.stderr)
@@ -327,13 +328,13 @@ ACCURACIES = {"selected_test_acc": "test acc., val-selected (%)", "final_test_ac
 STAT_COLUMNS = (*(f"{m}_pct{s}" for m in ACCURACIES for s in ("", "_std")), "train_time_s", "img_per_s")
 
 
-def completed_values(runs: list[Run], metric: str, scale: float = 1.0) -> list[float]:
+def completed_values(runs: list[RunFolder], metric: str, scale: float = 1.0) -> list[float]:
     """``metric`` from the summaries of the completed runs. Runs that diverged or have not
     finished are left out: their last accuracy is not a final one."""
     return [scale * r.summary[metric] for r in runs if r.status == "completed" and r.summary.get(metric) is not None]
 
 
-def table_rows(groups: dict[tuple, list[Run]], keys: list[str]) -> list[dict]:
+def table_rows(groups: dict[tuple, list[RunFolder]], keys: list[str]) -> list[dict]:
     """One row per group: its key values, then ``runs``, ``seeds``, accuracy statistics
     (percent) and mean train time and throughput over the group's completed runs, and
     ``status`` counts."""
@@ -381,7 +382,7 @@ def write_markdown(path: Path, rows: list[dict], keys: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def pivot_markdown(runs: list[Run], by: str, x: str, metric: str = "selected_test_acc") -> str:
+def pivot_markdown(runs: list[RunFolder], by: str, x: str, metric: str = "selected_test_acc") -> str:
     """``metric`` in percent as a matrix, one row per value of ``by`` and one column per
     value of ``x``: mean ± sample std over the completed runs (n), or the statuses of a
     cell where no run completed."""
@@ -413,7 +414,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows({k: _fmt(v) if k in STAT_COLUMNS else v for k, v in row.items()} for row in rows)
 
 
-def _by_seed(runs: list[Run], where: str) -> dict:
+def _by_seed(runs: list[RunFolder], where: str) -> dict:
     """{seed: val-selected test accuracy in points} over the completed runs; two runs with
     one seed would be pooled unlike runs: a ConfigError says how to tell them apart."""
     values: dict = {}
@@ -430,7 +431,7 @@ def _by_seed(runs: list[Run], where: str) -> dict:
     return values
 
 
-def baseline_comparisons(runs: list[Run], by: str, x: str | None, baseline: str,
+def baseline_comparisons(runs: list[RunFolder], by: str, x: str | None, baseline: str,
                          margin: float) -> tuple[list[stats.Comparison], list[str]]:
     """Every other ``by`` group against ``baseline`` at every ``x`` value (stats.py), and
     notes on the pairs that could not be compared."""
@@ -514,10 +515,10 @@ class Series:
     label: str
     colour_key: str
     style: str
-    runs: list[Run]
+    runs: list[RunFolder]
 
 
-def _points(run: Run, x: str, panel: Panel) -> dict:
+def _points(run: RunFolder, x: str, panel: Panel) -> dict:
     return {r[x]: r[panel.key] * panel.scale for r in run.records
             if r.get(x) is not None and r.get(panel.key) is not None}
 
@@ -585,7 +586,7 @@ def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_t
     return fig
 
 
-def curve_figures(runs: list[Run], by: str, style: str | None = None, seeds: str = "mean") -> dict[str, Figure]:
+def curve_figures(runs: list[RunFolder], by: str, style: str | None = None, seeds: str = "mean") -> dict[str, Figure]:
     """Validation accuracy and train loss against each of CURVE_X: {x key: Figure}. One
     colour per value of ``by``, one line style per value of ``style`` (e.g. the --x key);
     ``seeds='mean'``: one line per (by, style) group, the mean over its completed runs with
@@ -658,7 +659,7 @@ def _sweep_lines(ax, groups: dict, position: dict, metric: str, colours: dict, f
         ax.plot(failed, [0.03] * len(failed), color=colour, transform=bottom, **FAILED_MARK)
 
 
-def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
+def sweep_figure(runs: list[RunFolder], by: str, x: str) -> Figure:
     """Test accuracy against ``x``, one colour per value of ``by``: the val-selected model
     solid (see ``_sweep_lines``), the final model dashed, on one axis so the two read
     against each other. Log x-axis for positive numbers spanning more than 10x;
@@ -693,7 +694,7 @@ def sweep_figure(runs: list[Run], by: str, x: str) -> Figure:
     return fig
 
 
-def what_was_trained(runs: list[Run]) -> str:
+def what_was_trained(runs: list[RunFolder]) -> str:
     """``resnet20 on fashion_mnist`` (every value where the runs differ), for titles."""
     def values(key):
         return "/".join(dict.fromkeys(label(v) for r in runs if (v := r.get(key, None)) is not None)) or "?"
@@ -709,13 +710,14 @@ def signal_prop_figure(series: list[tuple[str, list[dict]]], *, legend_title: st
                         legend_title=legend_title, title=title)
 
 
-def _records_at(run: Run, epoch: int) -> list[dict]:
+def _records_at(run: RunFolder, epoch: int) -> list[dict]:
     # A resumed run may have recorded an epoch twice: the later records win.
     by_block = {rec["block"]: rec for rec in run.signal_prop if rec["epoch"] == epoch}
     return [by_block[b] for b in sorted(by_block)]
 
 
-def signal_prop_series(runs: list[Run], by: str, epoch: int) -> tuple[list[tuple[str, list[dict]]], list[Run]]:
+def signal_prop_series(runs: list[RunFolder], by: str,
+                       epoch: int) -> tuple[list[tuple[str, list[dict]]], list[RunFolder]]:
     """(label, records at ``epoch``) for each run that recorded that epoch, labelled by its
     value of ``by``; and the runs with signal propagation records but none at ``epoch``."""
     recorded = [r for r in runs if r.signal_prop]

@@ -137,11 +137,18 @@ def unknown(group: str, name, known) -> ConfigError:
     return ConfigError(f"{group}={name} ({group}.name) is unknown; choose one of: {', '.join(known)}")
 
 
-def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+#: The config groups (conf/<group>/); each but logger is chosen by its ``name``
+#: (logger's choice is the trackers it holds).
+CONFIG_GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer", "logger")
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config (plain dicts) as dotted keys -> values: the one flattening the
+    checks, the resume check and the loggers share."""
     out = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -151,7 +158,7 @@ def check_group(group: str, node, rules: Mapping[str, Rule], *, skip: tuple[str,
     """Check every setting of config ``node`` (the ``group`` part of a run's config, ''
     for the top level) against ``rules`` (dotted keys for nested settings); ``skip``:
     sub-groups checked on their own."""
-    values = _flatten({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in skip})
+    values = flatten({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in skip})
     prefix = f"{group}." if group else ""
     for key in values:
         if key not in rules:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .safe_files import append_jsonl, truncate_jsonl, write_json
+from .rules import CONFIG_GROUPS, flatten
 from .run_files import METRICS, SUMMARY
+from .safe_files import append_jsonl, truncate_jsonl, write_json
 from .sweeps import announced_keys
 from .trackers import TRACKERS
 
@@ -55,17 +56,7 @@ def custom_scalars_layout() -> dict:
 
 def flat_hparams(cfg) -> dict:
     """Scalar config values as 'group.key' -> value, the types TensorBoard accepts."""
-    out = {}
-
-    def walk(prefix, node):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                walk(key + ".", v)
-            else:
-                out[key] = hparam_value(v)
-    walk("", OmegaConf.to_container(cfg, resolve=True))
-    return out
+    return {key: hparam_value(v) for key, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
 
 
 def hparam_value(value):
@@ -79,12 +70,11 @@ def hparam_value(value):
 #: Shown first in the HParams tab (TensorBoard puts the hparams marked as differing first,
 #: each group by name), with the keys a sweep varies.
 KEY_HPARAMS = ("method.name", "model.name", "dataset.name", "batch_size", "optimizer.lr", "seed")
-CONFIG_GROUPS = ("model", "method", "dataset", "optimizer", "scheduler", "trainer")
 
 
 def swept_keys() -> set[str]:
     """The config keys the current multirun varies (none outside one), as flat keys."""
-    return {f"{k}.name" if k in CONFIG_GROUPS else k for k in announced_keys()}
+    return {f"{k}.name" if k in CONFIG_GROUPS and k != "logger" else k for k in announced_keys()}
 
 
 def experiment_name(cfg) -> str:

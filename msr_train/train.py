@@ -40,14 +40,14 @@ from .errors import ConfigError, RunFailed, describe
 from .launch import accept
 from .methods import build_method
 from .models import build_model
-from .norms import NormProbe
 from .optim import build_optimizer, build_scheduler, scaled_lr
+from .param_norms import ParamNormProbe
 from .precision import FULL, Precision
-from .run_lock import RunLock
 from .report import end_report, epoch_line, start_banner
+from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
+from .run_lock import RunLock
 from .run_log import RunLog
 from .safe_files import remove_torn_writes, size_text, truncate_jsonl, write_fix, write_json
-from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
 from .signal_prop import conv_mean_shift, record_signal_prop
 from .state import (BestModel, LoopState, TrainingWindow, finished_summary, resumable_checkpoints, rng_state,
                     run_about, set_rng_state)
@@ -172,8 +172,7 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
     ``msr_train.distributed``). ``job_num``: the Hydra multirun job, which picks the GPU
     of a ``trainer.devices=auto`` run."""
     out_dir = Path(out_dir)
-    validate_config(cfg)
-    method = build_method(cfg.method, cfg.batch_size)
+    method = validate_config(cfg)
     check_writable(out_dir)
     devices = select_devices(cfg.trainer, job_num)
     group = launched_group()
@@ -272,30 +271,30 @@ class Run:
     may hold collectives (SyncBatchNorm)."""
 
     def __init__(self, cfg, out_dir: Path, device: torch.device, ctx: Context):
-        self.cfg, self.t, self.out_dir, self.device, self.ctx = cfg, cfg.trainer, Path(out_dir), device, ctx
+        self.cfg, self.trainer_cfg, self.out_dir, self.device, self.ctx = cfg, cfg.trainer, Path(out_dir), device, ctx
         self.ckpt_dir = self.out_dir / CHECKPOINTS
         torch.manual_seed(cfg.seed)
         self.method = build_method(cfg.method, cfg.batch_size,
-                                   micro_batch=cfg.batch_size // (self.t.accumulate * ctx.world_size))
-        self.data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=self.t.eval_batch_size,
+                                   micro_batch=cfg.batch_size // (self.trainer_cfg.accumulate * ctx.world_size))
+        self.data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=self.trainer_cfg.eval_batch_size,
                                seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
-        if self.t.stop_at_val_acc is not None and self.data.val is None:
-            raise ConfigError(f"trainer.stop_at_val_acc={self.t.stop_at_val_acc} needs a validation split, but "
-                              f"this run has none (dataset.val_size={cfg.dataset.get('val_size')}); set "
+        if self.trainer_cfg.stop_at_val_acc is not None and self.data.val is None:
+            raise ConfigError(f"trainer.stop_at_val_acc={self.trainer_cfg.stop_at_val_acc} needs a validation "
+                              f"split, but this run has none (dataset.val_size={cfg.dataset.get('val_size')}); set "
                               "dataset.val_size > 0")
         self.build_model()
         # With trainer.ema_decay, the average of the weights is what is evaluated, selected and tested.
-        self.ema = WeightEMA(self.model, self.t.ema_decay) if self.t.ema_decay else None
+        self.ema = WeightEMA(self.model, self.trainer_cfg.ema_decay) if self.trainer_cfg.ema_decay else None
         self.eval_model = self.model if self.ema is None else self.ema.module
         self.optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.batch_size)
-        self.clip = GradientClipping(self.model, self.t.grad_clip_norm, self.t.agc_clip)
-        self.norms = NormProbe(self.model) if self.t.log_norms else None
-        self.precision = Precision(self.t.precision, device)
+        self.clip = GradientClipping(self.model, self.trainer_cfg.grad_clip_norm, self.trainer_cfg.agc_clip)
+        self.norms = ParamNormProbe(self.model) if self.trainer_cfg.log_norms else None
+        self.precision = Precision(self.trainer_cfg.precision, device)
         # ``net`` is what the training step calls; ``model`` is the plain module that is
         # evaluated, measured and checkpointed.
         self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) \
             if ctx.parallel else self.model
-        if self.t.compile:
+        if self.trainer_cfg.compile:
             # Random ops in compiled code would otherwise use Inductor's own generator: MSR's
             # noise would differ from the eager run's and from the checkpointed RNG state, so
             # a resumed compiled run would not draw what an uninterrupted one draws.
@@ -304,11 +303,11 @@ class Run:
             self.net = torch.compile(self.net)
             self.method.compile_step_hooks()
         self.steps_per_epoch = len(self.data.train)
-        self.total_steps = min(cfg.epochs * self.steps_per_epoch, self.t.max_steps or math.inf)
+        self.total_steps = min(cfg.epochs * self.steps_per_epoch, self.trainer_cfg.max_steps or math.inf)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=self.total_steps)
         self.state = LoopState()
-        self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.t.checkpoint else None,
+        self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.trainer_cfg.checkpoint else None,
                               run_about(cfg, self.data.info))
         resumed = self.resume()
         if ctx.is_main:
@@ -318,7 +317,8 @@ class Run:
             if ctx.is_main else None
         self.start_signal_prop(resumed is None)
         # A fixed test batch on which each evaluation logs the per-layer mean shift.
-        self.probe = next(iter(self.data.test))[0][:64] if "tensorboard" in cfg.logger and self.t.mean_shift else None
+        watched = "tensorboard" in cfg.logger and self.trainer_cfg.mean_shift
+        self.probe = next(iter(self.data.test))[0][:64] if watched else None
 
     def build_model(self) -> None:
         info, ctx = self.data.info, self.ctx
@@ -330,7 +330,7 @@ class Run:
         check_batchnorm_trainable(self.model, self.method.micro_batch, self.input_shape)
         if ctx.parallel:
             self.model = self.method.convert_for_processes(self.model)
-        self.memory_format = torch.channels_last if self.t.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if self.trainer_cfg.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
 
     def resume(self) -> dict | None:
@@ -362,7 +362,7 @@ class Run:
         self.best.restore(self.ckpt_dir, state.get("best"), self.state.best_val_step, self.device)
 
     def start_signal_prop(self, fresh: bool) -> None:
-        if not self.t.signal_prop:
+        if not self.trainer_cfg.signal_prop:
             return
         if self.ctx.is_main:
             # Records of epochs the resumed run will redo are dropped, like metrics.jsonl's.
@@ -386,7 +386,7 @@ class Run:
             note(start_banner(self.cfg, self.out_dir, self.device, self.ctx, self.data.info,
                               sum(p.numel() for p in self.model.parameters()), self.total_steps,
                               self.steps_per_epoch))
-            if self.t.compile:
+            if self.trainer_cfg.compile:
                 note("Compiling the model (trainer.compile=true): the first steps take a while.")
         self.model.train()
         status = "completed" if self.state.step >= self.total_steps else self.target_status()
@@ -400,14 +400,14 @@ class Run:
         self.data.train.set_epoch(epoch, first_batch)
         bar = tqdm(total=min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch),
                    initial=first_batch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True,
-                   disable=not (self.t.progress_bar and self.ctx.is_main), leave=False)
+                   disable=not (self.trainer_cfg.progress_bar and self.ctx.is_main), leave=False)
         self.tick = time.perf_counter()
         try:
             for x, y in self.data.train:
                 loss_sum, correct = train_step(self.net, self.method, self.optimizer,
                                                x.contiguous(memory_format=self.memory_format), y,
-                                               self.t.accumulate, self.precision, self.gradients_ready,
-                                               self.t.label_smoothing)
+                                               self.trainer_cfg.accumulate, self.precision, self.gradients_ready,
+                                               self.trainer_cfg.label_smoothing)
                 self.window.add(loss_sum, correct, len(y) * self.ctx.world_size)
                 self.scheduler.step()
                 if self.ema is not None:
@@ -432,12 +432,12 @@ class Run:
     def evaluates_at(self, step: int) -> bool:
         """Whether the run evaluates after optimizer step ``step``."""
         return step % self.steps_per_epoch == 0 or step == self.total_steps or bool(
-            self.t.eval_every and step % self.t.eval_every == 0)
+            self.trainer_cfg.eval_every and step % self.trainer_cfg.eval_every == 0)
 
     def after_step(self, bar) -> str | None:
         """Log, evaluate, checkpoint or stop where this step calls for it; the run's
         status if it ends here."""
-        step, t = self.state.step, self.t
+        step, t = self.state.step, self.trainer_cfg
         evaluate_now = self.evaluates_at(step)
         # A single process answers a stop signal at once; a group at the next log point,
         # where its ranks agree on it.
@@ -467,13 +467,13 @@ class Run:
     def target_status(self) -> str | None:
         """"reached_target" once validation accuracy has reached trainer.stop_at_val_acc
         (time-to-accuracy runs; rank 0's best_val_acc is every rank's: the sums are all-reduced)."""
-        target, best = self.t.stop_at_val_acc, self.state.best_val_acc
+        target, best = self.trainer_cfg.stop_at_val_acc, self.state.best_val_acc
         return "reached_target" if target is not None and best is not None and best >= target else None
 
     def diverged(self, running_loss: float) -> bool:
         """A NaN or infinite loss, or one far above chance level (ln(num_classes)): a
         finite explosion (e.g. 5e12) is as lost as a NaN, and must not pass as completed."""
-        factor = self.t.divergence_factor
+        factor = self.trainer_cfg.divergence_factor
         limit = math.inf if factor is None else factor * math.log(self.data.info.num_classes)
         if math.isfinite(running_loss) and running_loss <= limit:
             return False
@@ -510,7 +510,7 @@ class Run:
         """The current epoch's first ``count`` micro-batches (precise BN's calibration data),
         read from a replay of the epoch: the iteration in progress is untouched."""
         epoch = min(self.state.step // self.steps_per_epoch, self.cfg.epochs - 1)
-        micro = (x.contiguous(memory_format=self.memory_format).chunk(self.t.accumulate)
+        micro = (x.contiguous(memory_format=self.memory_format).chunk(self.trainer_cfg.accumulate)
                  for x, _ in self.data.train.replay(epoch))
         return itertools.islice((x for chunks in micro for x in chunks), count)
 
@@ -529,7 +529,7 @@ class Run:
             if self.ema is not None:  # the trained weights on the same trajectory: what the average adds
                 metrics.update(evaluate(self.model, self.data.val, info.num_classes, ctx, self.precision,
                                         split="val_raw"))
-        if step == self.total_steps or self.t.test_every_eval:
+        if step == self.total_steps or self.trainer_cfg.test_every_eval:
             if step == self.total_steps and ctx.is_main and info.test_size >= SLOW_TEST_SET:
                 note(f"Testing the final model on {info.test_size:,} images.")
             metrics.update(evaluate(self.eval_model, self.data.test, info.num_classes, ctx, self.precision,
@@ -547,7 +547,7 @@ class Run:
         loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))
         shift = conv_mean_shift(self.model, self.probe) if self.probe is not None else {}
         norms = self.norms.read() if self.norms is not None else {}
-        if self.t.signal_prop and step % self.steps_per_epoch == 0:
+        if self.trainer_cfg.signal_prop and step % self.steps_per_epoch == 0:
             self.record_signal_prop(step // self.steps_per_epoch)
         self.window.reset()
         if self.log is None:
@@ -565,7 +565,7 @@ class Run:
             self.log.scalars({**{f"mean_shift/{name}": v for name, v in shift.items()}, **norms}, step)
 
     def checkpoint(self) -> None:
-        if not self.t.checkpoint:
+        if not self.trainer_cfg.checkpoint:
             return
         loss, correct, _ = self.window.totals(self.ctx, bool(self.stop.received))  # a collective: every rank
         if not self.ctx.is_main:

@@ -13,7 +13,7 @@ from msr_train.clipping import GradientClipping
 from msr_train.errors import ConfigError
 from msr_train.methods import build_method
 from msr_train.models import build_model
-from msr_train.norms import NormProbe
+from msr_train.param_norms import ParamNormProbe
 from msr_train.optim import build_optimizer
 from msr_train.train import train, train_step
 from test_nf import reference_agc
@@ -83,7 +83,7 @@ def test_double_agc_is_refused(tmp_path):
 
 def test_norm_probe_reports_each_parameters_gradient_and_weight_norm():
     net, _ = model_with_gradients()
-    probe = NormProbe(net)
+    probe = ParamNormProbe(net)
     probe.record()
     values = probe.read()
     names = [n for n, _ in net.named_parameters()]

@@ -359,7 +359,7 @@ def test_a_damaged_file_is_a_warning_naming_it_and_the_rest_is_compared(sweep, t
     captured = capsys.readouterr()
     assert "msr-compare: warning: " + str(run) in captured.err and "Traceback" not in captured.err
     assert "| bn | 8 | 2 |" in captured.out  # the undamaged runs are still compared
-    loaded = compare.Run.load(run)
+    loaded = compare.RunFolder.load(run)
     if what.startswith("metrics"):  # every well-formed row is read, the ones after the damage too
         assert [r["step"] for r in loaded.records] == [100, 200, 300]
     if what == "a metric a string":

@@ -9,6 +9,8 @@ from msr_train.models import build_model
 from msr_train.train import train
 from test_train import metrics
 
+pytestmark = pytest.mark.slow  # compiles (torch.compile takes seconds per graph)
+
 
 def hooked_gradients(method_name: str, compiled: bool, *overrides: str):
     """Fixed random gradients of a resnet8, and the same after ``before_step``."""

@@ -21,8 +21,8 @@ def n_params(model):
 
 @pytest.mark.parametrize("name,reference", [
     ("resnet18", "resnet18"), ("resnet34", "resnet34"), ("resnet50", "resnet50"),
-    ("resnet101", "resnet101"), ("resnet152", "resnet152"),
-    ("vgg11", "vgg11_bn"), ("vgg13", "vgg13_bn"), ("vgg16", "vgg16_bn"), ("vgg19", "vgg19_bn"),
+    *(pytest.param(n, n, marks=pytest.mark.slow) for n in ("resnet101", "resnet152")),  # seconds each
+    *(pytest.param(n, f"{n}_bn", marks=pytest.mark.slow) for n in ("vgg11", "vgg13", "vgg16", "vgg19")),
 ])
 def test_bn_parameter_count_equals_torchvision(name, reference):
     ours = build_model(name, bn(), in_channels=3, num_classes=1000, image_size=224)

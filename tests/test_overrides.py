@@ -81,7 +81,7 @@ def test_a_launcher_or_sweeper_that_is_not_installed_names_the_extra(argv, monke
         check_command_line(argv)
 
 
-def test_every_job_of_a_sweep_is_checked_before_the_first_trains(tmp_path):
+def test_every_job_of_a_sweep_is_checked_before_the_first_trains():
     with pytest.raises(ConfigError) as e:
         check_sweep(["-m", "debug=quick", "optimizer.lr=0.1,-1", "method=bn,msr", "trainer.accumulate=1,2,3"])
     lines = str(e.value).splitlines()
@@ -93,6 +93,10 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_trains(tmp_path):
                for line in lines)
     check_sweep(["-m", "debug=quick", "optimizer.lr=0.1,0.2"])  # every job fine
     check_sweep(["debug=quick", "optimizer.lr=-1"])  # not a sweep: the run itself checks it
+
+
+@pytest.mark.slow  # a CLI process
+def test_a_sweep_with_a_bad_job_starts_none(tmp_path):
     res = subprocess.run([sys.executable, "-m", "msr_train.cli", "-m", "debug=quick", "optimizer.lr=0.1,-1",
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "1 of the sweep's 2 jobs" in res.stderr

@@ -4,6 +4,8 @@ they measured."""
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -28,6 +30,7 @@ def test_time_to_accuracy_reports_each_methods_steps_and_ratio(tmp_path, monkeyp
     assert "| bn | 0/1 | not reached |" in out.read_text()
 
 
+@pytest.mark.slow  # the benchmark loop: seconds
 def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread):
     """Sections 3, 6 and 7 on real Fashion-MNIST batches (sections 2-4 once failed on the data
     loader's return type unnoticed): every hook row is reported, and the operator counts
@@ -51,6 +54,7 @@ def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread
     assert counts["none"] < counts["msr"] and counts["none"] < counts["nf"]
 
 
+@pytest.mark.slow  # the benchmark loop: seconds
 def test_bench_loop_reports_each_ratio_with_its_range_over_rounds(tmp_path, monkeypatch, one_thread):
     """Section 5 (the real loop): each method's ratio to none is the median of the rounds'
     ratios, printed with their range, which must contain it."""

@@ -42,6 +42,7 @@ def test_fashion_mnist_split_does_not_depend_on_the_run_seed():
 
 
 @needs_fashion
+@pytest.mark.slow  # trains on Fashion-MNIST
 def test_selected_test_accuracy_is_the_best_val_checkpoint_on_the_test_set(tmp_path):
     # A constant, high lr makes validation accuracy go up and down, so the best
     # evaluation is (usually) not the last: the selected model is not the final one.

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-class NormProbe:
+class ParamNormProbe:
     def __init__(self, model: nn.Module):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
