@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,16 @@ LOGGER_RULES = {
 #: resumes (the replacement says what took over).
 RETIRED_SETTINGS = {"trainer.tensorboard": "logger=tensorboard (or logger=none)"}
 
+#: torch.compile's modes (trainer.compile=true is "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compile_mode(value) -> str | None:
+    """torch.compile's mode for ``trainer.compile`` (None: eager); true and default are one
+    setting, also on resume."""
+    return None if value is False else "default" if value is True else value
+
+
 TRAINER_RULES = {
     "accelerator": choice("auto", "cpu", "cuda"),
     "devices": either(choice("auto"), integer(1, note="processes"), Rule(
@@ -80,8 +91,10 @@ TRAINER_RULES = {
     "precision": Rule(lambda v: not isinstance(v, bool) and str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS),
                       canonical=str),
     "channels_last": flag(),
-    "compile": flag(),
+    "compile": replace(either(flag(), choice(*COMPILE_MODES, note="true: default; reduce-overhead uses CUDA graphs on "
+                                                               "a GPU")), canonical=compile_mode),
 }
+
 
 
 def validate_config(cfg):

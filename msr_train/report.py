@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import compile_mode
 from .distributed import Context
 from .optim import scaled_lr
 from .trackers import mlflow_uri, wandb_mode
@@ -39,7 +40,8 @@ def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, p
         f"{o.lr:g} at batch {o.base_batch_size}, {o.lr_scaling} scaling), {steps}"
         + (f"; evaluates an EMA of the weights (decay {t.ema_decay:g})" if t.get("ema_decay") else ""),
         f"  step      precision {t.precision}, {t.accumulate} micro-batch(es) per step (trainer.accumulate), "
-        f"{'compiled' if t.compile else 'eager'} (trainer.compile)" + precision_note(t.precision, device),
+        f"{'eager' if t.compile is False else 'compiled, mode ' + compile_mode(t.compile)} (trainer.compile)"
+        + precision_note(t.precision, device),
         *size_note(cfg.model.name, params, device),
     ])
 

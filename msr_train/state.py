@@ -189,7 +189,8 @@ def changed_settings(saved_cfg: dict, cfg) -> list[str]:
         if key not in values:
             return NOT_SET
         return rules[key].canonical(values[key]) if key in rules else values[key]
-    return [f"{k}: {_show(value(saved, k))} -> {_show(value(now, k))}" for k in sorted(saved.keys() | now.keys())
+    return [f"{k}: {_show(saved.get(k, NOT_SET))} -> {_show(now.get(k, NOT_SET))}"
+            for k in sorted(saved.keys() | now.keys())
             if not (k in rules and rules[k].may_change_on_resume) and k not in RETIRED_SETTINGS
             and value(saved, k) != value(now, k)]
 

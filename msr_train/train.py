@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import BEST, LAST, save_checkpoint, tidy_checkpoints, what_next
-from .checks import check_batchnorm_trainable, check_parallel, check_writable, select_devices, validate_config
+from .checks import (check_batchnorm_trainable, check_parallel, check_writable, compile_mode, select_devices,
+                     validate_config)
 from .clipping import GradientClipping
 from .data import build_data
 from .distributed import Context, launched_group, process_group, spawn
@@ -45,6 +46,7 @@ from .param_norms import ParamNormProbe
 from .precision import FULL, Precision
 from .report import end_report, epoch_line, start_banner
 from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
+from .rules import shown
 from .run_lock import RunLock
 from .run_log import RunLog
 from .safe_files import remove_torn_writes, size_text, truncate_jsonl, write_fix, write_json
@@ -294,14 +296,14 @@ class Run:
         # evaluated, measured and checkpointed.
         self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) \
             if ctx.parallel else self.model
-        if self.trainer_cfg.compile:
+        if compile_mode(self.trainer_cfg.compile) is not None:
             # Random ops in compiled code would otherwise use Inductor's own generator: MSR's
             # noise would differ from the eager run's and from the checkpointed RNG state, so
             # a resumed compiled run would not draw what an uninterrupted one draws.
             import torch._inductor.config as inductor_config  # loaded only where compile is used
             inductor_config.fallback_random = True
-            self.net = torch.compile(self.net)
-            self.method.compile_step_hooks()
+            self.net = torch.compile(self.net, mode=compile_mode(self.trainer_cfg.compile))
+            self.method.compile_step_hooks(compile_mode(self.trainer_cfg.compile))
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, self.trainer_cfg.max_steps or math.inf)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,
@@ -386,8 +388,9 @@ class Run:
             note(start_banner(self.cfg, self.out_dir, self.device, self.ctx, self.data.info,
                               sum(p.numel() for p in self.model.parameters()), self.total_steps,
                               self.steps_per_epoch))
-            if self.trainer_cfg.compile:
-                note("Compiling the model (trainer.compile=true): the first steps take a while.")
+            if compile_mode(self.trainer_cfg.compile) is not None:
+                note(f"Compiling the model (trainer.compile={shown(self.trainer_cfg.compile)}): the first steps take "
+                     "a while.")
         self.model.train()
         status = "completed" if self.state.step >= self.total_steps else self.target_status()
         while status is None:

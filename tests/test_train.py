@@ -189,3 +189,29 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_the_settings_old_
     assert changed_settings(saved, make_cfg(*QUICK, "trainer.label_smoothing=0")) == []
     assert changed_settings(saved, make_cfg(*QUICK, "trainer.label_smoothing=0", "trainer.ema_decay=0.9")) == [
         "trainer.ema_decay: null -> 0.9"]
+
+
+@pytest.mark.parametrize("value,mode", [("true", "default"), ("reduce-overhead", "reduce-overhead"),
+                                        ("max-autotune", "max-autotune")])
+def test_trainer_compile_chooses_torch_compiles_mode_for_the_model_and_the_hooks(tmp_path, monkeypatch, value, mode):
+    modes = []
+
+    def recording_compile(fn, mode=None):  # records the mode; runs eagerly
+        modes.append(mode)
+        return fn
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    summary = train(make_cfg("debug=quick", "trainer.max_steps=1", f"trainer.compile={value}"), tmp_path)
+    assert summary["status"] == "completed" and modes == [mode] * 3  # the model, before_step, after_step
+
+
+def test_trainer_compile_refuses_other_modes_and_resumes_true_as_default(tmp_path):
+    from msr_train.checks import validate_config
+    from msr_train.errors import ConfigError
+    from msr_train.state import changed_settings
+    from omegaconf import OmegaConf
+    with pytest.raises(ConfigError, match="trainer.compile='fast' must be true or false or one of default, "
+                                          "reduce-overhead, max-autotune"):
+        validate_config(make_cfg("debug=quick", "trainer.compile=fast"))
+    saved = OmegaConf.to_container(make_cfg("debug=quick", "trainer.compile=true"), resolve=True)
+    assert changed_settings(saved, make_cfg("debug=quick", "trainer.compile=default")) == []
+    assert changed_settings(saved, make_cfg("debug=quick")) == ["trainer.compile: true -> false"]

@@ -205,13 +205,14 @@ class Method:
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Parameters have just been updated by the optimizer."""
 
-    def compile_step_hooks(self) -> None:
-        """``trainer.compile``: torch.compile ``before_step`` and ``after_step`` too. They are
+    def compile_step_hooks(self, mode: str = "default") -> None:
+        """``trainer.compile``: torch.compile ``before_step`` and ``after_step`` too, in the
+        model's ``mode``. They are
         many small ops on every parameter (MSR's anchors and ZMG are ~9 per weight); at
         batch 1, where a step is mostly per-op overhead, eager MSR hooks took ~15% of a step
         and compiled ones a third of that (docs/benchmarks.md, "Compiled")."""
-        self.before_step = torch.compile(self.before_step)
-        self.after_step = torch.compile(self.after_step)
+        self.before_step = torch.compile(self.before_step, mode=mode)
+        self.after_step = torch.compile(self.after_step, mode=mode)
 
     def before_evaluation(self, model: nn.Module, training_batches: Callable[[int], Iterable], ctx) -> None:
         """Called before every evaluation (all ranks). ``training_batches(n)`` yields n
