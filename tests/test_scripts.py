@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end (on generated data, in seconds) and report what
 they measured."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +88,16 @@ def test_grid_verdicts_welch_from_summaries_equals_scipy_on_the_values(monkeypat
     ci = ref.confidence_interval(0.95)
     assert abs(got["p"] - ref.pvalue) < 1e-12 and abs(got["ci_low"] - ci.low) < 1e-9
     assert abs(got["ci_high"] - ci.high) < 1e-9 and got["n"] == 7
+
+
+@pytest.mark.slow  # about a minute: every method's steps, a compile, CLI runs killed and resumed, DDP
+def test_gpu_check_runs_every_cuda_path_on_the_cpu(tmp_path):
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, str(SCRIPTS / "gpu_check.py"), "--device", "cpu", "--quick", "--json",
+                          str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["check"] for r in rows} == {"step", "bf16", "compile", "resume", "ddp"}
+    assert [r for r in rows if r["status"] != "ok"] == []  # every path held, the kill included
+    assert sum(r["check"] == "step" for r in rows) == 2 * 8  # every method at both batch sizes
+    assert "| resume | msr, 12 steps, SIGKILL after a checkpoint | killed after step 3;" in res.stdout
