@@ -13,6 +13,8 @@ import sys
 import threading
 from functools import partial
 
+from .errors import describe  # imports nothing: the handlers still come first
+
 #: Stop signals that, outside the loop, end the process as Ctrl-C does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -34,9 +36,8 @@ interrupted_outside_the_loop.not_handed_over = True
 def thread_failed(tool: str, args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
-    text = str(args.exc_value).splitlines()[0] if str(args.exc_value) else ""
     name = args.thread.name if args.thread is not None else "?"
-    print(f"{tool}: warning: a background thread ({name}) failed: {args.exc_type.__name__}: {text}", file=sys.stderr)
+    print(f"{tool}: warning: a background thread ({name}) failed: {describe(args.exc_value)}", file=sys.stderr)
 
 
 def guarded(tool: str, module: str) -> None:

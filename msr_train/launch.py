@@ -39,8 +39,8 @@ def stage(output_dir: str, output_subdir: str | None) -> None:
 def accept(out_dir: Path) -> None:
     """Make this launch's staged copies the run's ``.hydra/`` (rank 0, once the run has
     passed every check, under the lock; a no-op outside the CLI)."""
-    staged = Path(os.environ.get(STAGED_ENV) or "/nonexistent")
-    if not staged.is_dir() or staged.parent.resolve() != Path(out_dir).resolve():
+    staged = Path(os.environ.get(STAGED_ENV, ""))
+    if not os.environ.get(STAGED_ENV) or not staged.is_dir() or staged.parent.resolve() != Path(out_dir).resolve():
         return
     record = Path(out_dir) / RECORD
     if record.is_dir():  # an earlier launch's: the newest stands, as with Hydra's own

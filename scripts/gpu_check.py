@@ -88,19 +88,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
 def no_host_sync(device: torch.device):
     """Turn any host sync inside the block into an error (CUDA only)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def guarded():
+    if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-    return guarded()
 
 
 def stepper(method_name: str, model_name: str, batch: int, image: int, device: torch.device, *,
