@@ -46,6 +46,12 @@ COMPARE_CHARTS = ("val/acc", "val/loss", "train/loss", "train/acc", "test/acc", 
 X_AXIS_NOTE = " (x: examples seen)"
 
 
+def examples_seen(step: int, batch_size: int) -> int:
+    """Training examples seen after ``step`` optimizer steps (every process's, every
+    micro-batch's): the x-axis of every chart and the summary's ``examples_seen``."""
+    return step * batch_size
+
+
 def custom_scalars_layout() -> dict:
     """One chart per tag of ``COMPARE_CHARTS``. Charts select tags by regex and draw every
     run that has a matching tag, and TensorBoard merges the identical layouts that all
@@ -134,7 +140,7 @@ class RunLog:
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
             # Purge what a dead earlier run left beyond the resume point (all of it when starting afresh).
-            purge = 0 if resume_step is None else resume_step * cfg.batch_size + 1
+            purge = 0 if resume_step is None else examples_seen(resume_step, cfg.batch_size) + 1
             self.writer = SummaryWriter(str(self.out_dir), purge_step=purge)
             exp, ssi, self._sei = hparams_summaries(cfg)
             if resume_step is None:
@@ -162,7 +168,7 @@ class RunLog:
             tracker.log(values, step)
         if self.writer is not None:
             for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step * self.batch_size)
+                self.writer.add_scalar(tag, value, examples_seen(step, self.batch_size))
 
     def close(self, summary: dict) -> None:
         write_json(self.out_dir / SUMMARY, summary)

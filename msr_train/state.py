@@ -24,17 +24,13 @@ from .safe_files import remove_torn_writes
 @dataclasses.dataclass
 class LoopState:
     """The loop's counters, saved in every checkpoint. Times are seconds summed over
-    resumptions; the window_* fields are the training window's global sums at the
-    checkpoint (see TrainingWindow)."""
+    resumptions."""
 
     step: int = 0
     best_val_acc: float | None = None
     best_val_step: int | None = None
     train_time: float = 0.0
     wall_time: float = 0.0
-    window_loss: float = 0.0
-    window_correct: float = 0.0
-    window_n: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -44,46 +40,79 @@ class LoopState:
             setattr(self, field.name, state[field.name])
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowReading:
+    """The training window's sums over all ranks at one log point, and whether any rank
+    was asked to stop: the ranks agree on every decision made from it."""
+
+    loss: float
+    correct: float
+    n: int
+    stop_requested: bool = False
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.n, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.n, 1)
+
+
 class TrainingWindow:
     """Training loss and correct predictions since the last evaluation, summed on the
     device so that a step never waits for them. Reading them syncs with the device (and,
-    with several processes, all-reduces), so the loop reads them at log points only.
-    ``n`` counts the examples of all processes."""
+    with several processes, all-reduces), so the loop reads them once per log point and
+    hands the reading on. ``n`` counts the examples of all processes. A checkpoint holds
+    the global sums of the last reading: rank 0 carries them on, the others restart at 0."""
 
-    def __init__(self, state: LoopState, device: torch.device, is_main: bool):
-        # A checkpoint holds the global sums: rank 0 carries them on, the others restart at 0.
-        self.loss = torch.tensor(state.window_loss if is_main else 0.0, device=device)
-        self.correct = torch.tensor(state.window_correct if is_main else 0.0, device=device)
-        self.n = state.window_n
-        # The global loss sum and count at the previous read, for the loss between reads.
-        self._read_loss, self._read_n = state.window_loss, state.window_n
+    def __init__(self, device: torch.device, is_main: bool):
+        self.device, self.is_main = device, is_main
+        self.load_state_dict({})
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> None:
         self.loss += loss_sum
         self.correct += correct
         self.n += n
 
-    def totals(self, ctx: Context, stop_requested: bool) -> tuple[float, float, bool]:
-        """The window's loss and correct sums over all ranks, and whether any rank was
-        asked to stop: the ranks agree on every decision made from them."""
+    def read(self, ctx: Context, stop_requested: bool) -> WindowReading:
+        """The window's sums over all ranks (a collective: every rank calls it)."""
         flags = torch.stack([self.loss.double(), self.correct.double(),
-                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.loss.device)])
+                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
         loss, correct, stops = ctx.sum(flags).tolist()
-        return loss, correct, stops > 0
+        self.last = WindowReading(loss, correct, self.n, stops > 0)
+        return self.last
 
-    def interval_loss(self, loss: float) -> float | None:
-        """The mean training loss since the previous call (or the window's start), given
-        the window's global loss sum as ``totals`` returns it; None without new examples."""
-        n = self.n - self._read_n
-        mean = (loss - self._read_loss) / n if n else None
-        self._read_loss, self._read_n = loss, self.n
+    def interval_loss(self, reading: WindowReading) -> float | None:
+        """The mean training loss since the previous call (or the window's start); None
+        without new examples."""
+        n = reading.n - self._interval_start.n
+        mean = (reading.loss - self._interval_start.loss) / n if n else None
+        self._interval_start = reading
         return mean
 
     def reset(self) -> None:
-        self.loss.zero_()
-        self.correct.zero_()
-        self.n = 0
-        self._read_loss, self._read_n = 0.0, 0
+        self.load_state_dict({})
+
+    def state_dict(self) -> dict:
+        if self.last.n != self.n:
+            raise RuntimeError("the training window is checkpointed at a log point only, after it was read")
+        return {"loss": self.last.loss, "correct": self.last.correct, "n": self.last.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        loss, correct, n = state.get("loss", 0.0), state.get("correct", 0.0), state.get("n", 0)
+        self.loss = torch.tensor(loss if self.is_main else 0.0, device=self.device)
+        self.correct = torch.tensor(correct if self.is_main else 0.0, device=self.device)
+        self.n = n
+        self.last = self._interval_start = WindowReading(loss, correct, n)
+
+
+def window_state(checkpoint: dict) -> dict:
+    """A checkpoint's training window (older checkpoints kept its sums in the loop state)."""
+    if "window" in checkpoint:
+        return checkpoint["window"]
+    loop = checkpoint["loop"]
+    return {"loss": loop["window_loss"], "correct": loop["window_correct"], "n": loop["window_n"]}
 
 
 class BestModel:

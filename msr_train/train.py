@@ -48,11 +48,11 @@ from .report import end_report, epoch_line, start_banner
 from .run_files import CHECKPOINTS, SIGNAL_PROP, SUMMARY
 from .rules import shown
 from .run_lock import RunLock
-from .run_log import RunLog
+from .run_log import RunLog, examples_seen
 from .safe_files import remove_torn_writes, size_text, truncate_jsonl, write_fix, write_json
 from .signal_prop import conv_mean_shift, record_signal_prop
-from .state import (BestModel, LoopState, TrainingWindow, finished_summary, resumable_checkpoints, rng_state,
-                    run_about, set_rng_state)
+from .state import (BestModel, LoopState, TrainingWindow, WindowReading, finished_summary, resumable_checkpoints,
+                    rng_state, run_about, set_rng_state, window_state)
 
 
 #: Test sets at least this large get a note before they are evaluated (it takes a while).
@@ -309,12 +309,12 @@ class Run:
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=self.total_steps)
         self.state = LoopState()
+        self.window = TrainingWindow(device, ctx.is_main)
         self.best = BestModel(self.ckpt_dir / BEST if ctx.is_main and self.trainer_cfg.checkpoint else None,
                               run_about(cfg, self.data.info))
         resumed = self.resume()
         if ctx.is_main:
             accept(self.out_dir)  # every check has passed: this launch's config is the run's record
-        self.window = TrainingWindow(self.state, device, ctx.is_main)
         self.log = RunLog(self.out_dir, cfg, resume_step=None if resumed is None else self.state.step) \
             if ctx.is_main else None
         self.start_signal_prop(resumed is None)
@@ -360,6 +360,7 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("precision", {}))
         self.state.load_state_dict(state["loop"])
+        self.window.load_state_dict(window_state(state))
         set_rng_state(state["rng"], self.device)
         self.best.restore(self.ckpt_dir, state.get("best"), self.state.best_val_step, self.device)
 
@@ -447,12 +448,13 @@ class Run:
         stopping = bool(self.stop.received) and not self.ctx.parallel
         if step % t.log_every == 0 or evaluate_now or stopping:
             # Always before a checkpoint, so diverged weights are never saved.
-            running, stopping = self.read_window(bar)
-            if self.diverged(running):
+            reading = self.read_window(bar)
+            stopping = reading.stop_requested
+            if self.diverged(reading.mean_loss):
                 return "diverged"
         reached = None
         if evaluate_now:
-            self.evaluate_and_log()
+            self.evaluate_and_log(reading)
             reached = self.target_status()
             stopping = stopping or reached is not None
         if evaluate_now or stopping:
@@ -487,19 +489,22 @@ class Run:
                  "Lower optimizer.lr or add warmup (scheduler.warmup_epochs).")
         return True
 
-    def read_window(self, bar) -> tuple[float, bool]:
-        """The running training loss, and whether any rank was asked to stop; books the
-        training time and updates the progress bar."""
-        loss, correct, stopping = self.window.totals(self.ctx, bool(self.stop.received))
-        n = self.window.n
+    def read_window(self, bar) -> WindowReading:
+        """The training window's one reading at this log point (all ranks); books the
+        training time, updates the progress bar and logs the loss since the last reading."""
+        reading = self.window.read(self.ctx, bool(self.stop.received))
         self.state.train_time += time.perf_counter() - self.tick
         self.tick = time.perf_counter()
-        bar.set_postfix(loss=f"{loss / n:.3f}", acc=f"{correct / n:.3f}",
-                        img_s=f"{self.state.step * self.cfg.batch_size / self.state.train_time:.0f}")
-        interval = self.window.interval_loss(loss)
+        bar.set_postfix(loss=f"{reading.mean_loss:.3f}", acc=f"{reading.accuracy:.3f}",
+                        img_s=f"{self.examples_seen / self.state.train_time:.0f}")
+        interval = self.window.interval_loss(reading)
         if self.log is not None and interval is not None:  # read anyway: no extra device sync
             self.log.scalars({"train/loss": interval, "lr": self.base_lr()}, self.state.step)
-        return loss / n, stopping
+        return reading
+
+    @property
+    def examples_seen(self) -> int:
+        return examples_seen(self.state.step, self.cfg.batch_size)
 
     def base_lr(self) -> float:
         """The scheduled learning rate every method shares (optimizer.lr scaled to the
@@ -539,15 +544,13 @@ class Run:
                                     split="test"))
         return metrics
 
-    def evaluate_and_log(self) -> None:
+    def evaluate_and_log(self, reading: WindowReading) -> None:
         step, ctx = self.state.step, self.ctx
         # With an EMA both the average and the trained weights are evaluated, alike.
         for model in (self.eval_model,) if self.ema is None else (self.eval_model, self.model):
             self.method.before_evaluation(model, self.training_batches, ctx)
             ctx.broadcast_buffers(model)  # every shard is evaluated with rank 0's running statistics
         metrics = self.evaluate_splits()
-        n = max(self.window.n, 1)
-        loss, correct, _ = self.window.totals(ctx, bool(self.stop.received))
         shift = conv_mean_shift(self.model, self.probe) if self.probe is not None else {}
         norms = self.norms.read() if self.norms is not None else {}
         if self.trainer_cfg.signal_prop and step % self.steps_per_epoch == 0:
@@ -555,11 +558,10 @@ class Run:
         self.window.reset()
         if self.log is None:
             return
-        examples = step * self.cfg.batch_size
         record = {
-            "step": step, "epoch": step / self.steps_per_epoch, "examples_seen": examples,
-            "train_loss": loss / n, "train_acc": correct / n, **metrics, "lr": self.base_lr(),
-            "img_per_s": examples / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(), **norms,
+            "step": step, "epoch": step / self.steps_per_epoch, "examples_seen": self.examples_seen,
+            "train_loss": reading.mean_loss, "train_acc": reading.accuracy, **metrics, "lr": self.base_lr(),
+            "img_per_s": self.examples_seen / max(self.state.train_time, 1e-9), "wall_time_s": self.wall_time(), **norms,
         }
         self.log.log(record)
         if step % self.steps_per_epoch == 0:  # the bar is erased at the epoch's end: one line stays
@@ -568,18 +570,14 @@ class Run:
             self.log.scalars({**{f"mean_shift/{name}": v for name, v in shift.items()}, **norms}, step)
 
     def checkpoint(self) -> None:
-        if not self.trainer_cfg.checkpoint:
-            return
-        loss, correct, _ = self.window.totals(self.ctx, bool(self.stop.received))  # a collective: every rank
-        if not self.ctx.is_main:
+        if not (self.trainer_cfg.checkpoint and self.ctx.is_main):
             return
         self.state.wall_time = self.wall_time()
-        self.state.window_loss, self.state.window_correct, self.state.window_n = loss, correct, self.window.n
         save_checkpoint(self.ckpt_dir, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "precision": self.precision.state_dict(),
             "step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
-            **run_about(self.cfg, self.data.info), "loop": self.state.state_dict(),
+            **run_about(self.cfg, self.data.info), "loop": self.state.state_dict(), "window": self.window.state_dict(),
             "rng": rng_state(self.device), **({} if self.ema is None else {"ema": self.ema.state_dict()}),
             "best": self.best.state_dict(),
         })
@@ -606,7 +604,7 @@ class Run:
             "status": status, "model": cfg.model.name, "method": cfg.method.name, "dataset": cfg.dataset.name,
             "optimizer": cfg.optimizer.name, "scheduler": cfg.scheduler.name, "batch_size": cfg.batch_size,
             "lr": cfg.optimizer.lr, "epochs": cfg.epochs, "seed": cfg.seed, "step": step,
-            "examples_seen": step * cfg.batch_size, "final_train_loss": record.get("train_loss"),
+            "examples_seen": self.examples_seen, "final_train_loss": record.get("train_loss"),
             "final_val_acc": record.get("val_acc"), "best_val_acc": state.best_val_acc,
             "best_val_step": state.best_val_step,
             "best_val_epoch": None if state.best_val_step is None else state.best_val_step / self.steps_per_epoch,
@@ -615,7 +613,7 @@ class Run:
             **{f"selected_{k}": v for k, v in selected.items()},
             **{f"final_{k}": record.get(k) for k in ("test_acc", "test_loss", "test_top5") if k in record},
             "total_time_s": self.wall_time(), "train_time_s": state.train_time,
-            "img_per_s": step * cfg.batch_size / max(state.train_time, 1e-9),
+            "img_per_s": self.examples_seen / max(state.train_time, 1e-9),
             "params": sum(p.numel() for p in self.model.parameters()),
             "peak_memory_mb": peak_memory_mb(self.device), "device": str(self.device),
             "processes": self.ctx.world_size, "config": OmegaConf.to_container(cfg, resolve=True),

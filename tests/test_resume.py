@@ -73,7 +73,13 @@ def test_a_stop_signal_checkpoints_at_once_and_the_rerun_is_bit_identical(tmp_pa
     assert proc.returncode == 130 and sig.name in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
-    assert find_checkpoint(run_dir / "checkpoints")[0]["step"] == summary["step"]  # saved where it stopped
+    saved = find_checkpoint(run_dir / "checkpoints")[0]
+    assert saved["step"] == summary["step"]  # saved where it stopped
+    if sig == signal.SIGUSR1:  # the layout of older checkpoints (the window's sums in the loop state) resumes too
+        window = saved.pop("window")
+        saved["loop"].update({f"window_{k}": v for k, v in window.items()})
+        (run_dir / "checkpoints" / "prev.pt").unlink(missing_ok=True)
+        save_checkpoint(run_dir / "checkpoints", saved)
     res = run(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert_same_run(run_dir, uninterrupted)
