@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import conversion
+from .clipping import GradientClipping
 from .errors import ConfigError
 from .methods import METHODS, build_method
 from .methods.base import FINALIZED, Method
@@ -138,7 +139,8 @@ def check_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, metho
 
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module, method: Method | None = None, *,
            check_groups: bool = True) -> HookHandle:
-    """Run the method's ``before_step`` on the final gradients and ``after_step`` after the
+    """Run the method's default clipping (``Method.clipping()``: nf's AGC, bnp's global
+    norm) and its ``before_step`` on the final gradients and ``after_step`` after the
     update of every ``optimizer.step()``, as msr-train's loop does. With a closure
     (LBFGS, Lightning's automatic optimisation) ``before_step`` runs inside it, after its
     backward, every time the optimizer calls it. With a GradScaler, ``scaler.step``
@@ -149,6 +151,14 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, method: Method | 
     method = _method_of(model, method)
     if check_groups:
         check_param_groups(optimizer, model, method)
+    clip = GradientClipping(model, method.clipping())
+
+    @torch.no_grad()
+    def on_final_gradients(opt):
+        clip.ensure_bound(model)
+        if clip.active:
+            clip()
+        method.before_step(model, opt)
 
     def before(opt, args, kwargs):
         method.ensure_bound(model)
@@ -156,13 +166,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, method: Method | 
         # torch passes the step's own arguments, the optimizer first: (self, closure=None).
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
-            method.before_step(model, opt)
+            on_final_gradients(opt)
             return None
 
         def closure_then_hook():
             loss = closure()
-            with torch.no_grad():
-                method.before_step(model, opt)
+            on_final_gradients(opt)
             return loss
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_hook}

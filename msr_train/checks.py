@@ -108,10 +108,14 @@ def validate_config(cfg):
     check_group("logger", cfg.get("logger") or OmegaConf.create({}), LOGGER_RULES)
     check_installed(cfg.get("logger") or {})
     method = build_method(cfg.method, cfg.batch_size)
-    _require(not (cfg.trainer.agc_clip and getattr(method, "agc_clip", None)),
+    clipping = method.clipping()
+    _require(not (cfg.trainer.agc_clip and clipping.agc),
              f"trainer.agc_clip={cfg.trainer.agc_clip} and method.agc_clip={cfg.method.get('agc_clip')} (on at "
              f"batch_size={cfg.batch_size}) would clip every gradient twice; set method.agc_clip=0 to use the "
              "trainer's, or drop trainer.agc_clip")
+    _require(not (cfg.trainer.grad_clip_norm and clipping.max_norm),
+             f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
+             f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
     check_group("optimizer", cfg.optimizer, optimizer_rules(cfg.optimizer.name))
     check_group("scheduler", cfg.scheduler, scheduler_rules(cfg.scheduler.name))
     check_group("dataset", cfg.dataset, dataset_rules(cfg.dataset))
@@ -120,9 +124,6 @@ def validate_config(cfg):
              "each step splits the batch into that many equal micro-batches")
     check_optimizer_links(cfg.optimizer)
     check_schedule_fits(cfg.scheduler, cfg.epochs)
-    _require(not (cfg.trainer.grad_clip_norm and cfg.method.get("grad_clip_norm")),
-             f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
-             f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
     return method
 
 

@@ -8,15 +8,19 @@
   Simonyan 2021, arXiv 2102.06171): per output unit (a conv filter over its whole fan-in,
   a linear row, a vector or scalar parameter as one unit) G is rescaled to
   lambda * max(||W||, 1e-3) where ||G|| exceeds it. Scope as DeepMind's
-  experiment_nfnets.py: every parameter except the final classifier's weight. The nf
-  method uses the same function for its own AGC (``method.agc_clip``).
+  experiment_nfnets.py: every parameter except the final classifier's weight.
 
-The training step applies them to the final gradients (accumulated, all-reduced and
-unscaled), global norm first, before the method's own hooks (MSR's gradient projection,
-nf's AGC), so a method's invariants hold for the update it takes.
+A method that clips by default says so in ``Method.clipping()`` (nf's AGC, bnp's global
+norm); the trainer's settings and the method's are one ``Clipping``, applied by one
+``GradientClipping`` (the loop's, and msr_train.attach's in one's own loop) to the final
+gradients (accumulated, all-reduced and unscaled), global norm first, before the method's
+step hooks (MSR's gradient projection), so a method's invariants hold for the update it
+takes.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -60,21 +64,55 @@ def classifier_weight(model: nn.Module) -> nn.Parameter | None:
     return linears[-1].weight if linears else None
 
 
-class GradientClipping:
-    """The trainer's clipping (``trainer.grad_clip_norm``, ``trainer.agc_clip``) for one
-    model; called once per optimizer step on the final gradients."""
+@dataclasses.dataclass(frozen=True)
+class Clipping:
+    """The clipping of each optimizer step; None: off."""
 
-    def __init__(self, model: nn.Module, max_norm: float | None, agc_clip: float | None):
-        self.max_norm, self.agc_clip = max_norm or None, agc_clip or None
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        head = classifier_weight(model)
-        self.agc_params = [p for p in self.params if p is not head]
+    #: Global norm clipping's threshold (``trainer.grad_clip_norm``).
+    max_norm: float | None = None
+    #: AGC's lambda (``trainer.agc_clip``).
+    agc: float | None = None
+
+    def combined(self, other: Clipping) -> Clipping:
+        """Both clippings as one; a kind set in both would clip every gradient twice, which
+        checks.validate_config refuses with the settings' names before this is reached."""
+        if (self.max_norm and other.max_norm) or (self.agc and other.agc):
+            raise ValueError(f"{self} and {other} would clip every gradient twice")
+        return Clipping(self.max_norm or other.max_norm, self.agc or other.agc)
+
+
+class GradientClipping:
+    """A ``Clipping`` applied to one model's gradients; called once per optimizer step on
+    the final gradients."""
+
+    def __init__(self, model: nn.Module, clipping: Clipping):
+        self.max_norm, self.agc_clip = clipping.max_norm or None, clipping.agc or None
+        self._bound_ids = None
+        self.ensure_bound(model)
 
     @property
     def active(self) -> bool:
         return self.max_norm is not None or self.agc_clip is not None
 
+    def ensure_bound(self, model: nn.Module) -> None:
+        """Clip ``model``'s current parameters (after a deepcopy or
+        ``load_state_dict(assign=True)``, the new tensors)."""
+        ids = tuple(map(id, model.parameters()))
+        if ids == self._bound_ids:
+            return
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        head = classifier_weight(model)
+        self.agc_params = [p for p in self.params if p is not head]
+        self._bound_ids = ids
+
+    def compile(self, mode: str) -> None:
+        """``trainer.compile``: torch.compile the clipping too (AGC is several ops per parameter)."""
+        self._clip = torch.compile(self._clip, mode=mode)
+
     def __call__(self) -> None:
+        self._clip()
+
+    def _clip(self) -> None:
         if self.max_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         if self.agc_clip is not None:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .checkpoint import BEST, LAST, save_checkpoint, tidy_checkpoints, what_next
 from .checks import (check_batchnorm_trainable, check_parallel, check_writable, compile_mode, select_devices,
                      validate_config)
-from .clipping import GradientClipping
+from .clipping import Clipping, GradientClipping
 from .data import build_data
 from .distributed import Context, launched_group, process_group, spawn
 from .ema import WeightEMA
@@ -289,7 +289,9 @@ class Run:
         self.ema = WeightEMA(self.model, self.trainer_cfg.ema_decay) if self.trainer_cfg.ema_decay else None
         self.eval_model = self.model if self.ema is None else self.ema.module
         self.optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(self.model), cfg.batch_size)
-        self.clip = GradientClipping(self.model, self.trainer_cfg.grad_clip_norm, self.trainer_cfg.agc_clip)
+        # One clipper: the trainer's settings and the clipping the method trains with by default.
+        self.clip = GradientClipping(self.model, Clipping(self.trainer_cfg.grad_clip_norm, self.trainer_cfg.agc_clip)
+                                     .combined(self.method.clipping()))
         self.norms = ParamNormProbe(self.model) if self.trainer_cfg.log_norms else None
         self.precision = Precision(self.trainer_cfg.precision, device)
         # ``net`` is what the training step calls; ``model`` is the plain module that is
@@ -304,6 +306,7 @@ class Run:
             inductor_config.fallback_random = True
             self.net = torch.compile(self.net, mode=compile_mode(self.trainer_cfg.compile))
             self.method.compile_step_hooks(compile_mode(self.trainer_cfg.compile))
+            self.clip.compile(compile_mode(self.trainer_cfg.compile))
         self.steps_per_epoch = len(self.data.train)
         self.total_steps = min(cfg.epochs * self.steps_per_epoch, self.trainer_cfg.max_steps or math.inf)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, steps_per_epoch=self.steps_per_epoch,

@@ -179,3 +179,32 @@ def test_readme_example(tmp_path):
     code = readme.split("<!-- api-example:start -->")[1].split("<!-- api-example:end -->")[0]
     code = code.split("```python")[1].split("```")[0]
     exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("name, settings", [("nf", {"agc_clip": 0.01}), ("bnp", {"grad_clip_norm": 0.01})])
+def test_attach_clips_as_the_methods_default_says_as_the_loop_does(name, settings):
+    """nf's AGC and bnp's global-norm bound (Method.clipping()) act under attach exactly
+    as in msr-train's step; without them the step would differ."""
+    from msr_train.clipping import GradientClipping
+    from msr_train.train import train_step
+    x, y = batches(1, batch=8, channels=1, size=16)[0]
+    weights = {}
+    for path in ("loop", "attach", "unclipped"):
+        torch.manual_seed(0)
+        method = msr_train.method(name, batch_size=8, **settings)
+        model = msr_train.build_model("resnet8", method, in_channels=1, num_classes=10, image_size=16)
+        optimizer = torch.optim.SGD(msr_train.param_groups(model, lr=0.1), lr=0.1)
+        if path == "loop":
+            train_step(model, method, optimizer, x, y, on_gradients=GradientClipping(model, method.clipping()))
+        else:
+            if path == "attach":
+                msr_train.attach(optimizer, model)
+            nn.functional.cross_entropy(model(x), y).backward()
+            if path == "unclipped":
+                method.before_step(model, optimizer)
+            optimizer.step()
+            if path == "unclipped":
+                method.after_step(model, optimizer)
+        weights[path] = model.state_dict()
+    assert all(torch.equal(weights["loop"][k], weights["attach"][k]) for k in weights["loop"])
+    assert not all(torch.equal(weights["loop"][k], weights["unclipped"][k]) for k in weights["loop"])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import make_cfg, method_cfg
-from msr_train.clipping import GradientClipping
+from msr_train.clipping import Clipping, GradientClipping
 from msr_train.errors import ConfigError
 from msr_train.methods import build_method
 from msr_train.models import build_model
@@ -33,11 +33,11 @@ def test_global_norm_clipping_equals_the_formula():
     before = [p.grad.clone() for p in net.parameters()]
     total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in before))
     max_norm = total / 3
-    GradientClipping(net, max_norm, None)()
+    GradientClipping(net, Clipping(max_norm=max_norm))()
     for p, g in zip(net.parameters(), before):
         torch.testing.assert_close(p.grad, g * (max_norm / (total + 1e-6)))
     # Below the threshold nothing changes.
-    GradientClipping(net, total, None)()
+    GradientClipping(net, Clipping(max_norm=total))()
     torch.testing.assert_close(next(net.parameters()).grad, before[0] * (max_norm / (total + 1e-6)))
 
 
@@ -47,7 +47,7 @@ def test_trainer_agc_equals_the_formula_and_spares_the_classifier_weight(method)
     clip = 0.01
     expected = [reference_agc(p.grad, p.detach(), clip) for p in net.parameters()]
     before = [p.grad.clone() for p in net.parameters()]
-    GradientClipping(net, None, clip)()
+    GradientClipping(net, Clipping(agc=clip))()
     changed = 0
     for (name, p), e, b in zip(net.named_parameters(), expected, before):
         if name == "head.weight":
@@ -67,7 +67,7 @@ def test_clipping_comes_before_the_methods_hooks():
     method.before_step = lambda model, opt: (seen.append(math.sqrt(sum(
         float((p.grad ** 2).sum()) for p in model.parameters() if p.grad is not None))), original(model, opt))
     opt = build_optimizer(make_cfg("optimizer.lr=0.01").optimizer, method.param_groups(net), 8)
-    clip = GradientClipping(net, 1e-3, None)
+    clip = GradientClipping(net, Clipping(max_norm=1e-3))
     train_step(net, method, opt, torch.randn(8, 1, 16, 16), torch.randint(10, (8,)), on_gradients=clip)
     assert seen[0] == pytest.approx(1e-3, rel=1e-3)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
+from msr_train.clipping import GradientClipping
 from msr_train.methods import build_method
 from msr_train.models import build_model
 from msr_train.train import train
@@ -13,7 +14,8 @@ pytestmark = pytest.mark.slow  # compiles (torch.compile takes seconds per graph
 
 
 def hooked_gradients(method_name: str, compiled: bool, *overrides: str):
-    """Fixed random gradients of a resnet8, and the same after ``before_step``."""
+    """Fixed random gradients of a resnet8, and the same after the method's clipping and
+    ``before_step``."""
     cfg = make_cfg(f"method={method_name}", *overrides)
     torch.manual_seed(0)
     method = build_method(cfg.method, batch_size=cfg.batch_size)
@@ -21,8 +23,11 @@ def hooked_gradients(method_name: str, compiled: bool, *overrides: str):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     raw = [p.grad.clone() for p in model.parameters()]
+    clip = GradientClipping(model, method.clipping())
     if compiled:
         method.compile_step_hooks()
+        clip.compile("default")
+    clip()
     method.before_step(model, optimizer=None)
     return raw, [p.grad for p in model.parameters()]
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_cfg
+from msr_train.clipping import GradientClipping
 from msr_train.methods import build_method
 from msr_train.methods.nf import NFJoin, ScaledWeightStandardization, WSConv2d
 from msr_train.models import build_model
@@ -181,7 +182,7 @@ def test_agc_equals_the_formula_and_spares_the_classifier_weights():
     expected = {id(p): reference_agc(p.grad, p.detach(), clip) for p in model.parameters()}
     before = {id(p): p.grad.clone() for p in model.parameters()}
 
-    method.before_step(model, optimizer=None)
+    GradientClipping(model, method.clipping())()
 
     clipped = kept = 0
     for p in model.parameters():
@@ -212,7 +213,7 @@ def test_agc_disabled():
         model = build_model("resnet8", method, in_channels=3, num_classes=10, image_size=32)
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e3)
-        method.before_step(model, optimizer=None)
+        GradientClipping(model, method.clipping())()
         assert all((p.grad == 1e3).all() for p in model.parameters())
 
 

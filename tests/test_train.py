@@ -201,7 +201,7 @@ def test_trainer_compile_chooses_torch_compiles_mode_for_the_model_and_the_hooks
         return fn
     monkeypatch.setattr(torch, "compile", recording_compile)
     summary = train(make_cfg("debug=quick", "trainer.max_steps=1", f"trainer.compile={value}"), tmp_path)
-    assert summary["status"] == "completed" and modes == [mode] * 3  # the model, before_step, after_step
+    assert summary["status"] == "completed" and modes == [mode] * 4  # the model, before_step, after_step, the clipper
 
 
 def test_trainer_compile_refuses_other_modes_and_resumes_true_as_default(tmp_path):

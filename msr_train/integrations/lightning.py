@@ -25,8 +25,8 @@ carry the method's multipliers.
 Where the hooks run in Lightning's step (automatic optimisation): Lightning calls
 ``optimizer.step(closure)``; the closure runs the backward, then Lightning's
 ``on_before_optimizer_step`` and its gradient clipping (``gradient_clip_val``, by norm or
-by value); attach runs ``before_step`` (MSR's zero-mean gradient projection) after that
-closure returns, so clipping acts before the projection and the projected gradient is the
+by value); attach runs the method's default clipping (nf's AGC, bnp's bound) and
+``before_step`` (MSR's zero-mean gradient projection) after that closure returns, so clipping acts before the projection and the projected gradient is the
 one the optimizer uses: the invariant holds with either clipping algorithm. With manual
 optimisation every ``opt.step()`` runs the hooks the same way. The method's state is in
 the model's parameters and buffers, so Lightning's checkpoints hold it; MSR's noise is

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..clipping import Clipping
 from ..rules import Rule, check_group, number, text
 
 
@@ -197,6 +198,11 @@ class Method:
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups; a group may carry ``lr_mult`` (scales the lr)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def clipping(self) -> Clipping:
+        """The gradient clipping this method trains with by default (nf's AGC, bnp's global
+        norm): the trainer's clipper applies it with its own settings, before ``before_step``."""
+        return Clipping()
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Gradients are final here: accumulated, all-reduced and unscaled. The caller has

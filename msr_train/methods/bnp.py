@@ -79,7 +79,7 @@ import math
 import torch
 from torch import nn
 
-from ..clipping import GradientClipping
+from ..clipping import Clipping
 from ..rules import added_later, number
 from .base import Method
 
@@ -213,12 +213,13 @@ class BNPreconditioning(Method):
     def head(self, in_features, num_classes):
         return BNPLinear(in_features, num_classes, **self._stats())
 
+    def clipping(self):
+        # The trainer's own global-norm clipping, as bnp's default: it acts before before_step preconditions.
+        return Clipping(max_norm=self.grad_clip_norm)
+
     def bind(self, model):
         self._layers = [m for m in model.modules() if isinstance(m, Preconditioned)]
-        # The trainer's own global-norm clipping, as bnp's default (before preconditioning).
-        self._clip = GradientClipping(model, self.grad_clip_norm, None)
 
     def before_step(self, model, optimizer):
-        self._clip()
         for layer in self._layers:
             layer.precondition_grad_()

@@ -43,7 +43,8 @@ knobs are in conf/method/nf.yaml):
   (gains, biases and SkipInit scalars are clipped; timm excludes the whole head). Units
   as in agc_optax.unitwise_norm: a conv filter over its whole fan-in, a linear row, and
   a vector or scalar parameter as one unit; the 1e-3 floor on the weight norm lets
-  zero-initialised parameters move, at most lambda * 1e-3 per step at first.
+  zero-initialised parameters move, at most lambda * 1e-3 per step at first. The
+  trainer's clipper applies it (``clipping()``, msr_train.clipping).
 - Weight decay is off for vector and scalar parameters (gains, biases, SkipInit), as in
   experiment_nfnets.py.
 - Stochastic depth (``stochastic_depth`` = the rate of a notional block past the last;
@@ -67,7 +68,7 @@ import re
 import torch
 from torch import nn
 
-from ..clipping import adaptive_clip_, classifier_weight
+from ..clipping import Clipping
 from ..rules import added_later, choice, either, flag, number
 from .base import Method
 
@@ -252,6 +253,9 @@ class NormalizerFree(Method):
             return self.AGC_LAMBDA if (self.batch_size or 0) >= self.AGC_MIN_BATCH else None
         return clip or None
 
+    def clipping(self):
+        return Clipping(agc=self.agc_clip)
+
     def conv(self, in_ch, out_ch, kernel_size, stride=1, *, role="body", bias=False):
         if role == "stem" and self.cfg.stem == "plain":
             conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
@@ -289,16 +293,7 @@ class NormalizerFree(Method):
         if self.cfg.skipinit:
             model.register_load_state_dict_pre_hook(rename_branch_end_gains)
 
-    def bind(self, model):
-        head = classifier_weight(model)
-        self._clipped = [p for p in model.parameters() if p is not head]
-
     def param_groups(self, model):
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": [p for p in params if p.dim() > 1]},
                 {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
-
-    @torch.no_grad()
-    def before_step(self, model, optimizer):
-        if self.agc_clip is not None:
-            adaptive_clip_(self._clipped, self.agc_clip)
