@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import replace
@@ -13,7 +14,8 @@ from torch import nn
 
 from .data import dataset_rules
 from .errors import ConfigError
-from .methods import build_method
+from .methods import METHODS, build_method
+from .methods.base import Method
 from .models import MODEL_RULES
 from .optim import check_optimizer_links, check_schedule_fits, optimizer_rules, scheduler_rules
 from .precision import PRECISIONS
@@ -97,17 +99,81 @@ TRAINER_RULES = {
 
 
 
-def validate_config(cfg):
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What validate_config worked out for a run, once, for the rest of it to use: the
+    method (built and checked for this run's micro-batch), the devices (one process each)
+    and the process group torchrun or SLURM started, if any."""
+
+    method: Method
+    devices: list[torch.device]
+    #: (rank, world size, local rank) of a launched group (distributed.launched_group).
+    group: tuple[int, int, int] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return processes(self.devices, self.group)
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device (in a launched group on GPUs, the one of its local rank)."""
+        device = self.devices[0]
+        return torch.device("cuda", self.group[2]) if self.group is not None and device.type == "cuda" else device
+
+    @property
+    def is_writer(self) -> bool:
+        """This process writes the run's files (alone, or rank 0 of its group)."""
+        return self.group is None or self.group[0] == 0
+
+
+def processes(devices: list[torch.device], group: tuple[int, int, int] | None) -> int:
+    """The run's process count: one per device, or the launched group's world size."""
+    return len(devices) if group is None else group[1]
+
+
+def validate_config(cfg, job_num: int | None = None, group: tuple[int, int, int] | None = None) -> RunPlan:
     """Every setting of the run, the trainer, the model, the optimizer, the scheduler and
-    the dataset against its group's table, then the rules that tie settings together.
-    The method's table is its class's; it comes before the optimizer's, whose lr is the
-    method's by default. Returns the method, built and checked."""
+    the dataset against its group's table, then the rules that tie settings together,
+    and the devices (``job_num``: the Hydra multirun job, ``group``: a launched process
+    group). The method's table is its class's; it comes before the optimizer's, whose lr
+    is the method's by default. Returns the run's plan, with the method built once."""
     check_group("", cfg, RUN_RULES, skip=CONFIG_GROUPS)
     check_group("trainer", cfg.trainer, TRAINER_RULES)
     check_group("model", cfg.model, MODEL_RULES)
     check_group("logger", cfg.get("logger") or OmegaConf.create({}), LOGGER_RULES)
     check_installed(cfg.get("logger") or {})
-    method = build_method(cfg.method, cfg.batch_size)
+    devices = select_devices(cfg.trainer, job_num)
+    world_size = processes(devices, group)
+    check_batch_shares(cfg, world_size)
+    method = build_method(cfg.method, cfg.batch_size, micro_batch=cfg.batch_size // (world_size * cfg.trainer.accumulate))
+    check_clipping_once(cfg, method)
+    check_group("optimizer", cfg.optimizer, optimizer_rules(cfg.optimizer.name))
+    check_group("scheduler", cfg.scheduler, scheduler_rules(cfg.scheduler.name))
+    check_group("dataset", cfg.dataset, dataset_rules(cfg.dataset))
+    check_optimizer_links(cfg.optimizer)
+    check_schedule_fits(cfg.scheduler, cfg.epochs)
+    plan = RunPlan(method, devices, group)
+    method.check_processes(plan.world_size, plan.device)
+    return plan
+
+
+def check_batch_shares(cfg, world_size: int) -> None:
+    """The global batch splits into equal micro-batches: ``trainer.accumulate`` per step
+    in each of ``world_size`` processes."""
+    share = world_size * cfg.trainer.accumulate
+    if cfg.batch_size % share == 0:
+        return
+    if world_size == 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate="
+                          f"{cfg.trainer.accumulate}: each step splits the batch into that many equal micro-batches")
+    raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; {world_size} processes (trainer.devices) x "
+                      f"trainer.accumulate={cfg.trainer.accumulate} micro-batches must divide it: use a batch_size "
+                      f"that is a multiple of {share}")
+
+
+def check_clipping_once(cfg, method: Method) -> None:
+    """The trainer's clipping and the method's default (Method.clipping()) are one
+    clipper: the same kind in both would clip every gradient twice."""
     clipping = method.clipping()
     _require(not (cfg.trainer.agc_clip and clipping.agc),
              f"trainer.agc_clip={cfg.trainer.agc_clip} and method.agc_clip={cfg.method.get('agc_clip')} (on at "
@@ -116,23 +182,13 @@ def validate_config(cfg):
     _require(not (cfg.trainer.grad_clip_norm and clipping.max_norm),
              f"trainer.grad_clip_norm={cfg.trainer.grad_clip_norm} and method.grad_clip_norm="
              f"{cfg.method.get('grad_clip_norm')} would clip every gradient twice; set one of them to null")
-    check_group("optimizer", cfg.optimizer, optimizer_rules(cfg.optimizer.name))
-    check_group("scheduler", cfg.scheduler, scheduler_rules(cfg.scheduler.name))
-    check_group("dataset", cfg.dataset, dataset_rules(cfg.dataset))
-    _require(cfg.batch_size % cfg.trainer.accumulate == 0,
-             f"batch_size={cfg.batch_size} is not divisible by trainer.accumulate={cfg.trainer.accumulate}: "
-             "each step splits the batch into that many equal micro-batches")
-    check_optimizer_links(cfg.optimizer)
-    check_schedule_fits(cfg.scheduler, cfg.epochs)
-    return method
 
 
 def setting_rules(cfg) -> dict[str, Rule]:
     """Every setting of the run's config as a flat key (``trainer.cpu_threads``,
     ``method.lr_mult.conv``) -> its rule, from the tables validate_config checks; the
     resume check reads each rule's resume policy (msr_train.rules)."""
-    method = build_method(cfg.method, cfg.batch_size)
-    tables = {"": RUN_RULES, "trainer": TRAINER_RULES, "model": MODEL_RULES, "method": method.rules,
+    tables = {"": RUN_RULES, "trainer": TRAINER_RULES, "model": MODEL_RULES, "method": METHODS[cfg.method.name].rules,
               "optimizer": optimizer_rules(cfg.optimizer.name), "scheduler": scheduler_rules(cfg.scheduler.name),
               "dataset": dataset_rules(cfg.dataset), "logger": LOGGER_RULES}
     return {f"{group}.{key}" if group else key: rule for group, table in tables.items() for key, rule in table.items()}
@@ -174,17 +230,6 @@ def select_devices(trainer_cfg, job_num: int | None = None) -> list[torch.device
                  f"trainer.devices={ids}: CUDA device {i} does not exist; this machine has {have}")
     _require(len(set(ids)) == len(ids), f"trainer.devices={ids} names a device twice")
     return [torch.device("cuda", i) for i in ids]
-
-
-def check_parallel(cfg, method, world_size: int, device: torch.device) -> None:
-    """What several processes need: a global batch they can share, and what the method
-    needs of them (e.g. SyncBatchNorm: CUDA)."""
-    share = world_size * cfg.trainer.accumulate
-    _require(cfg.batch_size % share == 0,
-             f"batch_size={cfg.batch_size} is the global batch; {world_size} processes (trainer.devices) x "
-             f"trainer.accumulate="
-             f"{cfg.trainer.accumulate} micro-batches must divide it: use a batch_size that is a multiple of {share}")
-    method.check_processes(world_size, device)
 
 
 def check_writable(out_dir: Path, need_mb: int = 10) -> None:

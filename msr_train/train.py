@@ -30,8 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import BEST, LAST, save_checkpoint, tidy_checkpoints, what_next
-from .checks import (check_batchnorm_trainable, check_parallel, check_writable, compile_mode, select_devices,
-                     validate_config)
+from .checks import check_batchnorm_trainable, check_writable, compile_mode, validate_config
 from .clipping import Clipping, GradientClipping
 from .data import build_data
 from .distributed import Context, launched_group, process_group, spawn
@@ -39,7 +38,6 @@ from .ema import WeightEMA
 from .entry import RECEIVED
 from .errors import ConfigError, RunFailed, describe
 from .launch import accept
-from .methods import build_method
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .param_norms import ParamNormProbe
@@ -174,41 +172,31 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
     ``msr_train.distributed``). ``job_num``: the Hydra multirun job, which picks the GPU
     of a ``trainer.devices=auto`` run."""
     out_dir = Path(out_dir)
-    method = validate_config(cfg)
+    plan = validate_config(cfg, job_num, launched_group())
     check_writable(out_dir)
-    devices = select_devices(cfg.trainer, job_num)
-    group = launched_group()
     # One run per folder: the process that writes (rank 0) holds the lock for its group.
-    with RunLock(out_dir) if group is None or group[0] == 0 else contextlib.nullcontext():
+    with RunLock(out_dir) if plan.is_writer else contextlib.nullcontext():
         finished = finished_summary(out_dir, cfg)
         if finished is not None:
-            if group is None or group[0] == 0:
+            if plan.is_writer:
                 note(f"msr-train: {out_dir} has already finished ({finished['status']} at step {finished['step']:,}) "
                      "with these settings: nothing to do (msr-eval evaluates its checkpoints again)")
             return finished
-        if group is None or group[0] == 0:
+        if plan.is_writer:
             remove_torn_writes(out_dir)  # summary.json's, metrics.jsonl's
-        if group is not None:
-            return train_in_group(cfg, out_dir, method, devices[0], *group)
-        check_parallel(cfg, method, len(devices), devices[0])
-        if len(devices) == 1:
-            return train_process(cfg, out_dir, device=devices[0], ctx=Context())
+        if plan.group is not None:
+            rank, world_size, _ = plan.group
+            with process_group(plan.device, rank, world_size) as ctx:
+                return train_process(cfg, out_dir, plan.method, device=plan.device, ctx=ctx)
+        if len(plan.devices) == 1:
+            return train_process(cfg, out_dir, plan.method, device=plan.device, ctx=Context())
         tidy_checkpoints(out_dir / CHECKPOINTS)
         try:
-            spawn(train_process, devices, (cfg, out_dir))
+            spawn(train_process, plan.devices, (cfg, out_dir, plan.method))
         except RunFailed as e:  # a worker died: rank 0 could not say so itself
             record_failure(out_dir, cfg, str(e))
             raise
         return json.loads((out_dir / SUMMARY).read_text())
-
-
-def train_in_group(cfg, out_dir: Path, method, device: torch.device, rank: int, world_size: int,
-                   local_rank: int) -> dict:
-    """This process's part of a run in a process group that torchrun or SLURM started."""
-    device = torch.device("cuda", local_rank) if device.type == "cuda" else device
-    check_parallel(cfg, method, world_size, device)
-    with process_group(device, rank, world_size) as ctx:
-        return train_process(cfg, out_dir, device=device, ctx=ctx)
 
 
 def set_cpu_threads(trainer_cfg, device: torch.device, ctx: Context) -> None:
@@ -222,11 +210,12 @@ def set_cpu_threads(trainer_cfg, device: torch.device, ctx: Context) -> None:
         torch.set_num_threads(threads)
 
 
-def train_process(cfg, out_dir: Path, *, device: torch.device, ctx: Context) -> dict:
-    """The training of one process: the whole run, or rank ``ctx.rank``'s part of it."""
+def train_process(cfg, out_dir: Path, method, *, device: torch.device, ctx: Context) -> dict:
+    """The training of one process: the whole run, or rank ``ctx.rank``'s part of it, with
+    the run plan's ``method`` (not yet applied to a model)."""
     set_cpu_threads(cfg.trainer, device, ctx)
     try:
-        run = Run(cfg, out_dir, device, ctx)
+        run = Run(cfg, out_dir, method, device, ctx)
         # A signal during the final test waits for the summary (the status reached stands).
         with StopSignal() as stop:
             try:
@@ -272,12 +261,11 @@ class Run:
     0 writes; the other ranks still take part in every measurement, whose forward passes
     may hold collectives (SyncBatchNorm)."""
 
-    def __init__(self, cfg, out_dir: Path, device: torch.device, ctx: Context):
+    def __init__(self, cfg, out_dir: Path, method, device: torch.device, ctx: Context):
         self.cfg, self.trainer_cfg, self.out_dir, self.device, self.ctx = cfg, cfg.trainer, Path(out_dir), device, ctx
+        self.method = method
         self.ckpt_dir = self.out_dir / CHECKPOINTS
         torch.manual_seed(cfg.seed)
-        self.method = build_method(cfg.method, cfg.batch_size,
-                                   micro_batch=cfg.batch_size // (self.trainer_cfg.accumulate * ctx.world_size))
         self.data = build_data(cfg.dataset, batch_size=cfg.batch_size, eval_batch_size=self.trainer_cfg.eval_batch_size,
                                seed=cfg.seed, device=device, shard=(ctx.rank, ctx.world_size))
         if self.trainer_cfg.stop_at_val_acc is not None and self.data.val is None:

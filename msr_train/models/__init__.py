@@ -1,14 +1,30 @@
-"""Model registry: every architecture is built from a method (see methods.base)."""
+"""Model registry: every architecture is built from a method (see methods.base). Each
+module of this package that defines ``ARCHITECTURES`` (name -> builder) registers them
+by being here, so adding an architecture family is one module and its conf/model files:
+no list to edit."""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from torch import nn
 
 from ..rules import choice, either, flag, optional_key, unknown
 from ..methods.base import Method
-from . import resnet, vgg
 
-ARCHITECTURES = {**resnet.ARCHITECTURES, **vgg.ARCHITECTURES}
+
+def _registered() -> dict:
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        for name, builder in getattr(importlib.import_module(f"{__name__}.{module.name}"), "ARCHITECTURES", {}).items():
+            if name in found:
+                raise ImportError(f"architecture {name!r} is defined twice (msr_train.models.{module.name})")
+            found[name] = builder
+    return found
+
+
+ARCHITECTURES = _registered()
 
 #: Inputs up to this size get the small-image stem / classifier.
 SMALL_INPUT_MAX_PX = 64
