@@ -1,12 +1,39 @@
 """Helpers several test modules share (a module of its own, so no test file imports
 another)."""
 
+import json
+import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
+
+#: Debian's copy of Fashion-MNIST (apt-get install dataset-fashion-mnist): the real-data tests.
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+
+
+def metrics(run_dir):
+    """metrics.jsonl without the timing fields, which differ between any two runs."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_time_s")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def reference_agc(grad, weight, clip, eps=1e-3):
+    """AGC written out unit by unit: rows of a matrix / filters of a conv kernel, and a
+    vector or scalar as a single unit."""
+    out = grad.clone()
+    units = [...] if grad.dim() <= 1 else range(grad.shape[0])
+    for u in units:
+        g_norm = math.sqrt(float((grad[u] ** 2).sum()))
+        w_norm = max(math.sqrt(float((weight[u] ** 2).sum())), eps)
+        if g_norm > clip * w_norm:
+            out[u] = grad[u] * (clip * w_norm / g_norm)
+    return out
 
 
 def slice_drift(model) -> float:

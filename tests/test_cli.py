@@ -7,16 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
+from helpers import FASHION, needs_fashion
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 
 
 def msr_train(*args, cwd):

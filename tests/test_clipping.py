@@ -16,7 +16,7 @@ from msr_train.models import build_model
 from msr_train.param_norms import ParamNormProbe
 from msr_train.optim import build_optimizer
 from msr_train.train import train, train_step
-from test_nf import reference_agc
+from helpers import reference_agc
 
 
 def model_with_gradients(method="bn", seed=0):

@@ -8,7 +8,7 @@ from msr_train.clipping import GradientClipping
 from msr_train.methods import build_method
 from msr_train.models import build_model
 from msr_train.train import train
-from test_train import metrics
+from helpers import metrics
 
 pytestmark = pytest.mark.slow  # compiles (torch.compile takes seconds per graph)
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import make_cfg
 from msr_train.methods import METHODS
 from msr_train.train import train
-from test_cli import FASHION, needs_fashion
+from helpers import FASHION, needs_fashion
 
 pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_cfg
+from helpers import reference_agc
 from msr_train.clipping import GradientClipping
 from msr_train.methods import build_method
 from msr_train.methods.nf import NFJoin, ScaledWeightStandardization, WSConv2d
@@ -149,19 +150,6 @@ def test_residual_stream_variance_follows_the_expected_variance(name, size):
     for k, ((v, sq_mean), e) in enumerate(zip(measured, expected, strict=True)):
         assert abs(v / e - 1) < 0.25, f"block {k}: variance {v:.3f}, expected {e:.3f}"
         assert sq_mean < 0.05 * e, f"block {k}: squared channel mean {sq_mean:.4f}"
-
-
-def reference_agc(grad, weight, clip, eps=1e-3):
-    """AGC written out unit by unit: rows of a matrix / filters of a conv kernel, and a
-    vector or scalar as a single unit."""
-    out = grad.clone()
-    units = [...] if grad.dim() <= 1 else range(grad.shape[0])
-    for u in units:
-        g_norm = math.sqrt(float((grad[u] ** 2).sum()))
-        w_norm = max(math.sqrt(float((weight[u] ** 2).sum())), eps)
-        if g_norm > clip * w_norm:
-            out[u] = grad[u] * (clip * w_norm / g_norm)
-    return out
 
 
 def test_agc_equals_the_formula_and_spares_the_classifier_weights():

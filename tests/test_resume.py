@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from msr_train.checkpoint import find_checkpoint, save_checkpoint
-from helpers import RUN, cli, run, wait_for_checkpoint
+from helpers import RUN, cli, metrics, run, wait_for_checkpoint
 from msr_train.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -m 'not slow'
-
-def records(run_dir):
-    """metrics.jsonl without the timing fields, which differ between any two runs."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_time_s")}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
 
 def weights(run_dir):
     """The model's weights and their average, flattened into one dict."""
@@ -29,7 +23,7 @@ def weights(run_dir):
 
 
 def assert_same_run(a, b):
-    assert records(a) == records(b)
+    assert metrics(a) == metrics(b)
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ba, bb = (torch.load(d / "checkpoints" / "best.pt", weights_only=True) for d in (a, b))
@@ -44,7 +38,7 @@ def uninterrupted(tmp_path_factory):
     d = tmp_path_factory.mktemp("uninterrupted")
     res = run(*RUN, f"hydra.run.dir={d / 'run'}", cwd=d)
     assert res.returncode == 0, res.stderr
-    assert [r["step"] for r in records(d / "run")] == [5, 10, 15, 16, 20, 25, 30, 32]
+    assert [r["step"] for r in metrics(d / "run")] == [5, 10, 15, 16, 20, 25, 30, 32]
     return d / "run"
 
 

@@ -7,15 +7,11 @@ import pytest
 import torch
 
 from conftest import make_cfg
+from helpers import metrics
 from msr_train.optim import build_scheduler, scaled_lr
 from msr_train.train import train
 
 QUICK = ["debug=quick"]
-
-
-def metrics(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_time_s")}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method", ["bn", "msr"])

@@ -12,7 +12,7 @@ from msr_train.errors import ConfigError
 from msr_train.methods import build_method
 from msr_train.models import build_model
 from msr_train.train import evaluate, train
-from test_cli import FASHION, needs_fashion
+from helpers import FASHION, needs_fashion
 
 CPU = torch.device("cpu")
 
