@@ -25,15 +25,29 @@ from .safe_files import append_jsonl, truncate_jsonl, write_json
 from .sweeps import announced_keys
 from .trackers import TRACKERS
 
-#: metrics.jsonl key -> TensorBoard tag. Other keys (step, epoch, ...) stay in the jsonl.
-#: The training loss and the lr are logged at every log point instead (``trainer.log_every``).
-TB_TAGS = {
-    "train_acc": "train/acc",
-    "val_loss": "val/loss", "val_acc": "val/acc", "val_top5": "val/top5", "best_val_acc": "val/best_acc",
-    "val_raw_loss": "val_raw/loss", "val_raw_acc": "val_raw/acc",  # the trained weights beside their EMA
-    "test_loss": "test/loss", "test_acc": "test/acc", "test_top5": "test/top5",
-    "img_per_s": "throughput/img_per_s",
-}
+#: The splits of record keys, ``<split>_<metric>`` (the longest prefix first).
+SPLITS = ("val_raw", "train", "val", "test")
+#: Exceptions to tensorboard_tag's rule.
+TAG_EXCEPTIONS = {"best_val_acc": "val/best_acc", "img_per_s": "throughput/img_per_s"}
+#: Record keys without a chart: counters (the x-axis is examples seen), and the training
+#: loss and lr, which ``RunLog.scalars`` logs at every log point instead (the record's
+#: train_loss is the mean over the whole window since the last evaluation).
+NOT_CHARTED = ("step", "epoch", "examples_seen", "wall_time_s", "train_loss", "lr")
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """A metrics.jsonl key's TensorBoard tag, by one rule: ``<split>_<metric>`` ->
+    ``<split>/<metric>`` (val_acc -> val/acc, val_raw_loss -> val_raw/loss), a key that
+    holds a '/' as it is (grad_norm/head.weight), any other key under its own name; the
+    exceptions are TAG_EXCEPTIONS, and NOT_CHARTED keys get None."""
+    if key in NOT_CHARTED:
+        return None
+    if key in TAG_EXCEPTIONS:
+        return TAG_EXCEPTIONS[key]
+    split = next((s for s in SPLITS if key.startswith(f"{s}_")), None)
+    return key if split is None else f"{split}/{key[len(split) + 1:]}"
+
+
 #: Scalars the HParams tab shows next to each run's choices; it shows a tag's last value,
 #: so test/acc is the final model's test accuracy, test/selected_acc the val-selected one's.
 HPARAM_METRICS = ("val/best_acc", "test/selected_acc", "test/acc")
@@ -156,14 +170,16 @@ class RunLog:
             tracker.log(record, record["step"])
         if self.writer is not None:
             step = record["examples_seen"]
-            for key, tag in TB_TAGS.items():
-                if key in record:
-                    self.writer.add_scalar(tag, record[key], step)
+            for key, value in record.items():
+                tag = tensorboard_tag(key)
+                if tag is not None:
+                    self.writer.add_scalar(tag, value, step)
             self.writer.flush()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        """Scalars of the log points (training loss, lr, per-layer mean shift) at optimizer
-        ``step``; TensorBoard's x-axis is examples seen."""
+        """Scalars outside the evaluation records (the training loss and lr of every log
+        point, the per-layer mean shift) at optimizer ``step``; TensorBoard's x-axis is
+        examples seen."""
         for tracker in self.trackers:
             tracker.log(values, step)
         if self.writer is not None:

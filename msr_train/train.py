@@ -557,8 +557,8 @@ class Run:
         self.log.log(record)
         if step % self.steps_per_epoch == 0:  # the bar is erased at the epoch's end: one line stays
             note(epoch_line(record, self.cfg.epochs))
-        if shift or norms:
-            self.log.scalars({**{f"mean_shift/{name}": v for name, v in shift.items()}, **norms}, step)
+        if shift:
+            self.log.scalars({f"mean_shift/{name}": v for name, v in shift.items()}, step)
 
     def checkpoint(self) -> None:
         if not (self.trainer_cfg.checkpoint and self.ctx.is_main):

@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import make_cfg
 from msr_train import compare
-from msr_train.run_log import COMPARE_CHARTS, TB_TAGS, RunLog
+from msr_train.run_log import COMPARE_CHARTS, RunLog, tensorboard_tag
 
 METHODS, BATCH_SIZES, SEEDS = ("bn", "msr"), (8, 128), (0, 1)
 
@@ -399,6 +399,14 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
 
 # ---------------------------------------------------------------------------- TensorBoard
 
+def test_record_keys_map_to_tensorboard_tags_by_one_rule():
+    keys = ("val_acc", "val_raw_loss", "train_acc", "test_top5", "best_val_acc", "img_per_s",
+            "grad_norm/head.weight", "a_new_metric", "step", "examples_seen", "train_loss", "lr")
+    assert [tensorboard_tag(k) for k in keys] == [
+        "val/acc", "val_raw/loss", "train/acc", "test/top5", "val/best_acc", "throughput/img_per_s",
+        "grad_norm/head.weight", "a_new_metric", None, None, None, None]
+
+
 def test_tensorboard_layout_overlays_runs_and_hparams_show_selection_metrics(tmp_path):
     log = RunLog(tmp_path, make_cfg("method=bn"))
     log.log({"examples_seen": 128, "val_acc": 0.5, "best_val_acc": 0.5, "test_acc": 0.5})
@@ -412,7 +420,9 @@ def test_tensorboard_layout_overlays_runs_and_hparams_show_selection_metrics(tmp
               for c in cat.chart}
     assert list(charts) == list(COMPARE_CHARTS)
     # Each chart's regex picks its own tag (in every run) and no other.
-    tags = [*TB_TAGS.values(), "train/loss", "lr", "test/acc_old", "signal_prop/avg_var/block_000"]
+    record_keys = ("train_acc", "val_loss", "val_acc", "val_top5", "best_val_acc", "val_raw_loss", "val_raw_acc",
+                   "test_loss", "test_acc", "test_top5", "img_per_s")
+    tags = [*map(tensorboard_tag, record_keys), "train/loss", "lr", "test/acc_old", "signal_prop/avg_var/block_000"]
     for title, (regex,) in charts.items():
         assert [t for t in tags if re.search(regex, t)] == [title]
     content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
