@@ -42,10 +42,10 @@ def adaptive_clip_(params: list[torch.Tensor], clip: float, eps: float = 1e-3) -
     """AGC in place on the params' gradients: where a unit has ||G|| > clip * max(||W||,
     eps), that unit's G is rescaled to exactly that norm. Vectors and scalars (gains,
     biases, SkipInit) are one unit each and go through foreach norms and one foreach
-    multiply: they are most of the parameters, and one op per tensor for them was 40% of
-    AGC's time on resnet20. Matrices and kernels (one unit per row) stay one tensor at a
-    time; flattening them into one segmented vector was 2-30x slower on CPU
-    (``repeat_interleave`` and ``segment_reduce``), see docs/benchmarks.md."""
+    multiply: they are most of the parameters, and one op per tensor for them was much of
+    AGC's time. Matrices and kernels (one unit per row) stay one tensor at a time:
+    flattening them into one segmented vector (``repeat_interleave`` and
+    ``segment_reduce``) was slower on CPU. The measurements: docs/benchmarks.md."""
     whole = [p for p in params if p.grad is not None and p.dim() <= 1]
     if whole:
         grads = [p.grad for p in whole]

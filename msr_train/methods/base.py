@@ -213,10 +213,9 @@ class Method:
 
     def compile_step_hooks(self, mode: str = "default") -> None:
         """``trainer.compile``: torch.compile ``before_step`` and ``after_step`` too, in the
-        model's ``mode``. They are
-        many small ops on every parameter (MSR's anchors and ZMG are ~9 per weight); at
-        batch 1, where a step is mostly per-op overhead, eager MSR hooks took ~15% of a step
-        and compiled ones a third of that (docs/benchmarks.md, "Compiled")."""
+        model's ``mode``. They are many small ops on every parameter (MSR's anchors and
+        ZMG are several per weight), and at batch 1 a step is mostly per-op overhead
+        (their share, eager and compiled: docs/benchmarks.md, "Compiled")."""
         self.before_step = torch.compile(self.before_step, mode=mode)
         self.after_step = torch.compile(self.after_step, mode=mode)
 

@@ -55,7 +55,7 @@ reparametrisation), damping -> infinity is SGD with a per-layer step of
 its default is 0. What does is ``grad_clip_norm``: the raw gradients' global norm is
 clipped (exactly as ``trainer.grad_clip_norm`` would, all parameters together) before
 they are preconditioned, which bounds the rare steps where a large gradient meets a small
-variance. At its default bound (1 at batch 128, where the median raw norm is ~2.6) it
+variance. At its default bound (1 at batch 128, below the median raw norm there) it
 clips nearly every step, so bnp in practice takes steps of length lr x bound along the
 preconditioned direction. The default clip, BNP's own learning rate (``method.lr``, the
 default optimizer.lr) and damping were chosen on validation accuracy: docs/results.md.
@@ -65,11 +65,9 @@ and hold at larger batches. Below it the bound is grad_clip_norm x sqrt(128 / B)
 the raw gradient's norm is mostly sampling noise at small batches, and the momentum is
 1 - (1 - m)^(b / 128) for statistics updated with micro-batches of b examples (b = B
 without accumulation or several processes), which keeps the statistics' window at the
-same number of examples (BN's 0.1 at batch 2 would average ~20 examples). With the bound
-and momentum of batch 128, bnp at batch 2 was 7 points below bn and at batch 1 10 points
-below the unnormalised network; with both scaled it is level with each (docs/results.md).
-Scaled the same way above 128 (bound / 2.8, momentum 0.57 at batch 1024) they cost bnp 15
-points at batch 1024, so they are not.
+same number of examples. Batch 128's bound and momentum left bnp far behind at batches
+1-2, and scaling them above 128 as well cost it much at batch 1024, so they are scaled
+below 128 only (the measurements: docs/methods.md, "bnp", and docs/results.md).
 """
 
 from __future__ import annotations
@@ -180,11 +178,10 @@ class BNPreconditioning(Method):
         """The bound this run clips to: ``grad_clip_norm`` x sqrt(``reference_batch`` /
         batch_size) below the reference batch, ``grad_clip_norm`` above it. A small batch's
         gradient is mostly sampling noise, whose norm grows about as 1 / sqrt(batch)
-        (median raw norm measured on the grid: 2.6 at batch 128, 8.1 at 8, 13.0 at 2), so
-        the bound of batch 128 clips every small-batch step to a fraction of its length;
-        this one clips steps of about the same share of their typical length. Above the
-        reference the scaled bound (and momentum) cost bnp 15 points at batch 1024 in the
-        grid's 27 steps (docs/results.md)."""
+        (the medians measured: docs/methods.md, "bnp"), so the bound of batch 128 clips
+        every small-batch step to a fraction of its length; this one clips steps of about
+        the same share of their typical length. Above the reference the bound is not
+        scaled (docs/results.md)."""
         clip, ratio = self.cfg.grad_clip_norm, self._ratio_to_reference(self.batch_size)
         if not clip or ratio is None:
             return clip or None
@@ -196,8 +193,8 @@ class BNPreconditioning(Method):
         and for updates of B < ref examples the momentum whose window holds as many
         examples, 1 - (1 - m)^(B / ref). B is the micro-batch: the statistics are updated
         at every forward pass, and in a DDP run rank 0's, which every rank uses, see its
-        shard only. BN's 0.1 at batch 2 would average ~20 examples, a noisy preconditioner (bnp
-        lost ~0.6 points at batch 2 to it, docs/results.md)."""
+        shard only. BN's 0.1 at batch 2 would average about 20 examples, a noisy
+        preconditioner (its cost at batch 2: docs/results.md)."""
         m, ratio = self.cfg.momentum, self._ratio_to_reference(self.micro_batch)
         return m if ratio is None else 1 - (1 - m) ** ratio
 

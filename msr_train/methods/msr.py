@@ -192,8 +192,8 @@ def zero_mean_init_(weight: torch.Tensor, magnitude: float) -> None:
 def add_anchor_grad_(weights: list[torch.Tensor], target: float, strength: float) -> None:
     """The gradient of the soft norm anchors, strength * sum_rows (||w_r|| - target)^2 over
     every filter / row w_r, added to the weights' gradients: 2 strength (1 - target /
-    ||w_r||) w_r. In closed form, without autograd (as a loss term it cost ~30% of a
-    batch-1 step in graph overhead), and in foreach ops over all weights, one row-norm op
+    ||w_r||) w_r. In closed form, without autograd (as a loss term its graph overhead was a
+    large share of a batch-1 step, docs/benchmarks.md), and in foreach ops over all weights, one row-norm op
     per weight aside (at batch 1 a step is mostly per-op overhead)."""
     if not weights:
         return

@@ -37,8 +37,8 @@ knobs are in conf/method/nf.yaml):
 - AGC belongs to NFNets (arXiv 2102.06171), not to NF-ResNets (arXiv 2101.08692), which
   trained without it. ``agc_clip`` = lambda; ``auto`` (the default) is NFNets' 0.01 for
   optimizer steps of 1024 examples or more and off below (NFNets report that smaller
-  batches want looser clipping, and at batch 128 AGC at lambda 0.16 cost nf ~7 points on
-  Fashion-MNIST, docs/results.md); a number sets it at any batch; 0 or null disables it. Scope as
+  batches want looser clipping, and AGC at batch 128 cost nf much on Fashion-MNIST:
+  docs/methods.md, "nf"); a number sets it at any batch; 0 or null disables it. Scope as
   DeepMind's experiment_nfnets.py: every parameter except the classifier's weight
   (gains, biases and SkipInit scalars are clipped; timm excludes the whole head). Units
   as in agc_optax.unitwise_norm: a conv filter over its whole fan-in, a linear row, and
