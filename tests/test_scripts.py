@@ -101,3 +101,35 @@ def test_gpu_check_runs_every_cuda_path_on_the_cpu(tmp_path):
     assert [r for r in rows if r["status"] != "ok"] == []  # every path held, the kill included
     assert sum(r["check"] == "step" for r in rows) == 2 * 8  # every method at both batch sizes
     assert "| resume | msr, 12 steps, SIGKILL after a checkpoint | killed after step 3;" in res.stdout
+
+
+def test_norm_batch_table_chooses_each_runs_evaluation_on_validation_and_pairs_by_seed(tmp_path, monkeypatch):
+    """Two seeds of ghost-1 BN whose per-example evaluation wins on validation for one seed
+    and loses for the other: each reports the test accuracy of its own val choice; the
+    comparison with msr_paper is scipy's paired t-test on those values."""
+    from scipy import stats as st
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import norm_batch_table as nbt
+    monkeypatch.setattr(nbt, "ARCHIVE", tmp_path)
+
+    def run(name, seed, val, test, evals=None):
+        d = tmp_path / f"{name}-seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"status": "completed", "best_val_acc": val,
+                                                    "selected_test_acc": test}))
+        for overrides, (v, t) in (evals or {}).items():
+            for split, acc in (("val", v), ("test", t)):
+                (d / f"eval_best_{split}_{overrides}.json").write_text(json.dumps({f"{split}_acc": acc}))
+    example, precise = nbt.EVALUATIONS["example"], nbt.EVALUATIONS["precise"]
+    run("norm_batch/bn-ghost1", 0, 0.60, 0.59, {example: (0.90, 0.89), precise: (0.61, 0.60)})
+    run("norm_batch/bn-ghost1", 1, 0.91, 0.905, {example: (0.88, 0.95), precise: (0.62, 0.61)})
+    for seed, acc in enumerate((0.905, 0.90)):
+        run("converged/msr_paper-lr2x", seed, acc, acc)
+        run("converged/bn-lr2x", seed, acc + 0.01, acc + 0.01)
+    _, chosen, running = nbt.table()
+    assert chosen[1] == {0: 89.0, 1: 90.5}  # seed 1: running statistics won on validation (0.91 > 0.88)
+    assert running[1] == {0: 59.0, 1: 90.5}
+    found, _ = nbt.comparisons(chosen, running)
+    versus_msr = next(c for c in found if c.baseline == "msr_paper")
+    ref = st.ttest_rel([89.0, 90.5], [90.5, 90.0])
+    assert abs(versus_msr.p - ref.pvalue) < 1e-12 and abs(versus_msr.mean_diff - (-0.5)) < 1e-9
