@@ -76,17 +76,20 @@ class Context:
                 dist.broadcast(b, 0)
 
 
-def rand_per_sample(shape: tuple[int, ...], sample_dim: int, *, device=None, dtype=None) -> torch.Tensor:
-    """``torch.rand(shape)`` for this process's examples, the examples of dim ``sample_dim``.
-    In a process group of W it draws the global batch's values (W times as many examples)
-    and keeps this rank's slice, so that the draws equal a single process's and every
-    rank's generator advances alike."""
+def rand_per_sample(shape: tuple[int, ...], sample_dim: int, *, low: float = 0.0, high: float = 1.0, device=None,
+                    dtype=None) -> torch.Tensor:
+    """U(low, high) of ``shape`` for this process's examples, the examples of dim
+    ``sample_dim``. In a process group of W it draws the global batch's values (W times as
+    many examples) and keeps this rank's slice, so that the draws equal a single process's
+    and every rank's generator advances alike. ``uniform_`` takes the bounds as they are
+    (an affine map of ``torch.rand`` would convert each Python number to a tensor: four
+    operators each, which add up at batch 1)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return torch.rand(shape, device=device, dtype=dtype)
+        return torch.empty(shape, device=device, dtype=dtype).uniform_(low, high)
     world, rank, n = dist.get_world_size(), dist.get_rank(), shape[sample_dim]
     full = list(shape)
     full[sample_dim] = n * world
-    return torch.rand(full, device=device, dtype=dtype).narrow(sample_dim, rank * n, n)
+    return torch.empty(full, device=device, dtype=dtype).uniform_(low, high).narrow(sample_dim, rank * n, n)
 
 
 def launched_group() -> tuple[int, int, int] | None:

@@ -92,16 +92,25 @@ def resolve_lr_mult(param_groups: list[dict], lr: float) -> list[dict]:
     return groups
 
 
+def fused_supported(groups: list[dict]) -> bool:
+    """Whether torch's fused kernels take every parameter (floating, on the CPU or a CUDA
+    device): one operator per parameter group where the foreach path runs a few per tensor,
+    each with a conversion of its Python-number operands on the CPU; at batch 1, where a
+    step is mostly per-op overhead, that was the optimizer's whole cost (docs/benchmarks.md)."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+
+
 def build_optimizer(cfg, param_groups: list[dict], batch_size: int) -> torch.optim.Optimizer:
     lr = scaled_lr(cfg, batch_size)
     groups = resolve_lr_mult(param_groups, lr)
     for g in groups:
         g["initial_lr"] = g["lr"]
+    fused = fused_supported(groups)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
+                               nesterov=cfg.nesterov, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
     raise unknown("optimizer", cfg.name, OPTIMIZERS)
 
 

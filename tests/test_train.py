@@ -211,3 +211,11 @@ def test_trainer_compile_refuses_other_modes_and_resumes_true_as_default(tmp_pat
     saved = OmegaConf.to_container(make_cfg("debug=quick", "trainer.compile=true"), resolve=True)
     assert changed_settings(saved, make_cfg("debug=quick", "trainer.compile=default")) == []
     assert changed_settings(saved, make_cfg("debug=quick")) == ["trainer.compile: true -> false"]
+
+
+def test_the_optimizer_is_torchs_fused_one_where_torch_has_it():
+    from msr_train.optim import build_optimizer, fused_supported
+    for name in ("sgd", "adamw"):
+        cfg = make_cfg(f"optimizer={name}").optimizer
+        assert build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.ones(3))]}], 128).defaults["fused"]
+    assert not fused_supported([{"params": [torch.nn.Parameter(torch.ones(3, device="meta"))]}])

@@ -95,15 +95,19 @@ class ScaledWeightStandardization(torch.autograd.Function):
     step (docs/benchmarks.md). Tested against autograd's gradients in float64."""
 
     @staticmethod
-    def forward(ctx, weight, gain, const: float, eps: float):
+    def forward(ctx, weight, gain, const, eps: float):
+        # Every constant is an operand of its own type (``const`` a 0-dim tensor, see
+        # WSConv2d) or an operator's argument (clamp_min, alpha, value): on the CPU a Python
+        # number as an operand costs four more operators for its conversion, per conv.
         dims = tuple(range(1, weight.dim()))
-        var, mean = torch.var_mean(weight, dim=dims, correction=0, keepdim=True)
-        sum_sq = var * weight[0].numel()
-        inv_norm = torch.rsqrt(sum_sq.clamp(min=eps))
+        _, mean = torch.var_mean(weight, dim=dims, correction=0, keepdim=True)
         centred = weight - mean
-        factor = inv_norm * (gain * const).view_as(inv_norm)
+        norm = torch.linalg.vector_norm(centred, dim=dims, keepdim=True)  # sqrt(N var)
+        floored = norm.clamp_min(eps ** 0.5)
+        inv_norm = floored.reciprocal()
+        factor = inv_norm * (gain.view_as(inv_norm) * const)
         ctx.const = const
-        ctx.save_for_backward(centred, inv_norm, factor, sum_sq > eps)
+        ctx.save_for_backward(centred, inv_norm, factor, floored == norm)
         return centred * factor
 
     @staticmethod
@@ -115,8 +119,9 @@ class ScaledWeightStandardization(torch.autograd.Function):
         grad_gain = (dot * inv_norm).flatten() * ctx.const if ctx.needs_input_grad[1] else None
         grad_weight = None
         if ctx.needs_input_grad[0]:
-            radial = torch.where(unclamped, factor * inv_norm * inv_norm * dot, 0.0)
-            grad_weight = (grad - grad.mean(dims, keepdim=True)) * factor - centred * radial
+            radial = factor * inv_norm * inv_norm * dot * unclamped
+            centred_grad = grad.sub(grad.sum(dims, keepdim=True), alpha=1 / centred[0].numel())
+            grad_weight = torch.addcmul(centred_grad * factor, centred, radial, value=-1)
         return grad_weight, grad_gain, None, None
 
 
@@ -129,13 +134,33 @@ class WSConv2d(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
                  gamma: float, eps: float = 1e-4):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
-        self.gamma, self.eps, self.input_scale = gamma, eps, 1.0
+        self.gamma, self.eps = gamma, eps
+        # gamma * input_scale as a tensor (ScaledWeightStandardization.forward says why);
+        # not saved: it is rebuilt from the constants.
+        self.register_buffer("ws_const", torch.tensor(float(gamma)), persistent=False)
+        self.input_scale = 1.0
         self.gain = nn.Parameter(torch.ones(out_ch))
         nn.init.normal_(self.weight, std=self.weight[0].numel() ** -0.5)
         nn.init.zeros_(self.bias)
 
+    @property
+    def input_scale(self) -> float:
+        return self._input_scale
+
+    @input_scale.setter
+    def input_scale(self, value: float) -> None:
+        self._input_scale = value
+        self.ws_const.fill_(self.gamma * value)
+
+    def _apply(self, fn, recurse=True):
+        # After .double() / .half() / .to(device): the constant again from its exact value,
+        # not the old dtype's rounding of it.
+        module = super()._apply(fn, recurse)
+        self.ws_const.fill_(self.gamma * self._input_scale)
+        return module
+
     def standardized_weight(self) -> torch.Tensor:
-        return ScaledWeightStandardization.apply(self.weight, self.gain, self.gamma * self.input_scale, self.eps)
+        return ScaledWeightStandardization.apply(self.weight, self.gain, self.ws_const, self.eps)
 
     def forward(self, x):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
