@@ -461,27 +461,30 @@ def section_loop(args) -> list[dict]:
 def loop_rate(model_name: str, method_name: str, batch_size: int, steps: int, threads: int,
               compile: bool = False) -> float:
     """Steps/s of train() with the method's own defaults (its lr included). Compiled
-    (``trainer.compile=true``), each run compiles in its first steps: the rate is that of
-    the steps a longer run takes beyond a shorter one."""
+    (``trainer.compile=true``), a run compiles in its first steps: the rate is that of its
+    steps after a warm-up, read from two log points of the same run (the loop's own
+    training time at each, from metrics.jsonl), so the compile and any difference between
+    two runs' compiles stay out of it."""
     if not compile:
-        done, seconds = loop_time(model_name, method_name, batch_size, steps, threads)
-        return done / seconds
+        summary, _ = loop_run(model_name, method_name, batch_size, steps, threads)
+        return summary["step"] / summary["train_time_s"]
     warm = max(2, steps // 4)
-    # Each run compiles from scratch (the on-disk cache helps both alike): dynamo stops
+    # Each run compiles from scratch (the on-disk cache helps all alike): dynamo stops
     # compiling a function after 8 recompiles in one process and silently runs it eagerly.
     torch._dynamo.reset()
-    longer = loop_time(model_name, method_name, batch_size, warm + steps, threads, "trainer.compile=true")
-    torch._dynamo.reset()
-    shorter = loop_time(model_name, method_name, batch_size, warm, threads, "trainer.compile=true")
-    rate = (longer[0] - shorter[0]) / (longer[1] - shorter[1])
-    log(f"[5] {model_name}/{method_name} batch {batch_size}: compile (the shorter run's time beyond its "
-        f"steps at that rate) ~{shorter[1] - shorter[0] / rate:.1f} s")
+    _, records = loop_run(model_name, method_name, batch_size, warm + steps, threads, "trainer.compile=true",
+                          f"trainer.eval_every={warm}")
+    (s0, t0), (s1, t1) = [(r["step"], r["examples_seen"] / r["img_per_s"]) for r in (records[0], records[-1])]
+    rate = (s1 - s0) / (t1 - t0)
+    log(f"[5] {model_name}/{method_name} batch {batch_size}: the first {s0} steps (the compile) took {t0:.1f} s, "
+        f"{t0 - s0 / rate:.1f} s more than at the rate after them")
     return rate
 
 
-def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, threads: int,
-              *overrides: str) -> tuple[int, float]:
-    """Steps done (fewer if the run diverged to NaN) and the loop's own time (train_time_s)."""
+def loop_run(model_name: str, method_name: str, batch_size: int, steps: int, threads: int,
+             *overrides: str) -> tuple[dict, list[dict]]:
+    """One train() run: its summary (steps done, fewer if it diverged to NaN; the loop's
+    own time, train_time_s) and its metrics.jsonl records."""
     cfg = make_cfg(f"model={model_name}", f"method={method_name}", f"batch_size={batch_size}",
                    "dataset=fashion_mnist", "dataset.val_size=0", "dataset.test_size=1000",
                    f"trainer.max_steps={steps}", "trainer.accelerator=cpu", f"trainer.cpu_threads={threads}",
@@ -489,7 +492,9 @@ def loop_time(model_name: str, method_name: str, batch_size: int, steps: int, th
                    "trainer.resume=never", "trainer.divergence_factor=null", *overrides)
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(cfg, Path(out_dir))
-    return summary["step"], summary["train_time_s"]
+        metrics = Path(out_dir) / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return summary, records
 
 
 # ----------------------------------------------------------------------------- 6. ops
