@@ -42,8 +42,20 @@ def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, p
         f"  step      precision {t.precision}, {t.accumulate} micro-batch(es) per step (trainer.accumulate), "
         f"{'eager' if t.compile is False else 'compiled, mode ' + compile_mode(t.compile)} (trainer.compile)"
         + precision_note(t.precision, device),
+        *compile_note(t, cfg.batch_size, device),
         *size_note(cfg.model.name, params, device),
     ])
+
+
+#: Micro-batches up to this size are where a compiled step paid on the CPU (docs/benchmarks.md).
+SMALL_BATCH = 8
+
+
+def compile_note(trainer_cfg, batch_size: int, device: torch.device) -> list[str]:
+    if device.type != "cpu" or trainer_cfg.compile is not False or batch_size // trainer_cfg.accumulate > SMALL_BATCH:
+        return []
+    return ["  note      at batches of 1-8 on the CPU a compiled step (trainer.compile=true) trained every method "
+            "measured faster, after a compile of seconds to a minute (docs/benchmarks.md)"]
 
 
 #: Parameters above which a network is ImageNet-size (ResNet-50: 23.5 M): on a CPU such a

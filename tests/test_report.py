@@ -40,3 +40,11 @@ def test_the_end_report_and_epoch_lines_say_what_their_numbers_are():
         "msr-train: completed at step 0 after 3 s (no training step timed in this launch)"
     record = {"epoch": 2.0, "train_loss": 0.5, "train_acc": 0.8, "wall_time_s": 75.0}
     assert epoch_line(record, 4) == "epoch 2/4: train loss 0.5000, train acc 80.00%, 1 min 15 s since the start"
+
+
+def test_the_banner_suggests_compiling_for_small_eager_cpu_batches_only():
+    def noted(*overrides, device=CPU):
+        return any("trainer.compile=true" in line for line in banner(*overrides, device=device))
+    assert noted("batch_size=8") and noted("batch_size=16", "trainer.accumulate=2")
+    assert not noted("batch_size=16") and not noted("batch_size=8", "trainer.compile=true")
+    assert not noted("batch_size=8", device=CUDA)
