@@ -64,6 +64,23 @@ def classifier_weight(model: nn.Module) -> nn.Parameter | None:
     return linears[-1].weight if linears else None
 
 
+class BoundToParameters:
+    """Something that works on lists it collected from a model (``bind``), kept bound to
+    the model's current parameters: after a ``copy.deepcopy``, ``load_state_dict(assign=True)``
+    or a call with another model, ``ensure_bound`` binds again. Costs one walk over the
+    parameters (no device work); the bound lists keep the old tensors alive, so their ids
+    cannot be reused by new ones."""
+
+    def bind(self, model: nn.Module) -> None:
+        """Collect what is worked on from ``model``."""
+
+    def ensure_bound(self, model: nn.Module) -> None:
+        ids = tuple(map(id, model.parameters()))
+        if ids != getattr(self, "_bound_ids", None):
+            self.bind(model)
+            self._bound_ids = ids
+
+
 @dataclasses.dataclass(frozen=True)
 class Clipping:
     """The clipping of each optimizer step; None: off."""
@@ -81,29 +98,22 @@ class Clipping:
         return Clipping(self.max_norm or other.max_norm, self.agc or other.agc)
 
 
-class GradientClipping:
+class GradientClipping(BoundToParameters):
     """A ``Clipping`` applied to one model's gradients; called once per optimizer step on
-    the final gradients."""
+    the final gradients (``ensure_bound`` follows the model's current parameters)."""
 
     def __init__(self, model: nn.Module, clipping: Clipping):
         self.max_norm, self.agc_clip = clipping.max_norm or None, clipping.agc or None
-        self._bound_ids = None
         self.ensure_bound(model)
 
     @property
     def active(self) -> bool:
         return self.max_norm is not None or self.agc_clip is not None
 
-    def ensure_bound(self, model: nn.Module) -> None:
-        """Clip ``model``'s current parameters (after a deepcopy or
-        ``load_state_dict(assign=True)``, the new tensors)."""
-        ids = tuple(map(id, model.parameters()))
-        if ids == self._bound_ids:
-            return
+    def bind(self, model: nn.Module) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         head = classifier_weight(model)
         self.agc_params = [p for p in self.params if p is not head]
-        self._bound_ids = ids
 
     def compile(self, mode: str) -> None:
         """``trainer.compile``: torch.compile the clipping too (AGC is several ops per parameter)."""

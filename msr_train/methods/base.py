@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..clipping import Clipping
+from ..clipping import BoundToParameters, Clipping
 from ..rules import Rule, check_group, number, text
 
 
@@ -74,7 +74,7 @@ class PostActivationJoin(nn.Module):
         return self.act(branch(x) + shortcut(x))
 
 
-class Method:
+class Method(BoundToParameters):
     """Base class: the unnormalised network with PyTorch's default initialisation."""
 
     name = "base"
@@ -181,19 +181,8 @@ class Method:
 
     def bind(self, model: nn.Module) -> None:
         """Collect what the step hooks work on (parameter lists, layers) from ``model``.
-        Called again by ``ensure_bound`` whenever the model's parameters are no longer the
-        bound ones, so the hooks never act on stale tensors."""
-
-    def ensure_bound(self, model: nn.Module) -> None:
-        """Bind to ``model`` unless bound to its current parameters already: after a
-        ``copy.deepcopy``, ``load_state_dict(assign=True)`` or a hook called with another
-        model, the hooks follow the model they are given. Costs one walk over the
-        parameters (no device work); the bound lists keep the old tensors alive, so their
-        ids cannot be reused by new ones."""
-        ids = tuple(map(id, model.parameters()))
-        if ids != getattr(self, "_bound_ids", None):
-            self.bind(model)
-            self._bound_ids = ids
+        Called again by ``ensure_bound`` (BoundToParameters) whenever the model's
+        parameters are no longer the bound ones, so the hooks never act on stale tensors."""
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups; a group may carry ``lr_mult`` (scales the lr)."""
