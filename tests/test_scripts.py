@@ -56,16 +56,21 @@ def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread
     assert counts["none"] < counts["msr"] and counts["none"] < counts["nf"]
 
 
-@pytest.mark.slow  # the benchmark loop: seconds
-def test_bench_loop_reports_each_ratio_with_its_range_over_rounds(tmp_path, monkeypatch, one_thread):
+@pytest.mark.slow  # the benchmark loop: seconds (compiled: a minute)
+@pytest.mark.parametrize("mode", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_bench_loop_reports_each_ratio_with_its_range_over_rounds(tmp_path, monkeypatch, one_thread, mode, capsys):
     """Section 5 (the real loop): each method's ratio to none is the median of the rounds'
-    ratios, printed with their range, which must contain it."""
+    ratios, printed with their range, which must contain it. Compiled, each rate is read
+    between two log points of one run, and the compile's excess is reported apart."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     sys.modules.pop("bench", None)
     import bench
     out = tmp_path / "bench.md"
     bench.main(["--quick", "--sections", "5", "--models", "resnet8", "--loop-batch-sizes", "2",
-                "--methods", "none,msr", "--threads", "1", "--repeats", "3", "--out", str(out)])
+                "--methods", "none,msr", "--threads", "1", "--repeats", "3" if not mode else "2", *mode,
+                "--out", str(out)])
+    compiles = [line for line in capsys.readouterr().err.splitlines() if "(the compile) took" in line]
+    assert len(compiles) == (0 if not mode else 4)  # 2 methods x 2 rounds
     rows = {line.split(" | ")[1]: line.split(" | ") for line in out.read_text().splitlines()
             if line.startswith("| resnet8 | ")}
     assert set(rows) == {"none", "msr"}
