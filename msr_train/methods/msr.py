@@ -123,47 +123,6 @@ class NoisyInputJoin(PostActivationJoin):
         return super().forward(x, branch, shortcut)
 
 
-class ScaledNoise(torch.autograd.Function):
-    """MSR's noise at a conv output c, and the filter scale g where the output carries it,
-    as one autograd node:
-
-        y = g (c - s) n    (``on_output``: c is the raw conv output)
-        y = (c - g s) n    (the scale is in the weight: c = g * raw conv output)
-
-    with dL/dc = dL/dy * (g n) or dL/dy * n, and dL/dg = sum(dL/dy (c - s) n) or
-    -sum(dL/dy s n) over (sample, height, width). ``s`` None: no shift. The same formula
-    through autograd is four nodes per conv whose backward converts a Python number per
-    conv (addcmul's ``value``), at batch 1 a measurable share of the step
-    (docs/benchmarks.md). Tested against autograd's gradients in float64."""
-
-    @staticmethod
-    def forward(ctx, c, g, n, s, on_output: bool):
-        ctx.on_output = on_output
-        if on_output:
-            u = c * n if s is None else (c - s) * n
-            ctx.save_for_backward(g * n, u)
-            return u * g
-        if s is None:
-            ctx.save_for_backward(n, None)
-            return c * n
-        sn = s * n
-        ctx.save_for_backward(n, sn)
-        return c * n - g * sn
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        factor, dg_term = ctx.saved_tensors
-        grad_c = grad * factor
-        if dg_term is None:  # the scale is in the weight and there is no shift
-            return grad_c, None, None, None, None
-        if ctx.on_output:  # dg_term = (c - s) n
-            grad_g = (grad * dg_term).sum((0, 2, 3), keepdim=True)
-        else:  # dg_term = s n: dL/dg = -sum(grad s n)
-            grad_g = (grad.sum((2, 3), keepdim=True) * dg_term).sum(0, keepdim=True).neg_()
-        return grad_c, grad_g, None, None, None
-
-
 class MSRConv2d(nn.Conv2d):
     """A zero-mean conv with MSR's learnable filter scale and mean-shift noise at its output:
 
@@ -176,8 +135,8 @@ class MSRConv2d(nn.Conv2d):
     output would save a full copy of every conv output for theta's gradient); at small
     batches on wide layers (resnet18 at batch 1: 2.4M weights against 8k outputs in its
     last stage) the output is, and the weight-sized products, forward and backward, would
-    dominate the step. The noise, and the scale where the output carries it, are one
-    autograd node (``ScaledNoise``).
+    dominate the step. The noise is then a single ``addcmul`` on the output whose only
+    saved tensor is the (N, C) multiplier.
 
     ``role`` ('stem', 'body', 'shortcut') tells the MSR hooks which convs to anchor."""
 
@@ -196,19 +155,20 @@ class MSRConv2d(nn.Conv2d):
         return out_pixels < math.prod(self.weight.shape[1:])
 
     def forward(self, x):
-        noised = self.training and (self.noise_delta > 0 or self.noise_shift > 0)
         scale = self.log_scale.exp()
-        on_output = self.scales_output(x)
-        if on_output:
-            y = self._conv_forward(x, self.weight, self.bias)
+        if self.scales_output(x):
+            y = self._conv_forward(x, self.weight, self.bias) * scale.view(1, -1, 1, 1)
         else:
             bias = None if self.bias is None else self.bias * scale
             y = self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bias)
-        if not noised:
-            return y * scale.view(1, -1, 1, 1) if on_output else y
+        if not self.training or (self.noise_delta == 0 and self.noise_shift == 0):
+            return y
         n, s = noise_factors(y.shape[0], y.shape[1], self.noise_delta, self.noise_shift,
                              device=y.device, dtype=y.dtype)
-        return ScaledNoise.apply(y, scale.view(1, -1, 1, 1), n, s if self.noise_shift else None, on_output)
+        if self.noise_shift == 0:
+            return y * n
+        # g (c - s) n = (g c) n - g s n: the shift is in the raw conv output's units.
+        return torch.addcmul(-(s * n) * scale.view(1, -1, 1, 1), y, n)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, role={self.role}, noise_delta={self.noise_delta}, "
