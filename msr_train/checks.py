@@ -76,6 +76,7 @@ TRAINER_RULES = {
     "signal_prop": flag(),
     "cpu_threads": resumable(integer(1, os.cpu_count(), null=True,
                                      note="null: PyTorch's default; this machine's cores at most")),
+    "flush_denormal": resumable(flag(note="on the CPU: values below 1.2e-38 are zero (denormal arithmetic is slow)")),
     "checkpoint": flag(),
     "grad_clip_norm": added_later(number(0, 1e6, lo_open=True, null=True, note="null: off"), None),
     "agc_clip": added_later(number(0, 1e3, lo_open=True, null=True, note="lambda; null: off"), None),

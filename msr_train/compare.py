@@ -244,10 +244,12 @@ def _values(runs: list[RunFolder], key: str) -> list:
 # ---------------------------------------------------------------------------- tabulating
 
 def _order(value):
-    """Sort key that puts numbers in numeric order, then strings, then None."""
+    """Sort key that puts numbers in numeric order, then strings in natural order (their
+    digit runs as numbers: resnet8 < resnet20 < resnet110), then None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, value, "")
-    return (1 if value is not None else 2, 0, str(value))
+        return (0, value, ())
+    parts = re.split(r"(\d+)", str(value))
+    return (1 if value is not None else 2, 0, tuple(int(p) if i % 2 else p for i, p in enumerate(parts)))
 
 
 def group_runs(runs: list[RunFolder], keys: list[str]) -> dict[tuple, list[RunFolder]]:

@@ -199,37 +199,56 @@ def train(cfg, out_dir: Path, job_num: int | None = None) -> dict:
         return json.loads((out_dir / SUMMARY).read_text())
 
 
-def set_cpu_threads(trainer_cfg, device: torch.device, ctx: Context) -> None:
+@contextlib.contextmanager
+def cpu_settings(trainer_cfg, device: torch.device, ctx: Context):
+    """The CPU's threads (from here on) and, while the run lasts, its treatment of
+    denormal floats, for a run on the CPU."""
+    if device.type != "cpu":
+        yield
+        return
     # Small batches run fastest on one thread, and parallel jobs or processes must not
     # oversubscribe the cores.
-    if device.type != "cpu":
-        return
     threads = trainer_cfg.cpu_threads or (
         max(1, (os.cpu_count() or 1) // ctx.world_size) if ctx.parallel else None)
     if threads:
         torch.set_num_threads(threads)
+    # Arithmetic on denormals (|x| < 1.2e-38 in float32) is many times slower on x86 CPUs,
+    # and they appear once gradients are tiny, e.g. on examples the network fits well
+    # (docs/benchmarks.md); flushed, such values are zero, which no result can tell apart.
+    # The setting is the thread's, Python's own floats included: restored after the run.
+    flushing = float(torch.tensor([1e-39]) * 1.0) == 0.0  # (torch has no getter)
+    torch.set_flush_denormal(trainer_cfg.flush_denormal)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(flushing)
 
 
 def train_process(cfg, out_dir: Path, method, *, device: torch.device, ctx: Context) -> dict:
     """The training of one process: the whole run, or rank ``ctx.rank``'s part of it, with
     the run plan's ``method`` (not yet applied to a model)."""
-    set_cpu_threads(cfg.trainer, device, ctx)
     try:
-        run = Run(cfg, out_dir, method, device, ctx)
-        # A signal during the final test waits for the summary (the status reached stands).
-        with StopSignal() as stop:
-            try:
-                summary = run.summarise(run.fit(stop))
-            except KeyboardInterrupt:  # a second signal: stop at once, say where things stand
-                if ctx.is_main:
-                    run.summarise("interrupted")
-                raise
+        with cpu_settings(cfg.trainer, device, ctx):
+            run = Run(cfg, out_dir, method, device, ctx)
+            summary, stop = fit_and_summarise(run, ctx)
         if ctx.is_main:
             note(end_report(summary, Path(out_dir)))
         stop.hand_over()
         return summary
     except OSError as e:  # a full disk, a folder gone read-only: nothing saved so far is touched
         raise write_failed(e, Path(out_dir), cfg) from e
+
+
+def fit_and_summarise(run: Run, ctx: Context) -> tuple[dict, StopSignal]:
+    """The run trained and its summary written, and the signal handler it ran under."""
+    # A signal during the final test waits for the summary (the status reached stands).
+    with StopSignal() as stop:
+        try:
+            return run.summarise(run.fit(stop)), stop
+        except KeyboardInterrupt:  # a second signal: stop at once, say where things stand
+            if ctx.is_main:
+                run.summarise("interrupted")
+            raise
 
 
 def record_failure(out_dir: Path, cfg, reason: str) -> None:

@@ -84,6 +84,7 @@ from hydra import compose, initialize_config_module
 
 from msr_train.checks import check_batchnorm_trainable
 from msr_train.data import build_data
+from msr_train.distributed import Context
 from msr_train.errors import ConfigError
 from msr_train.methods import METHODS, build_method
 from msr_train.methods.bnp import Preconditioned
@@ -91,7 +92,7 @@ from msr_train.methods.msr import MSRConv2d
 from msr_train.methods.nf import WSConv2d
 from msr_train.models import build_model
 from msr_train.optim import build_optimizer
-from msr_train.train import evaluate, train, train_step
+from msr_train.train import cpu_settings, evaluate, train, train_step
 
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST
 
@@ -333,6 +334,7 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
         "msr with noise": ("msr", ("method.noise_at=conv",)),
         "msr without anchors": ("msr", ("method.anchor_weight=0",)),
         "msr, scale always on the weight": ("msr", ()),
+        "msr, denormals kept": ("msr", ()),  # trainer.flush_denormal=false, set per round below
         "nf": ("nf", ()),
         "nf, WS through autograd": ("nf", ()),
         "bnp": ("bnp", ()),
@@ -365,6 +367,9 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
         train_step(model, method, optimizer, x, y)
 
         def run(name=name, model=model, method=method, optimizer=optimizer):
+            # process-wide, so set for each timed run (the one fixed batch is soon fitted,
+            # and its gradients tiny: where denormals appear)
+            torch.set_flush_denormal(name != "msr, denormals kept")
             step = timed_steps(model, method, optimizer, x, y, steps)
             hook = timers[name].take() / steps if name in timers else 0.0
             return step, hook
@@ -373,6 +378,7 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
             timers[name].take()  # drop the warm-up step's time
         runs[name] = run
     res = interleaved(runs, repeats)
+    torch.set_flush_denormal(make_cfg().trainer.flush_denormal)  # as before the rounds, for the next sections
     step = {k: [s for s, _ in v] for k, v in res.items()}
 
     def in_place(name, hook):
@@ -392,6 +398,8 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
             by_difference("norm anchors (in before_step)", "msr", "msr without anchors"),
             by_difference("MSR scale: always on the weight over the smaller of weight and output",
                           "msr, scale always on the weight", "msr"),
+            by_difference("denormals kept (trainer.flush_denormal=false) over flushed, on a fitted batch",
+                          "msr, denormals kept", "msr"),
             in_place("nf", "AGC"),
             by_difference("Scaled WS: autograd's graph over nf's closed-form node",
                           "nf, WS through autograd", "nf"),
@@ -719,9 +727,11 @@ def main(argv=None) -> None:
                 4: ("data", section_data), 5: ("loop", section_loop), 6: ("ops", section_ops),
                 7: ("eval", section_eval)}
     results = {}
-    for number in args.sections:
-        key, run = sections[number]
-        results[key] = run(args)
+    # The steps timed here on fixed batches treat denormals as train() does (trainer.flush_denormal)
+    with cpu_settings(make_cfg().trainer, torch.device("cpu"), Context()):
+        for number in args.sections:
+            key, run = sections[number]
+            results[key] = run(args)
     text = markdown(args, results, command, time.perf_counter() - started)
     print(text)
     if args.out:

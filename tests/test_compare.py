@@ -279,6 +279,25 @@ def test_sweep_figure_over_a_non_numeric_key_uses_categories(sweep):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bn", "msr"]
 
 
+def test_names_with_numbers_sort_by_their_numbers(tmp_path):
+    """A depth sweep over ``model.name``: resnet8 < resnet20 < resnet56 < resnet110, then
+    vgg11 < vgg16, on the figure's axis and in the pivot table (not resnet110 first)."""
+    models = ["resnet110", "vgg16", "resnet20", "resnet8", "vgg11", "resnet56"]
+    for i, model in enumerate(models):
+        write_run(tmp_path / model, "bn", 128, 0)
+        summary = json.loads((tmp_path / model / "summary.json").read_text())
+        summary["model"] = model
+        (tmp_path / model / "summary.json").write_text(json.dumps(summary))
+    runs = compare.find_runs([tmp_path])
+    ordered = ["resnet8", "resnet20", "resnet56", "resnet110", "vgg11", "vgg16"]
+    fig = compare.sweep_figure(runs, "method", "model")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ordered
+    header = next(line for line in compare.pivot_markdown(runs, "method", "model").splitlines()
+                  if line.startswith("| method"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [f"model {m}" for m in ordered]
+    assert sorted([None, "b", 3, "a10", "a9", 1.5], key=compare._order) == [1.5, 3, "a9", "a10", "b", None]
+
+
 def test_signal_prop_series_and_figure(tmp_path):
     for m in ("bn", "msr"):
         for s in SEEDS:

@@ -9,7 +9,7 @@ import torch
 from conftest import make_cfg
 from helpers import metrics
 from msr_train.optim import build_scheduler, scaled_lr
-from msr_train.train import train
+from msr_train.train import Run, train
 
 QUICK = ["debug=quick"]
 
@@ -198,6 +198,21 @@ def test_trainer_compile_chooses_torch_compiles_mode_for_the_model_and_the_hooks
     monkeypatch.setattr(torch, "compile", recording_compile)
     summary = train(make_cfg("debug=quick", "trainer.max_steps=1", f"trainer.compile={value}"), tmp_path)
     assert summary["status"] == "completed" and modes == [mode] * 4  # the model, before_step, after_step, the clipper
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_cpu_run_flushes_denormals_unless_told_not_to_and_only_while_it_runs(tmp_path, flush):
+    """trainer.flush_denormal: a float32 denormal (1e-39) reads as zero in the run's
+    arithmetic when flushed and keeps its value when not; after the run, as before it
+    (the setting is the thread's: Python's floats too)."""
+    seen = []
+    cfg = make_cfg("debug=quick", "trainer.max_steps=1", f"trainer.flush_denormal={str(flush).lower()}")
+    with pytest.MonkeyPatch.context() as mp:
+        real = Run.fit
+        mp.setattr(Run, "fit", lambda self, stop: seen.append(float(torch.tensor([1e-39]) * 1.0)) or real(self, stop))
+        assert train(cfg, tmp_path)["status"] == "completed"
+    assert (seen[0] == 0.0) is flush and (flush or seen[0] == pytest.approx(1e-39, rel=1e-3))
+    assert float(torch.tensor([1e-39]) * 1.0) == pytest.approx(1e-39, rel=1e-3) and math.ldexp(1.0, -1060) * 1.0 > 0
 
 
 def test_trainer_compile_refuses_other_modes_and_resumes_true_as_default(tmp_path):
