@@ -327,63 +327,88 @@ def section_hooks(args) -> list[dict]:
     return rows
 
 
+#: Untimed steps on the fixed batch before the denormal rows: enough for resnet20 + msr to
+#: fit one batch until its softmax underflows (loss 0.0 in float32), where denormals appear.
+FIT_STEPS = 30
+
+
+HOOK_VARIANTS = {  # name -> (method, overrides); the patches are in hook_variant
+    "msr": ("msr", ()),
+    "msr without noise": ("msr", ("method.noise_at=off",)),
+    "msr without anchors": ("msr", ("method.anchor_weight=0",)),
+    "msr, scale always on the weight": ("msr", ()),
+    # fitted to the fixed batch first (FIT_STEPS untimed steps), with and without
+    # trainer.flush_denormal (set per round in hook_shares)
+    "msr, fitted batch": ("msr", ()),
+    "msr, fitted batch, denormals kept": ("msr", ()),
+    "nf": ("nf", ()),
+    "nf, WS through autograd": ("nf", ()),
+    "bnp": ("bnp", ()),
+    "bnp without tracking": ("bnp", ()),
+    "mimicnorm": ("mimicnorm", ()),
+}
+TIMED_HOOKS = {"msr without anchors": "before_step", "nf": "before_step", "bnp": "before_step",
+               "mimicnorm": "after_step"}
+
+
+def hook_variant(model_name: str, name: str, batch_size: int, x, y):
+    """(model, method, optimizer, timer or None) of one HOOK_VARIANTS entry, stepped once
+    untimed (FIT_STEPS times for the fitted ones); ConfigError where it cannot train."""
+    method_name, overrides = HOOK_VARIANTS[name]
+    _, model, method, optimizer = build(model_name, method_name, batch_size, *overrides)
+    if name == "nf, WS through autograd":
+        for conv in model.modules():
+            if isinstance(conv, WSConv2d):
+                conv.standardized_weight = _ws_through_autograd.__get__(conv)
+    if name == "msr, scale always on the weight":  # before session 9: folded in at every layer
+        for conv in model.modules():
+            if isinstance(conv, MSRConv2d):
+                conv.scales_output = lambda x: False
+    if name == "bnp without tracking":
+        for layer in model.modules():
+            if isinstance(layer, Preconditioned):
+                layer._track = _skip_tracking
+    timer = HookTimer(method, TIMED_HOOKS[name]) if name in TIMED_HOOKS else None
+    for _ in range(FIT_STEPS if "fitted batch" in name else 1):
+        train_step(model, method, optimizer, x, y)
+    if timer:
+        timer.take()  # drop the untimed steps' time
+    return model, method, optimizer, timer
+
+
 def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> list[dict]:
     x, y = fixed_batch(batch_size)
-    variants = {  # name -> (method, overrides)
-        "msr": ("msr", ()),
-        "msr with noise": ("msr", ("method.noise_at=conv",)),
-        "msr without anchors": ("msr", ("method.anchor_weight=0",)),
-        "msr, scale always on the weight": ("msr", ()),
-        "msr, denormals kept": ("msr", ()),  # trainer.flush_denormal=false, set per round below
-        "nf": ("nf", ()),
-        "nf, WS through autograd": ("nf", ()),
-        "bnp": ("bnp", ()),
-        "bnp without tracking": ("bnp", ()),
-        "mimicnorm": ("mimicnorm", ()),
-    }
-    timed_hooks = {"msr without anchors": "before_step", "nf": "before_step", "bnp": "before_step",
-                   "mimicnorm": "after_step"}
-    runs, timers = {}, {}
-    for name, (method_name, overrides) in variants.items():
+    runs = {}
+    for name in HOOK_VARIANTS:
         try:
-            _, model, method, optimizer = build(model_name, method_name, batch_size, *overrides)
+            model, method, optimizer, timer = hook_variant(model_name, name, batch_size, x, y)
         except ConfigError as e:  # BatchNorm-based methods at batch 1
             log(f"[3] {name} at batch {batch_size}: skipped ({e})")
             continue
-        if name == "nf, WS through autograd":
-            for conv in model.modules():
-                if isinstance(conv, WSConv2d):
-                    conv.standardized_weight = _ws_through_autograd.__get__(conv)
-        if name == "msr, scale always on the weight":  # before session 9: folded in at every layer
-            for conv in model.modules():
-                if isinstance(conv, MSRConv2d):
-                    conv.scales_output = lambda x: False
-        if name == "bnp without tracking":
-            for layer in model.modules():
-                if isinstance(layer, Preconditioned):
-                    layer._track = _skip_tracking
-        if name in timed_hooks:
-            timers[name] = HookTimer(method, timed_hooks[name])
-        train_step(model, method, optimizer, x, y)
 
-        def run(name=name, model=model, method=method, optimizer=optimizer):
-            # process-wide, so set for each timed run (the one fixed batch is soon fitted,
-            # and its gradients tiny: where denormals appear)
-            torch.set_flush_denormal(name != "msr, denormals kept")
+        def run(name=name, model=model, method=method, optimizer=optimizer, timer=timer):
+            # process-wide, so set for each timed run
+            torch.set_flush_denormal(not name.endswith("denormals kept"))
             step = timed_steps(model, method, optimizer, x, y, steps)
-            hook = timers[name].take() / steps if name in timers else 0.0
-            return step, hook
+            return step, timer.take() / steps if timer else 0.0
 
-        if name in timers:
-            timers[name].take()  # drop the warm-up step's time
         runs[name] = run
     res = interleaved(runs, repeats)
     torch.set_flush_denormal(make_cfg().trainer.flush_denormal)  # as before the rounds, for the next sections
+    rows = hook_rows(res, batch_size)
+    for row in rows:
+        log(f"[3] batch {batch_size} {row['hook']}: {row['ms']:.2f} ms of {row['step_ms']:.1f} ms "
+            f"({100 * row['share']:.1f}%)")
+    return rows
+
+
+def hook_rows(res: dict, batch_size: int) -> list[dict]:
+    """Section 3's rows from each variant's (step, hook) times over the rounds."""
     step = {k: [s for s, _ in v] for k, v in res.items()}
 
     def in_place(name, hook):
         shares = [h / s for s, h in res[name]]
-        return {"hook": hook, "method": name, "batch": batch_size, "how": f"timed in {timed_hooks[name]}",
+        return {"hook": hook, "method": name, "batch": batch_size, "how": f"timed in {TIMED_HOOKS[name]}",
                 "ms": 1e3 * statistics.median(h for _, h in res[name]),
                 "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
 
@@ -394,12 +419,12 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
                 "step_ms": 1e3 * statistics.median(step[name]), "share": statistics.median(shares)}
 
     rows = [in_place("msr without anchors", "ZMG (gradient projection)"),
-            by_difference("MSR noise, if on (noise_at=conv; forward + backward)", "msr with noise", "msr"),
+            by_difference("MSR noise (noise_at=conv, the default; forward + backward)", "msr", "msr without noise"),
             by_difference("norm anchors (in before_step)", "msr", "msr without anchors"),
             by_difference("MSR scale: always on the weight over the smaller of weight and output",
                           "msr, scale always on the weight", "msr"),
             by_difference("denormals kept (trainer.flush_denormal=false) over flushed, on a fitted batch",
-                          "msr, denormals kept", "msr"),
+                          "msr, fitted batch, denormals kept", "msr, fitted batch"),
             in_place("nf", "AGC"),
             by_difference("Scaled WS: autograd's graph over nf's closed-form node",
                           "nf, WS through autograd", "nf"),
@@ -407,9 +432,6 @@ def hook_shares(model_name: str, batch_size: int, steps: int, repeats: int) -> l
             by_difference("BNP statistics tracking", "bnp", "bnp without tracking")]
     if "mimicnorm" in res:
         rows.append(in_place("mimicnorm", "weight mean"))
-    for row in rows:
-        log(f"[3] batch {batch_size} {row['hook']}: {row['ms']:.2f} ms of {row['step_ms']:.1f} ms "
-            f"({100 * row['share']:.1f}%)")
     return rows
 
 
