@@ -54,8 +54,8 @@ SMALL_BATCH = 8
 def compile_note(trainer_cfg, batch_size: int, device: torch.device) -> list[str]:
     if device.type != "cpu" or trainer_cfg.compile is not False or batch_size // trainer_cfg.accumulate > SMALL_BATCH:
         return []
-    return ["  note      at batches of 1-8 on the CPU a compiled step (trainer.compile=true) trained every method "
-            "measured faster, after a compile of seconds to a minute (docs/benchmarks.md)"]
+    return ["  note      at batches of 1-8 on the CPU a compiled step (trainer.compile=true) trained most "
+            "methods 1.1-1.6x faster, after a compile of seconds to a minute (docs/benchmarks.md)"]
 
 
 #: Parameters above which a network is ImageNet-size (ResNet-50: 23.5 M): on a CPU such a
