@@ -203,7 +203,8 @@ def later_parts(lrs, mults) -> list[Job]:
                 for method in methods:
                     jobs.append(Job("depth", f"{model}-{method}-seed{seed}",
                                     [PROTOCOL, f"model={model}", f"method={method}", f"epochs={DEPTH_EPOCHS}",
-                                     f"seed={seed}"], (len(METHODS) + 1 + k, seed, model), needs=[method]))
+                                     f"seed={seed}", "trainer.signal_prop=true"],  # the networks at init too
+                                    (len(METHODS) + 1 + k, seed, model), needs=[method]))
     jobs += [Job("default", f"seed{seed}", [f"seed={seed}", "trainer.cpu_threads=1"], (len(METHODS) + 3, seed))
              for seed in DEPTH_SEEDS]
     for job in jobs:  # the chosen rate, once known
