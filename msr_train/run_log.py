@@ -33,6 +33,10 @@ TAG_EXCEPTIONS = {"best_val_acc": "val/best_acc", "img_per_s": "throughput/img_p
 #: loss and lr, which ``RunLog.scalars`` logs at every log point instead (the record's
 #: train_loss is the mean over the whole window since the last evaluation).
 NOT_CHARTED = ("step", "epoch", "examples_seen", "wall_time_s", "train_loss", "lr")
+#: Record keys that ``RunLog.scalars`` logs under the same name at every log point: a
+#: tracker gets them from there alone, since the record's copy would be a second point at
+#: the same step (and a run killed between the two would resume with one of them).
+TRACKED_AS_SCALARS = ("lr",)
 
 
 def tensorboard_tag(key: str) -> str | None:
@@ -166,8 +170,9 @@ class RunLog:
         """One evaluation: appended to metrics.jsonl (flushed to disk), then the loggers."""
         self.records.append(record)
         append_jsonl(self.metrics_path, [record])
+        tracked = {k: v for k, v in record.items() if k not in TRACKED_AS_SCALARS}
         for tracker in self.trackers:
-            tracker.log(record, record["step"])
+            tracker.log(tracked, record["step"])
         if self.writer is not None:
             step = record["examples_seen"]
             for key, value in record.items():

@@ -40,8 +40,9 @@ def assert_run_matches_its_dir(client, found, run_dir):
     assert found.data.metrics["summary/selected_test_acc"] == summary["selected_test_acc"]
     assert found.data.tags["status"] == "completed" and found.info.status == "FINISHED"
     assert found.data.params["method.name"] == "msr" and found.data.params["batch_size"] == "32"
-    train_loss = history(client, found.info.run_id, "train/loss")
-    assert train_loss and len({s for s, _ in train_loss}) == len(train_loss)  # every log point once
+    for key in ("train/loss", "lr"):
+        points = history(client, found.info.run_id, key)
+        assert points and len({s for s, _ in points}) == len(points), key  # every log point once
 
 
 def test_a_run_in_a_sqlite_store(tmp_path):
