@@ -21,6 +21,7 @@ land first):
    the micro-batch).
 3. ``depth``: ResNet-8/20/56/110 for bn, msr, nf, gn_ws and none at their chosen rates, 3
    seeds, 3 epochs (the same budget for every depth); then VGG-11/16 for bn, msr, none.
+   A depth run that diverges at its chosen rate runs again at half of it (``depth_retry``).
 4. ``default``: ``msr-train`` with no arguments, seeds 0-2: the README's default-run figure
    for MSR's defaults since session 11 (the paper's settings).
 
@@ -181,7 +182,22 @@ def plan(root: Path, lrs: dict[str, float]) -> list[Job]:
             else:
                 jobs.append(Job("converged", f"{method}-seed{seed}", [], (i, 1), needs=[method]))
     jobs += later_parts(lrs, mults)
-    return jobs
+    return jobs + half_rate_retries(jobs, root)
+
+
+def half_rate_retries(jobs: list[Job], root: Path) -> list[Job]:
+    """A depth run that diverged at its method's chosen rate (chosen on ResNet-20) runs
+    once more at half that rate, in part ``depth_retry`` under the same name: the depth
+    figure then shows whether the method fails at that depth or only needs a smaller rate
+    there (a diverged point alone cannot tell). The retry's own result stands either way."""
+    retries = []
+    for job in jobs:
+        if job.part == "depth" and not job.needs and job.status(root) == "diverged":
+            rate = next(o for o in job.overrides if o.startswith("optimizer.lr="))
+            half = f"optimizer.lr={float(rate.split('=')[1]) / 2:g}"
+            retries.append(Job("depth_retry", job.name, [half if o == rate else o for o in job.overrides],
+                               (*job.priority, 1)))
+    return retries
 
 
 def chosen_lr(method: str, lrs, mults) -> str:

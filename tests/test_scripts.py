@@ -138,3 +138,36 @@ def test_norm_batch_table_chooses_each_runs_evaluation_on_validation_and_pairs_b
     versus_msr = next(c for c in found if c.baseline == "msr_paper")
     ref = st.ttest_rel([89.0, 90.5], [90.5, 90.0])
     assert abs(versus_msr.p - ref.pvalue) < 1e-12 and abs(versus_msr.mean_diff - (-0.5)) < 1e-9
+
+
+def write_summary(run_dir: Path, status: str, best_val_acc: float | None = None) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "best_val_acc": best_val_acc}))
+
+
+def test_evidence_plan_chooses_rates_on_validation_and_retries_a_diverged_depth_run(tmp_path, monkeypatch):
+    """The evidence driver's plan: the screened rate with the best validation accuracy wins
+    (a diverged run never does), the other seeds and the depth runs use it, and a depth run
+    that diverged gets one retry at half that rate."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("evidence", None)
+    import evidence
+    monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")  # the committed runs play no part
+    root = tmp_path / "root"
+    for mult, status, acc in ((0.5, "completed", 0.90), (1.0, "completed", 0.91), (2.0, "diverged", None)):
+        write_summary(root / "converged" / evidence.screen_name("msr_paper", mult, 0), status, acc)
+    assert evidence.chosen_mult(root, "msr_paper") == 1.0
+    lrs = evidence.default_lrs()
+    rate = f"optimizer.lr={lrs['msr_paper']:g}"
+    jobs = {(j.part, j.name): j for j in evidence.plan(root, lrs) if not j.evaluates}
+    assert rate in jobs["converged", "msr_paper-lr1x-seed3"].overrides
+    depth = jobs["depth", "resnet110-msr_paper-seed0"]
+    assert rate in depth.overrides and not depth.needs
+    assert jobs["depth", "resnet110-bn-seed0"].needs == ["bn"]  # bn's screen has not run
+    assert ("depth_retry", "resnet110-msr_paper-seed0") not in jobs
+    write_summary(depth.dir(root), "diverged")
+    jobs = {(j.part, j.name): j for j in evidence.plan(root, lrs) if not j.evaluates}
+    retry = jobs["depth_retry", "resnet110-msr_paper-seed0"]
+    assert f"optimizer.lr={lrs['msr_paper'] / 2:g}" in retry.overrides and rate not in retry.overrides
+    assert [o for o in retry.overrides if not o.startswith("optimizer.lr=")] == \
+        [o for o in depth.overrides if not o.startswith("optimizer.lr=")]
