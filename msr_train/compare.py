@@ -107,9 +107,9 @@ def _summary(path: Path) -> dict:
     return {k: v for k, v in summary.items() if k not in bad}
 
 
-def _records(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file, each value a number; damaged lines and values are
-    skipped with a warning, never the rows after them."""
+def _records(path: Path, text_keys: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a JSON-lines file, each value a number (a string under ``text_keys``);
+    damaged lines and values are skipped with a warning, never the rows after them."""
     if not path.exists():
         return []
     damaged = []
@@ -120,7 +120,8 @@ def _records(path: Path) -> list[dict]:
         return []
     if damaged:
         warn(path, f"{damaged_lines_text(damaged)} skipped")
-    clean = [{k: v for k, v in r.items() if _is_number(v)} for r in records]
+    clean = [{k: v for k, v in r.items() if _is_number(v) or (k in text_keys and isinstance(v, str))}
+             for r in records]
     dropped = sum(len(r) - len(c) for r, c in zip(records, clean))
     if dropped:
         warn(path, f"{dropped} values that are not numbers skipped")
@@ -144,7 +145,7 @@ class RunFolder:
         if not isinstance(config, dict):
             # Unresolved: interpolations stay as written, which is enough to look keys up.
             config = _yaml(path / HYDRA_CONFIG)
-        return cls(path, _records(path / METRICS), summary, config, _records(path / SIGNAL_PROP),
+        return cls(path, _records(path / METRICS), summary, config, _records(path / SIGNAL_PROP, ("name",)),
                    _choices(path / HYDRA_SETTINGS))
 
     @property

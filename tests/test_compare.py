@@ -298,7 +298,7 @@ def test_names_with_numbers_sort_by_their_numbers(tmp_path):
     assert sorted([None, "b", 3, "a10", "a9", 1.5], key=compare._order) == [1.5, 3, "a9", "a10", "b", None]
 
 
-def test_signal_prop_series_and_figure(tmp_path):
+def test_signal_prop_series_and_figure(tmp_path, capsys):
     for m in ("bn", "msr"):
         for s in SEEDS:
             folder = tmp_path / f"{m}-{s}"
@@ -312,12 +312,15 @@ def test_signal_prop_series_and_figure(tmp_path):
     series, skipped = compare.signal_prop_series(runs, "method", 1)
     assert [label for label, _ in series] == ["bn", "bn", "msr", "msr"] and skipped == []
     assert [r["avg_sq_mean"] for r in series[0][1]] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [r["name"] for r in series[0][1]] == ["b0", "b1", "b2", "b3"]  # its text column is kept
     fig = compare.signal_prop_figure(series)
     for ax in fig.axes[:2]:
         assert len(lines(ax)) == 4 and len({line.get_color() for line in lines(ax)}) == 2
         assert ax.get_yscale() == "log"
+    capsys.readouterr()
     compare.main(["--signal-prop", str(tmp_path), "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "signal_prop_epoch0.png").stat().st_size > 10_000
+    assert "warning" not in capsys.readouterr().err  # (block names once read as values not numbers)
 
 
 # ---------------------------------------------------------------------------- errors
