@@ -698,9 +698,11 @@ def sweep_figure(runs: list[RunFolder], by: str, x: str) -> Figure:
 
 
 def what_was_trained(runs: list[RunFolder]) -> str:
-    """``resnet20 on fashion_mnist`` (every value where the runs differ), for titles."""
+    """``resnet20 on fashion_mnist`` (every value where the runs differ, in natural order;
+    a count beyond three, which would not fit a title), for titles."""
     def values(key):
-        return "/".join(dict.fromkeys(label(v) for r in runs if (v := r.get(key, None)) is not None)) or "?"
+        found = sorted({v for r in runs if (v := r.get(key, None)) is not None}, key=_order)
+        return f"{len(found)} {key}s" if len(found) > 3 else "/".join(map(label, found)) or "?"
     return f"{values('model')} on {values('dataset')}"
 
 

@@ -236,6 +236,17 @@ def test_legends_and_tables_round_float_values(tmp_path):
     assert "| 0.3 |" in compare.pivot_markdown(runs, "lr", "method")
 
 
+def test_titles_name_the_models_in_natural_order_and_count_more_than_three(tmp_path):
+    for model in ("resnet110", "resnet20", "resnet8"):
+        write_run(tmp_path / model, "bn", 128, 0)
+        summary = json.loads((tmp_path / model / "summary.json").read_text())
+        (tmp_path / model / "summary.json").write_text(json.dumps(summary | {"model": model}))
+    assert compare.what_was_trained(compare.find_runs([tmp_path])) == "resnet8/resnet20/resnet110 on fashion_mnist"
+    write_run(tmp_path / "resnet56", "bn", 128, 0)
+    (tmp_path / "resnet56" / "summary.json").write_text(json.dumps(summary | {"model": "resnet56"}))
+    assert compare.what_was_trained(compare.find_runs([tmp_path])) == "4 models on fashion_mnist"
+
+
 def test_sweep_figure_means_and_bands_over_seeds(sweep, tmp_path):
     fig = compare.sweep_figure(compare.find_runs([sweep]), "method", "batch_size")
     (ax,) = fig.axes  # the val-selected (solid) and the final model (dashed) on one axis
