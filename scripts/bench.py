@@ -52,7 +52,9 @@ Sections (``--sections``):
    included) and autograd nodes per ``train_step`` on one fixed batch, for every method
    on the first model at ``--batch-sizes``, counted with torch.profiler. At small batches
    a step is mostly per-op overhead, so the counts say where it goes; they do not depend
-   on the machine's load.
+   on the machine's load. With ``--compile``, the model and the method's hooks compiled
+   as ``trainer.compile=true`` compiles them, and two more counts: calls into compiled
+   code (each a guard check, Dynamo's cache lookup) and inductor's fused kernels.
 7. Evaluation (not in the default ``--sections``): img/s of the loop's ``evaluate`` over
    5,000 images (the default validation split) at ``--eval-batch-sizes``, under no_grad
    (as the loop runs it) and under inference_mode.
@@ -542,24 +544,37 @@ def section_ops(args) -> list[dict]:
             except ConfigError as e:
                 rows.append({"method": name, "batch": batch_size, "skipped": str(e).split(";")[0]})
                 continue
+            if args.compile:
+                model = torch.compile(model)
+                method.compile_step_hooks()
             rows.append({"method": name, "batch": batch_size, **op_counts(model, method, optimizer, x, y)})
             log(f"[6] {name} batch {batch_size}: {rows[-1]['aten']:.0f} aten calls, "
                 f"{rows[-1]['nodes']:.0f} autograd nodes per step")
     return rows
 
 
+#: What section 6 counts, by the profiler event's name.
+OP_KINDS = {"aten": lambda key: key.startswith("aten::"),
+            "nodes": lambda key: key.startswith("autograd::engine::evaluate_function"),
+            "compiled_calls": lambda key: key == "TorchDynamo Cache Lookup",
+            "fused_kernels": lambda key: "cpp_fused" in key or key.startswith("triton_")}
+
+
 def op_counts(model, method, optimizer, x, y) -> dict:
-    """aten operator calls (nested ones included: each is a dispatch) and autograd nodes
-    run per optimizer step, counted by torch.profiler over a few steps after two untimed."""
+    """``OP_KINDS`` run per optimizer step (aten calls nested ones included: each is a
+    dispatch), counted by torch.profiler over a few steps after two untimed (the first
+    compiles, where the model is compiled). Inductor's kernels are visible to the
+    profiler only with its kernel profiling on, which is set here."""
+    import torch._inductor.config
+
+    torch._inductor.config.cpp.enable_kernel_profile = True
     for _ in range(2):
         train_step(model, method, optimizer, x, y)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(OPS_STEPS):
             train_step(model, method, optimizer, x, y)
-    counts = {e.key: e.count for e in prof.key_averages()}
-    return {"aten": sum(v for k, v in counts.items() if k.startswith("aten::")) / OPS_STEPS,
-            "nodes": sum(v for k, v in counts.items() if k.startswith("autograd::engine::evaluate_function"))
-            / OPS_STEPS}
+    events = prof.key_averages()
+    return {kind: sum(e.count for e in events if belongs(e.key)) / OPS_STEPS for kind, belongs in OP_KINDS.items()}
 
 
 def ops_table(rows: list[dict]) -> str:
@@ -570,9 +585,10 @@ def ops_table(rows: list[dict]) -> str:
             body.append([r["method"], r["batch"], "n/a", "n/a", "", r["skipped"]])
             continue
         body.append([r["method"], r["batch"], f"{r['aten']:.0f}", f"{r['nodes']:.0f}",
-                     f"{r['aten'] - base['aten']:+.0f}" if base else "", ""])
-    return table(["method", "batch", "aten calls per step", "autograd nodes per step", "aten calls - none's", "note"],
-                 body)
+                     f"{r['aten'] - base['aten']:+.0f}" if base else "", f"{r['compiled_calls']:.0f}",
+                     f"{r['fused_kernels']:.0f}", ""])
+    return table(["method", "batch", "aten calls per step", "autograd nodes per step", "aten calls - none's",
+                  "calls into compiled code", "fused kernels", "note"], body)
 
 
 # ----------------------------------------------------------------------------- 7. evaluation
@@ -673,7 +689,8 @@ def markdown(args, results: dict, command: str, elapsed: float) -> str:
             ["augment", "batch", "img/s"], [[r["augment"], r["batch"], f"{r['img_s']:.0f}"] for r in results["data"]]),
             ""]
     if "ops" in results:
-        out += ["### 6. Operator calls per step (torch.profiler)", "", ops_table(results["ops"]), ""]
+        out += ["### 6. Operator calls per step (torch.profiler)" + (" (compiled)" if args.compile else ""), "",
+                ops_table(results["ops"]), ""]
     if "eval" in results:
         out += [f"### 7. Evaluation ({args.eval_images:,} images, the loop's evaluate())", "", table(
             ["eval batch", "mode", "img/s", "/ no_grad (as the loop runs)"],
@@ -714,7 +731,7 @@ def parse_args(argv=None):
     p.add_argument("--loop-scale", type=float, default=1.0,
                    help="section 5: steps timed x this (default 1; compiled runs want more)")
     p.add_argument("--compile", action="store_true",
-                   help="section 5 with trainer.compile=true (the rate after each run's compile)")
+                   help="sections 5 and 6 with trainer.compile=true (5: the rate after each run's compile)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet20 only, 2 rounds, a few steps")
     p.add_argument("--out", type=Path, help="also write the Markdown summary to this file")
     p.add_argument("--memory-probe", nargs=3, metavar=("MODEL", "METHOD", "BATCH"), help=argparse.SUPPRESS)

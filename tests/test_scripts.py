@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -54,6 +55,25 @@ def test_bench_hook_shares_and_operator_counts(tmp_path, monkeypatch, one_thread
               if line.startswith(("| none | 2 ", "| msr | 2 ", "| nf | 2 "))}
     assert set(counts) == {"none", "msr", "nf"}
     assert counts["none"] < counts["msr"] and counts["none"] < counts["nf"]
+    assert "| 0 | 0 |" in next(line for line in text.splitlines() if line.startswith("| msr | 2 "))  # eager
+
+
+@pytest.mark.slow  # one compile of resnet8: about half a minute
+def test_bench_operator_counts_of_the_compiled_step(monkeypatch, one_thread):
+    """Section 6 with --compile counts what the compiled step still dispatches: fewer aten
+    calls than eager, one call into compiled code for the model and one per compiled hook
+    that has tensor work (msr's before_step), and inductor's fused kernels."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("bench", None)
+    import bench
+    x, y = bench.fixed_batch(2)
+    _, model, method, optimizer = bench.build("resnet8", "msr", 2)
+    eager = bench.op_counts(model, method, optimizer, x, y)
+    method.compile_step_hooks()
+    compiled = bench.op_counts(torch.compile(model), method, optimizer, x, y)
+    assert eager["compiled_calls"] == eager["fused_kernels"] == 0
+    assert compiled["aten"] < eager["aten"] / 2 and compiled["nodes"] < eager["nodes"] / 2
+    assert compiled["compiled_calls"] >= 2 and compiled["fused_kernels"] > 0
 
 
 @pytest.mark.slow  # the benchmark loop: seconds (compiled: a minute)
