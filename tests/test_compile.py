@@ -57,3 +57,23 @@ def test_compiled_run_matches_the_eager_run(tmp_path, method_name, one_thread):
         for key in ("test_loss", "val_loss", "train_loss"):
             if key in e:
                 assert c[key] == pytest.approx(e[key], rel=1e-3), key
+
+
+@pytest.mark.parametrize("method_name", ["msr", "nf", "bnp", "mimicnorm", "none"])
+def test_compiled_step_hooks_and_clipping_are_whole_graphs(method_name, one_thread):
+    """Each step hook and the clipper compiles to at most one graph, with no graph break:
+    a break runs the rest of the hook eagerly (a generator argument once did that to MSR's
+    ZMG, which then ran op by op under trainer.compile)."""
+    cfg = make_cfg(f"method={method_name}", "batch_size=1024")  # nf clips by AGC from 1024 on
+    method = build_method(cfg.method, batch_size=cfg.batch_size)
+    model = build_model("resnet8", method, in_channels=1, num_classes=10, image_size=28)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    method.ensure_bound(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clip = GradientClipping(model, method.clipping())
+    for name, fn, args in (("before_step", method.before_step, (model, optimizer)),
+                           ("after_step", method.after_step, (model, optimizer)), ("clipping", clip._clip, ())):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args)
+        assert explained.graph_count <= 1 and not explained.break_reasons, (name, explained.break_reasons)

@@ -222,7 +222,8 @@ def subtract_slice_means_(tensors: list[torch.Tensor], alpha: float) -> None:
     by_size: dict[int, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}
     for t in tensors:
         axes = zero_mean_axes(t)
-        by_size.setdefault(math.prod(t.shape[a] for a in axes), []).append((t, axes))
+        # (a list, not a generator: torch.compile breaks its graph on a generator argument)
+        by_size.setdefault(math.prod([t.shape[a] for a in axes]), []).append((t, axes))
     for size, group in by_size.items():
         torch._foreach_sub_([t for t, _ in group], [t.sum(axes, keepdim=True) for t, axes in group],
                             alpha=alpha / size)
