@@ -779,12 +779,15 @@ def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean", basel
 
 def compare_signal_prop(paths, out: Path, by: str, epoch: int) -> list[Path]:
     """The signal propagation figure at ``epoch`` into ``out``; returns the file."""
-    series, skipped = signal_prop_series(find_runs(paths), by, epoch)
+    runs = find_runs(paths)
+    series, skipped = signal_prop_series(runs, by, epoch)
     for run in skipped:
         print(f"msr-compare: note: {run.path} has no signal propagation records at epoch {epoch}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"signal_prop_epoch{epoch}.png"
-    signal_prop_figure(series, legend_title=by, title=f"signal propagation at epoch {epoch}").savefig(path, dpi=DPI)
+    when = " (at init)" if epoch == 0 else ""
+    title = f"{what_was_trained(runs)}: signal propagation at epoch {epoch}{when}, one line per run"
+    signal_prop_figure(series, legend_title=by, title=title).savefig(path, dpi=DPI)
     return [path]
 
 
