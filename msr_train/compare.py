@@ -583,7 +583,7 @@ def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_t
     if len(labels) > 12:  # many groups: below the panels, in columns, instead of over the curves
         fig.set_figheight(fig.get_figheight() + 0.16 * ((len(labels) - 1) // 4 + 1))
         fig.legend(handles, labels, title=legend_title, fontsize="x-small", loc="outside lower center", ncol=4)
-    else:
+    elif labels:  # (runs without curve records, e.g. summaries alone, draw nothing to name)
         axes[-1].legend(title=legend_title, fontsize="small")
     fig.suptitle(title)
     return fig
