@@ -10,6 +10,7 @@ import torch
 
 from .checks import compile_mode
 from .distributed import Context
+from .models.vgg import ARCHITECTURES as PLAIN_STACKS
 from .optim import scaled_lr
 from .trackers import mlflow_uri, wandb_mode
 
@@ -44,6 +45,7 @@ def start_banner(cfg, out_dir: Path, device: torch.device, ctx: Context, info, p
         + precision_note(t.precision, device),
         *compile_note(t, cfg.batch_size, device),
         *size_note(cfg.model.name, params, device),
+        *plain_stack_note(cfg.method.name, cfg.model.name),
     ])
 
 
@@ -68,6 +70,16 @@ def size_note(model: str, params: int, device: torch.device) -> list[str]:
         return []
     return [f"  note      {model} ({params / 1e6:.0f} M parameters) is slow on a CPU: time a few steps first "
             "(trainer.max_steps=20), or train it on a GPU (trainer.accelerator=cuda)"]
+
+
+def plain_stack_note(method: str, model: str) -> list[str]:
+    """MSR at its defaults on a network without skip connections: measured not to learn
+    (docs/results.md, "VGG-11 and VGG-16"), so the banner says so before the run is spent."""
+    if method != "msr" or model not in PLAIN_STACKS:
+        return []
+    return [f"  note      msr has not trained a plain stack like {model} here: without skip connections its "
+            "signal vanishes at init (VGG-16 stayed at chance, VGG-11 diverged on 5 of 6 runs; "
+            "docs/results.md, \"Depth\")"]
 
 
 def precision_note(precision, device: torch.device) -> str:
