@@ -78,8 +78,8 @@ def plain_stack_note(method: str, model: str) -> list[str]:
     if method != "msr" or model not in PLAIN_STACKS:
         return []
     return [f"  note      msr has not trained a plain stack like {model} here: without skip connections its "
-            "signal vanishes at init (VGG-16 stayed at chance, VGG-11 diverged on 5 of 6 runs; "
-            "docs/results.md, \"Depth\")"]
+            "signal vanishes at init (in the paper's settings VGG-16 stayed at chance, VGG-11 diverged on 5 of 6 "
+            "runs; docs/results.md, \"Depth\")"]
 
 
 def precision_note(precision, device: torch.device) -> str:
