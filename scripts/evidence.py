@@ -1,31 +1,35 @@
 #!/usr/bin/env python
-"""Every run behind docs/results.md's converged protocol, normalization-batch table and
-depth figure, run two at a time and resumably: re-running the same command skips what
+"""Every run behind docs/results.md's 10-epoch and long protocols, normalization-batch
+table, depth figure and VGG screen, run two at a time and resumably: re-running the same command skips what
 finished, resumes what was interrupted (each run is one msr-train run dir) and starts the
-rest, so a sweep of many hours survives sessions, kills and reboots.
+rest, so a sweep of many hours survives kills, reboots and new machines.
 
     python scripts/evidence.py                 # everything, 2 runs at a time
     python scripts/evidence.py --list          # what is done, running-able and waiting
     python scripts/evidence.py --report        # the learning-rate screen's table
     echo 1 > outputs/evidence/max_jobs         # one run at a time from now on (rm the file: --jobs again)
 
-The plan, in order of priority (method by method, so that complete 5-seed comparisons
-land first):
+The plan, in order of priority (short runs whose results decide others first):
 
-1. ``converged``: ``experiment=fashion_mnist_converged`` per method. The learning rate is
-   screened at 0.5x / 1x / 2x the method's default on seed 0; the rate with the best
-   validation accuracy (never a test number; a diverged run never wins) then runs seeds
-   1-4, so seed 0 of the 5 is the screen's run at that rate.
-2. ``norm_batch``: bn at its chosen rate with ghost batches of 1, 2, 8 and 32 (5 seeds
+1. ``converged``: ``experiment=fashion_mnist_converged`` (the 10-epoch protocol) per method.
+   The learning rate is screened on seed 0 at 0.5x / 1x / 2x the method's default, and
+   past a winning edge (``Screen``): the rate with the best validation accuracy (never a
+   test number; a diverged run never wins) then runs seeds 1-4, so seed 0 of the 5 is
+   the screen's run at that rate.
+2. ``long``: bn, msr_paper and msr_authors in the default run's recipe (all 55,000 training
+   images, 18 epochs), screened and seeded the same way; the archived default runs are
+   its msr_paper runs at 1x (``REUSED``).
+3. ``norm_batch``: bn at its first-grid rate with ghost batches of 1, 2, 8 and 32 (5 seeds
    each), and one run of msr at ``trainer.accumulate=16`` (its result must not depend on
    the micro-batch).
-3. ``depth``: ResNet-8/20/56/110 for bn, msr, nf, gn_ws and none at their chosen rates, 3
-   seeds, 3 epochs (the same budget for every depth).
-   A depth run that diverges at its chosen rate runs again at half of it (``depth_retry``).
-4. ``default``: ``msr-train`` with no arguments, seeds 0-2: the README's default-run figure
-   for MSR's defaults since session 11 (the paper's settings).
-5. ``depth`` again: VGG-11/16 for bn, msr, none, as the ResNets (the issue's "if the budget
-   allows": after the default runs, which the README's headline number needs).
+4. ``depth``: ResNet-8/20/56/110 for bn, msr, nf, gn_ws and none, and ResNet-56/110 for
+   msr_authors, at their first-grid rates, 3 seeds, 3 epochs (the same budget for every
+   depth). A depth run that diverges at its rate runs again at half of it (``depth_retry``).
+5. ``default``: ``msr-train`` with no arguments, seeds 0-2: the README's default-run figure.
+6. ``depth`` again: VGG-11/16 for bn, msr, none, as the ResNets.
+7. ``vgg``: VGG-11/16 for bn, msr_paper, msr_authors and none in the 10-epoch protocol,
+   screened on seed 0 at 0.01x-1x of the method's ResNet-20 rate (and past a winning
+   edge), then seeds 1-2 at the chosen rate.
 
 Runs train in ``outputs/evidence/<part>/<name>``; each run's console output goes to
 ``outputs/evidence/logs/<part>-<name>.log``. A run whose summary says ``completed`` or
@@ -35,7 +39,7 @@ and with precise BN (on validation and test), while its checkpoints exist.
 
 A finished run's small files (summary, metrics, Hydra's config, msr-eval results; no
 checkpoints) are copied to ``docs/evidence/runs/<part>/<name>``, which is committed: a
-machine that starts without ``outputs/`` (a new session) skips what the archive holds, and
+machine that starts without ``outputs/`` (a new checkout) skips what the archive holds, and
 msr-compare reads the archive as it reads a run dir.
 """
 
@@ -57,15 +61,20 @@ from hydra import compose, initialize_config_module
 from msr_train.run_files import METRICS, SIGNAL_PROP, SUMMARY
 
 PROTOCOL = "experiment=fashion_mnist_converged"
-# bn first (every comparison's baseline); msr's two configurations last, because
-# session 10 measured them on a machine whose outputs/ was then lost (docs/results.md).
+# bn first: every comparison's baseline.
 METHODS = ("bn", "nf", "gn_ws", "gn", "mimicnorm", "bnp", "none", "msr_paper", "msr_authors")
-LR_MULTS = (0.5, 1.0, 2.0)
+LR_MULTS = (0.5, 1.0, 2.0)  # a screen's first grid, multiples of the method's default rate
+VGG_MULTS = (0.01, 0.05, 0.2, 1.0)  # VGG's first grid, multiples of the method's ResNet-20 rate
+MAX_GRID = 7  # a screen whose edge keeps winning stops growing here
 SEEDS = (0, 1, 2, 3, 4)
 GHOST_BATCHES = (1, 2, 8, 32)
 DEPTH_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110")
 DEPTH_METHODS = ("bn", "msr_paper", "nf", "gn_ws", "none")
 VGG_MODELS, VGG_METHODS = ("vgg11", "vgg16"), ("bn", "msr_paper", "none")
+VGG_SCREEN_METHODS = ("bn", "msr_paper", "msr_authors", "none")
+# (priority stage, models, methods) of the depth part: the ResNets, the VGGs at the
+# ResNet-20 rate, and msr_authors where msr_paper diverged at it.
+DEPTH_GRIDS = ((5, DEPTH_MODELS, DEPTH_METHODS), (7, VGG_MODELS, VGG_METHODS), (5, ("resnet56", "resnet110"), ("msr_authors",)))
 DEPTH_SEEDS, DEPTH_EPOCHS = (0, 1, 2), 3
 DONE = ("completed", "diverged")
 ARCHIVE = Path("docs/evidence/runs")
@@ -94,7 +103,7 @@ class Job:
     def status(self, root: Path) -> str | None:
         if self.evaluates:
             return self.eval_status(root)
-        return run_status(self.dir(root)) or run_status(ARCHIVE / self.part / self.name)
+        return run_summary(root, self.part, self.name).get("status")
 
     def eval_file(self) -> str:
         tag = "".join(f"_{o}" for o in self.overrides)
@@ -134,56 +143,110 @@ def archive(run_dir: Path, part: str, name: str) -> None:
             os.replace(tmp, dest / rel)
 
 
-def default_lr(method: str) -> float:
+def default_lr(method: str, protocol: tuple[str, ...] = (PROTOCOL,)) -> float:
     with initialize_config_module("msr_train.conf", version_base="1.3"):
-        return compose("config", [PROTOCOL, f"method={method}"]).optimizer.lr
+        return compose("config", [*protocol, f"method={method}"]).optimizer.lr
 
 
-def default_lrs() -> dict[str, float]:
-    return {m: default_lr(m) for m in set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS)}
+def default_lrs() -> dict[str, dict[str, float]]:
+    """Each screened part's default rate per method (VGG's screen scales the ResNet-20 choice)."""
+    methods = set(METHODS) | set(DEPTH_METHODS) | set(VGG_METHODS) | set(VGG_SCREEN_METHODS)
+    return {"converged": {m: default_lr(m) for m in methods},
+            "long": {m: default_lr(m, LONG.protocol) for m in LONG_METHODS}}
 
 
-def screen_name(method: str, mult: float, seed: int) -> str:
-    return f"{method}-lr{mult:g}x-seed{seed}"
-
-
-def chosen_mult(root: Path, method: str) -> float | None:
-    """The screened multiple with the best validation accuracy, once all three finished."""
-    scores = {}
-    for mult in LR_MULTS:
-        summary = screen_summary(root, method, mult)
-        if summary.get("status") not in DONE:
-            return None
-        ok = summary["status"] == "completed" and summary.get("best_val_acc") is not None
-        scores[mult] = summary["best_val_acc"] if ok else float("-inf")
-    return max(LR_MULTS, key=lambda m: (scores[m], m == 1.0))  # a tie keeps the default
-
-
-def screen_summary(root: Path, method: str, mult: float) -> dict:
-    for base in (root, ARCHIVE):
+def run_summary(root: Path, part: str, name: str) -> dict:
+    """A run's summary from ``root``, the archive, or the archived run it is (REUSED)."""
+    for run_dir in (root / part / name, ARCHIVE / part / name, ARCHIVE / REUSED.get((part, name), "-")):
         try:
-            return json.loads((base / "converged" / screen_name(method, mult, 0) / SUMMARY).read_text())
+            return json.loads((run_dir / SUMMARY).read_text())
         except (OSError, ValueError):
             continue
     return {}
 
 
-def plan(root: Path, lrs: dict[str, float]) -> list[Job]:
-    """Every job whose inputs are known now (the seeds of a method wait for its screen)."""
-    jobs, mults = [], {m: chosen_mult(root, m) for m in METHODS}
+@dataclass(frozen=True)
+class Screen:
+    """A learning-rate screen on seed 0 (validation accuracy chooses; a diverged run never
+    wins; a tie keeps the default), then the other seeds at the chosen multiple. While the
+    best multiple is an edge of the grid, the grid grows one step past it (x2 above, /2
+    below; all-diverged counts as the low edge winning), up to MAX_GRID multiples: a
+    method's seeds run at an interior optimum, not at the grid's edge."""
+    part: str
+    protocol: tuple[str, ...]
+    seeds: tuple[int, ...]
+    grid: tuple[float, ...] = LR_MULTS
+    model: str | None = None  # in the run names, for one part holding several models' screens
+
+    def name(self, method: str, mult: float | None, seed: int) -> str:
+        prefix = f"{self.model}-" if self.model else ""
+        return f"{prefix}{method}-seed{seed}" if mult is None else f"{prefix}{method}-lr{mult:g}x-seed{seed}"
+
+    def progress(self, root: Path, method: str, extend: bool = True) -> tuple[list[float], float | None]:
+        """The multiples to screen so far, and the choice (None until they all finished)."""
+        mults = sorted(self.grid)
+        while True:
+            scores = {}
+            for mult in mults:
+                summary = run_summary(root, self.part, self.name(method, mult, 0))
+                if summary.get("status") not in DONE:
+                    return mults, None
+                ok = summary["status"] == "completed" and summary.get("best_val_acc") is not None
+                scores[mult] = summary["best_val_acc"] if ok else float("-inf")
+            best = max(mults, key=lambda m: (scores[m], m == 1.0))
+            best = mults[0] if scores[best] == float("-inf") else best
+            if not extend or len(mults) >= MAX_GRID or best not in (mults[0], mults[-1]):
+                return mults, best
+            mults = [best / 2, *mults] if best == mults[0] else [*mults, best * 2]
+
+    def job(self, method: str, lr: float, mult: float, seed: int, priority: tuple) -> Job:
+        return Job(self.part, self.name(method, mult, seed),
+                   [*self.protocol, f"method={method}", f"optimizer.lr={lr * mult:g}", f"seed={seed}"], priority)
+
+    def jobs(self, root: Path, method: str, lr: float | None, ranks: tuple[tuple, tuple]) -> list[Job]:
+        """The screen's runs (priority ``ranks[0]``) and the seeds' (``ranks[1]``); with
+        ``lr`` None (a rate still being chosen elsewhere) every run waits."""
+        if lr is None:
+            return [Job(self.part, self.name(method, None, s), [], (*ranks[0], s), needs=[f"{method}'s ResNet-20 rate"])
+                    for s in self.seeds]
+        mults, chosen = self.progress(root, method)
+        jobs = [self.job(method, lr, mult, 0, ranks[0]) for mult in mults]
+        for seed in self.seeds[1:]:
+            jobs.append(self.job(method, lr, chosen, seed, (*ranks[1], seed)) if chosen is not None else
+                        Job(self.part, self.name(method, None, seed), [], (*ranks[1], seed),
+                            needs=[f"{self.part} screen of {method}"]))
+        return jobs
+
+
+CONVERGED = Screen("converged", (PROTOCOL,), SEEDS)
+# The default run's recipe (msr-train with no arguments: 55,000 images, 18 epochs) for any method.
+LONG = Screen("long", ("trainer.cpu_threads=1", "trainer.progress_bar=false"), SEEDS)
+LONG_METHODS = ("bn", "msr_paper", "msr_authors")
+VGG_SCREENS = tuple(Screen("vgg", (PROTOCOL, f"model={m}"), DEPTH_SEEDS, VGG_MULTS, model=m) for m in VGG_MODELS)
+# The default run is LONG's msr_paper at 1x exactly (tests/test_scripts.py compares the
+# composed configs): its archived seeds are those runs.
+REUSED = {("long", LONG.name("msr_paper", 1.0, s)): f"default/seed{s}" for s in DEPTH_SEEDS}
+
+
+def first_choices(root: Path) -> dict[str, float | None]:
+    """Each method's choice on the converged screen's first grid (0.5x-2x): the rate of
+    the normalization-batch and depth parts, which ran at it before the grid was extended."""
+    return {m: CONVERGED.progress(root, m, extend=False)[1] for m in METHODS}
+
+
+def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
+    """Every job whose inputs are known now (a screen's seeds wait for its choice). Stages,
+    in order: the converged screen (short runs), the long one, their seeds, the depth parts, VGG's screen."""
+    jobs, first = [], first_choices(root)
     for i, method in enumerate(METHODS):
-        for mult in LR_MULTS:
-            jobs.append(Job("converged", screen_name(method, mult, 0),
-                            [PROTOCOL, f"method={method}", f"optimizer.lr={lrs[method] * mult:g}", "seed=0"], (i, 0)))
-        for seed in SEEDS[1:]:
-            if mults[method] is not None:
-                mult = mults[method]
-                jobs.append(Job("converged", screen_name(method, mult, seed),
-                                [PROTOCOL, f"method={method}", f"optimizer.lr={lrs[method] * mult:g}", f"seed={seed}"],
-                                (i, 1)))
-            else:
-                jobs.append(Job("converged", f"{method}-seed{seed}", [], (i, 1), needs=[method]))
-    jobs += later_parts(lrs, mults)
+        jobs += CONVERGED.jobs(root, method, lrs["converged"][method], ((0, i), (2, i)))
+    for i, method in enumerate(LONG_METHODS):
+        jobs += LONG.jobs(root, method, lrs["long"][method], ((1, i), (3, i)))
+    jobs += later_parts(lrs["converged"], first)
+    for k, screen in enumerate(VGG_SCREENS):
+        for i, method in enumerate(VGG_SCREEN_METHODS):
+            rate = None if first[method] is None else lrs["converged"][method] * first[method]
+            jobs += screen.jobs(root, method, rate, ((8, k, i), (9, k, i)))
     return jobs + half_rate_retries(jobs, root)
 
 
@@ -202,32 +265,28 @@ def half_rate_retries(jobs: list[Job], root: Path) -> list[Job]:
     return retries
 
 
-def chosen_lr(method: str, lrs, mults) -> str:
-    return f"optimizer.lr={lrs[method] * mults[method]:g}"
-
-
-def later_parts(lrs, mults) -> list[Job]:
-    """The normalization-batch and depth runs, each at its method's chosen rate."""
+def later_parts(lrs: dict[str, float], first: dict[str, float | None]) -> list[Job]:
+    """The normalization-batch and depth runs, each at its method's first-grid rate."""
     jobs = []
     for g in GHOST_BATCHES:
         for seed in SEEDS:
             jobs.append(Job("norm_batch", f"bn-ghost{g}-seed{seed}", [PROTOCOL, "method=bn", f"method.ghost_batch_size={g}",
-                            f"seed={seed}"], (len(METHODS), g, seed), needs=["bn"]))
+                            f"seed={seed}"], (4, g, seed), needs=["bn"]))
     jobs.append(Job("norm_batch", "msr_paper-accumulate16-seed0",
-                    [PROTOCOL, "method=msr_paper", "trainer.accumulate=16", "seed=0"], (len(METHODS), 99), needs=["msr_paper"]))
-    for k, (models, methods) in enumerate(((DEPTH_MODELS, DEPTH_METHODS), (VGG_MODELS, VGG_METHODS))):
+                    [PROTOCOL, "method=msr_paper", "trainer.accumulate=16", "seed=0"], (4, 99), needs=["msr_paper"]))
+    for stage, models, methods in DEPTH_GRIDS:
         for seed in DEPTH_SEEDS:
             for model in models:
                 for method in methods:
                     jobs.append(Job("depth", f"{model}-{method}-seed{seed}",
                                     [PROTOCOL, f"model={model}", f"method={method}", f"epochs={DEPTH_EPOCHS}",
                                      f"seed={seed}", "trainer.signal_prop=true"],  # the networks at init too
-                                    (len(METHODS) + 1 + 2 * k, seed, model), needs=[method]))
-    jobs += [Job("default", f"seed{seed}", [f"seed={seed}", "trainer.cpu_threads=1"], (len(METHODS) + 2, seed))
+                                    (stage, seed, model), needs=[method]))
+    jobs += [Job("default", f"seed{seed}", [f"seed={seed}", "trainer.cpu_threads=1"], (6, seed))
              for seed in DEPTH_SEEDS]
     for job in jobs:  # the chosen rate, once known
-        if job.needs and all(mults[m] is not None for m in job.needs):
-            job.overrides.append(chosen_lr(job.needs[0], lrs, mults))
+        if job.needs and all(first[m] is not None for m in job.needs):
+            job.overrides.append(f"optimizer.lr={lrs[job.needs[0]] * first[job.needs[0]]:g}")
             job.needs = []
     ghost_runs = [j for j in jobs if "-ghost" in j.name]
     return jobs + [Job(j.part, j.name, list(overrides), (*j.priority, 1 + k), evaluates=split)
@@ -319,23 +378,36 @@ def describe(job: Job) -> str:
 
 
 def screen_report(root: Path) -> str:
-    """The learning-rate screen as a markdown table: validation accuracy (the choice) and
+    """Every learning-rate screen as markdown tables: validation accuracy (the choice) and
     the epoch of the best one (a best before the last epoch: the run had flattened)."""
-    lrs = default_lrs()
-    lines = ["| method | " + " | ".join(f"{m:g}x" for m in LR_MULTS) + " | chosen |", "|---" * (len(LR_MULTS) + 2) + "|"]
-    for method in METHODS:
-        cells = []
-        for mult in LR_MULTS:
-            s = screen_summary(root, method, mult)
-            if not s:
-                cells.append("not run yet")
-                continue
-            acc = s.get("best_val_acc")
-            cells.append(f"lr {lrs[method] * mult:g}: {s['status']}" if s["status"] != "completed" or acc is None
-                         else f"lr {lrs[method] * mult:g}: {100 * acc:.2f} (epoch {s['best_val_epoch']:g})")
-        mult = chosen_mult(root, method)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if mult is None else f'{mult:g}x'} |")
+    lrs, first = default_lrs(), first_choices(root)
+    screens = [(CONVERGED, METHODS, lrs["converged"]), (LONG, LONG_METHODS, lrs["long"])]
+    screens += [(s, VGG_SCREEN_METHODS, {m: lrs["converged"][m] * (first[m] or float("nan")) for m in VGG_SCREEN_METHODS})
+                for s in VGG_SCREENS]
+    return "\n\n".join(screen_table(root, *screen) for screen in screens)
+
+
+def screen_table(root: Path, screen: Screen, methods: tuple[str, ...], lrs: dict[str, float]) -> str:
+    grids = {m: screen.progress(root, m) for m in methods}
+    mults = sorted({mult for ms, _ in grids.values() for mult in ms})
+    title = f"{screen.part}" + (f" ({screen.model})" if screen.model else "")
+    lines = [f"| {title}: method | " + " | ".join(f"{m:g}x" for m in mults) + " | chosen |",
+             "|---" * (len(mults) + 2) + "|"]
+    for method in methods:
+        cells = [screen_cell(run_summary(root, screen.part, screen.name(method, mult, 0)), lrs[method] * mult)
+                 if mult in grids[method][0] else "" for mult in mults]
+        chosen = grids[method][1]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if chosen is None else f'{chosen:g}x'} |")
     return "\n".join(lines)
+
+
+def screen_cell(summary: dict, lr: float) -> str:
+    if not summary:
+        return "not run yet"
+    acc = summary.get("best_val_acc")
+    if summary["status"] != "completed" or acc is None:
+        return f"lr {lr:g}: {summary['status']}"
+    return f"lr {lr:g}: {100 * acc:.2f} (epoch {summary['best_val_epoch']:g})"
 
 
 def list_jobs(root: Path) -> None:

@@ -165,29 +165,95 @@ def write_summary(run_dir: Path, status: str, best_val_acc: float | None = None)
     (run_dir / "summary.json").write_text(json.dumps({"status": status, "best_val_acc": best_val_acc}))
 
 
-def test_evidence_plan_chooses_rates_on_validation_and_retries_a_diverged_depth_run(tmp_path, monkeypatch):
-    """The evidence driver's plan: the screened rate with the best validation accuracy wins
-    (a diverged run never does), the other seeds and the depth runs use it, and a depth run
-    that diverged gets one retry at half that rate."""
+@pytest.fixture
+def evidence(tmp_path, monkeypatch):
+    """scripts/evidence.py with an empty archive (the committed runs play no part)."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
     sys.modules.pop("evidence", None)
     import evidence
-    monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")  # the committed runs play no part
+    monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")
+    return evidence
+
+
+def plan_jobs(evidence, root: Path) -> dict:
+    return {(j.part, j.name): j for j in evidence.plan(root, evidence.default_lrs()) if not j.evaluates}
+
+
+def test_evidence_plan_chooses_rates_on_validation_and_retries_a_diverged_depth_run(tmp_path, evidence):
+    """The evidence driver's plan: the screened rate with the best validation accuracy wins
+    (a diverged run never does), the other seeds and the depth runs use it, and a depth run
+    that diverged gets one retry at half that rate."""
     root = tmp_path / "root"
     for mult, status, acc in ((0.5, "completed", 0.90), (1.0, "completed", 0.91), (2.0, "diverged", None)):
-        write_summary(root / "converged" / evidence.screen_name("msr_paper", mult, 0), status, acc)
-    assert evidence.chosen_mult(root, "msr_paper") == 1.0
-    lrs = evidence.default_lrs()
+        write_summary(root / "converged" / evidence.CONVERGED.name("msr_paper", mult, 0), status, acc)
+    assert evidence.CONVERGED.progress(root, "msr_paper") == ([0.5, 1.0, 2.0], 1.0)
+    lrs = evidence.default_lrs()["converged"]
     rate = f"optimizer.lr={lrs['msr_paper']:g}"
-    jobs = {(j.part, j.name): j for j in evidence.plan(root, lrs) if not j.evaluates}
+    jobs = plan_jobs(evidence, root)
     assert rate in jobs["converged", "msr_paper-lr1x-seed3"].overrides
     depth = jobs["depth", "resnet110-msr_paper-seed0"]
     assert rate in depth.overrides and not depth.needs
     assert jobs["depth", "resnet110-bn-seed0"].needs == ["bn"]  # bn's screen has not run
     assert ("depth_retry", "resnet110-msr_paper-seed0") not in jobs
     write_summary(depth.dir(root), "diverged")
-    jobs = {(j.part, j.name): j for j in evidence.plan(root, lrs) if not j.evaluates}
+    jobs = plan_jobs(evidence, root)
     retry = jobs["depth_retry", "resnet110-msr_paper-seed0"]
     assert f"optimizer.lr={lrs['msr_paper'] / 2:g}" in retry.overrides and rate not in retry.overrides
     assert [o for o in retry.overrides if not o.startswith("optimizer.lr=")] == \
         [o for o in depth.overrides if not o.startswith("optimizer.lr=")]
+
+
+def test_evidence_screen_grows_past_a_winning_edge_and_seeds_wait_for_an_interior_choice(tmp_path, evidence):
+    """A screen whose best rate is its grid's edge adds the next multiple past it (x2, /2)
+    until an interior rate wins; the seeds wait until then and run at that rate, while the
+    depth part keeps the first grid's choice it ran at."""
+    root, screen = tmp_path / "root", evidence.CONVERGED
+    lr = evidence.default_lrs()["converged"]["bn"]
+    for mult, acc in ((0.5, 0.90), (1.0, 0.91), (2.0, 0.92)):
+        write_summary(root / "converged" / screen.name("bn", mult, 0), "completed", acc)
+    assert screen.progress(root, "bn") == ([0.5, 1.0, 2.0, 4.0], None)
+    jobs = plan_jobs(evidence, root)
+    assert f"optimizer.lr={lr * 4:g}" in jobs["converged", "bn-lr4x-seed0"].overrides
+    assert jobs["converged", "bn-seed1"].needs and ("converged", "bn-lr2x-seed1") not in jobs
+    assert f"optimizer.lr={lr * 2:g}" in jobs["depth", "resnet20-bn-seed0"].overrides  # the first grid's 2x
+    write_summary(root / "converged" / screen.name("bn", 4.0, 0), "completed", 0.93)
+    assert screen.progress(root, "bn") == ([0.5, 1.0, 2.0, 4.0, 8.0], None)
+    write_summary(root / "converged" / screen.name("bn", 8.0, 0), "diverged")
+    assert screen.progress(root, "bn") == ([0.5, 1.0, 2.0, 4.0, 8.0], 4.0)
+    assert f"optimizer.lr={lr * 4:g}" in plan_jobs(evidence, root)["converged", "bn-lr4x-seed4"].overrides
+    # The low edge grows downward, and a grid that only diverged counts as the low edge winning.
+    for mult in (0.5, 1.0, 2.0):
+        write_summary(root / "converged" / screen.name("none", mult, 0), "diverged")
+    assert screen.progress(root, "none") == ([0.25, 0.5, 1.0, 2.0], None)
+    for mult, acc in ((0.5, 0.90), (1.0, 0.89), (2.0, 0.88)):
+        write_summary(root / "converged" / screen.name("gn", mult, 0), "completed", acc)
+    assert screen.progress(root, "gn") == ([0.25, 0.5, 1.0, 2.0], None)
+    assert screen.progress(root, "gn", extend=False) == ([0.5, 1.0, 2.0], 0.5)
+
+
+def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_resnet20_rate(tmp_path, evidence):
+    """The long protocol is the default run's recipe: the archived default runs are its
+    msr_paper runs at 1x (their configs compose alike but for the progress bar); VGG's
+    screen scales each method's ResNet-20 rate, and msr_authors runs at depth."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+    long_lr = evidence.default_lrs()["long"]["msr_paper"]
+    with initialize_config_module("msr_train.conf", version_base="1.3"):
+        long_run = compose("config", [*evidence.LONG.protocol, "method=msr_paper", f"optimizer.lr={long_lr:g}", "seed=1"])
+        default = compose("config", ["seed=1", "trainer.cpu_threads=1"])
+    long_run.trainer.progress_bar = default.trainer.progress_bar
+    assert OmegaConf.to_container(long_run, resolve=True) == OmegaConf.to_container(default, resolve=True)
+    root = tmp_path / "root"
+    write_summary(evidence.ARCHIVE / "default" / "seed1", "completed", 0.93)
+    jobs = plan_jobs(evidence, root)
+    assert jobs["long", "msr_paper-lr1x-seed0"].status(root) is None  # seed 0 is not archived here
+    assert evidence.run_summary(root, "long", "msr_paper-lr1x-seed1")["best_val_acc"] == 0.93
+    assert jobs["vgg", "vgg11-bn-seed0"].needs  # bn's ResNet-20 rate is not chosen here
+    for mult, acc in ((0.5, 0.90), (1.0, 0.91), (2.0, 0.905)):
+        write_summary(root / "converged" / evidence.CONVERGED.name("bn", mult, 0), "completed", acc)
+    jobs = plan_jobs(evidence, root)
+    lr = evidence.default_lrs()["converged"]["bn"]
+    assert [m for m in evidence.VGG_MULTS if f"optimizer.lr={lr * m:g}" in jobs["vgg", f"vgg16-bn-lr{m:g}x-seed0"].overrides] \
+        == list(evidence.VGG_MULTS)
+    assert "model=vgg16" in jobs["vgg", "vgg16-bn-lr0.01x-seed0"].overrides
+    assert {("depth", f"{m}-msr_authors-seed{s}") for m in ("resnet56", "resnet110") for s in (0, 1, 2)} <= set(jobs)
