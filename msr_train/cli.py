@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from .errors import ConfigError, RunFailed
 from .launch import stage, staged_subdir, withdraw
 from .overrides import check_command_line, check_sweep
-from .sweeps import announce_keys, objective, stop_with_sweep, sweep_subdir
+from .sweeps import announce_keys, objective, sweep_job, sweep_subdir
 
 #: Exit codes of a single run that did not complete (a sweep goes on to its other jobs).
 EXIT_CODES = {"diverged": 1, "interrupted": 130}
@@ -106,12 +107,11 @@ def _run(cfg) -> float | None:
 def run_job(cfg, hydra_cfg, out_dir: Path) -> float | None:
     from .train import train  # torch is imported only once Hydra has parsed the command line
     sweep = hydra_cfg.mode.name == "MULTIRUN"
-    if sweep:
-        stop_with_sweep()
     try:
         check_objective(cfg, hydra_cfg)
         share_cpu_threads(cfg, hydra_cfg)
-        summary = train(cfg, out_dir, job_num=hydra_cfg.job.num if sweep else None)
+        with sweep_job() if sweep else nullcontext():
+            summary = train(cfg, out_dir, job_num=hydra_cfg.job.num if sweep else None)
     except (ConfigError, RunFailed) as e:
         print(f"msr-train: error: {e}", file=sys.stderr)
         if sweep:

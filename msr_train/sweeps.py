@@ -1,7 +1,7 @@
 """Sweeps' jobs (no Hydra, no torch): the main process of a multirun announces the keys
 it varies in an environment variable that every job inherits (joblib and submitit jobs
 too); a job's folder and its TensorBoard hyperparameters are named after them. A local
-sweep's worker stops when the sweep's process dies."""
+sweep's worker stops, and exits, when the sweep's process dies."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 #: The keys a multirun varies, from its main process to every job.
 SWEEP_KEYS_ENV = "MSR_TRAIN_SWEEP_KEYS"
-#: The process id of the multirun's main process, for its local workers (stop_with_sweep).
+#: The process id of the multirun's main process, for its local workers (sweep_job).
 SWEEP_PID_ENV = "MSR_TRAIN_SWEEP_PID"
 #: Longest sweep job folder name; a longer one is cut and ends in a hash of the whole.
 MAX_SUBDIR = 200
@@ -50,14 +51,28 @@ def objective(summary: dict) -> float:
 
 
 WATCHER = "msr-train-sweep-watch"
+#: Set while no job of the sweep trains in this process: an orphaned worker exits once it is.
+_IDLE = threading.Event()
+_IDLE.set()
 
 
-def stop_with_sweep(poll_s: float = 1.0) -> None:
-    """A local sweep's worker (joblib's, submitit_local's) trains on when the sweep's
-    process is killed (kill -9), holding its run's lock against the sweep's re-run. In
-    such a worker (a child of the sweep's process; not the process itself, nor a SLURM
-    job), watch the parent; once it is gone, ask this process to stop as Ctrl-C would:
-    the run checkpoints, writes status interrupted and exits; the re-run resumes it."""
+@contextmanager
+def sweep_job(poll_s: float = 1.0):
+    """Run one job of a sweep. In a local sweep's worker (joblib's, submitit_local's: a
+    child of the sweep's process, not the process itself nor a SLURM job), watch the parent:
+    once it is gone (kill -9), the job is asked to stop as Ctrl-C would (it checkpoints,
+    writes status interrupted and lets go of its run's lock), and then the worker exits:
+    an idle orphan would keep its memory until found by hand (joblib's workers wait for
+    work from a parent that is gone)."""
+    _IDLE.clear()
+    try:
+        _watch_parent(poll_s)
+        yield
+    finally:
+        _IDLE.set()
+
+
+def _watch_parent(poll_s: float) -> None:
     parent = os.getppid()
     if os.environ.get(SWEEP_PID_ENV) != str(parent) or any(t.name == WATCHER for t in threading.enumerate()):
         return  # not a local worker, or one already watched (a worker runs several jobs)
@@ -65,5 +80,8 @@ def stop_with_sweep(poll_s: float = 1.0) -> None:
     def watch():
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if not _IDLE.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+        _IDLE.wait()
+        os._exit(1)  # nobody is left to read an exit status, or the result of a job
     threading.Thread(target=watch, name=WATCHER, daemon=True).start()

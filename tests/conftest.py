@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hypothesis import settings
+
+from helpers import processes_started_with
 
 # Property-based tests draw 100 examples by default; `pytest --hypothesis-profile=thorough`
 # draws 2000 (a few minutes more), worth it after changing a config rule.
@@ -43,3 +48,23 @@ def train_steps(model, method, optimizer, batches):
     from msr_train.train import train_step
     model.train()
     return [float(train_step(model, method, optimizer, x, y)[0]) / len(y) for x, y in batches]
+
+
+#: Set in each test process's environment, so every process a test starts carries it.
+OWNER_ENV = "MSR_TRAIN_TEST_OWNER"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """When a test process's session ends, no process its tests started still runs (an
+    orphaned sweep worker, a server, a run never waited for): each is named in the error.
+    Python's multiprocessing resource tracker is the exception: it serves this process and
+    ends with it."""
+    os.environ[OWNER_ENV] = str(os.getpid())
+    yield
+    deadline = time.monotonic() + 10  # what was just stopped may still be exiting
+    while left := {pid: cmd for pid, cmd in processes_started_with(OWNER_ENV, str(os.getpid())).items()
+                   if "resource_tracker" not in cmd}:
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes the tests started still run when the session ends: {left}")
+        time.sleep(0.5)

@@ -79,3 +79,42 @@ def wait_for_checkpoint(proc, run_dir, min_step):
             pass
         time.sleep(0.05)
     raise TimeoutError
+
+
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child its parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def parent_pids() -> dict[int, int]:
+    """{pid: parent pid} of every process on this machine (Linux's /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return parents
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process whose parent chain leads to ``pid`` now."""
+    parents, found = parent_pids(), {pid}
+    while grown := {p for p, pp in parents.items() if pp in found and p not in found}:
+        found |= grown
+    return found - {pid}
+
+
+def processes_started_with(key: str, value: str) -> dict[int, str]:
+    """{pid: command line} of the live processes whose environment at start held key=value."""
+    marker, found = f"{key}={value}".encode(), {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0") and process_alive(int(environ.parent.name)):
+                found[int(environ.parent.name)] = (environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found

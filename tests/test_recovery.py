@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from helpers import cli
+from helpers import cli, descendants, process_alive
 from msr_train.checkpoint import find_checkpoint
 from msr_train.errors import describe
 from msr_train.run_lock import RunLock
@@ -205,6 +205,8 @@ def test_a_killed_joblib_sweep_stops_its_workers_and_a_re_run_resumes_then_skips
     while not all((job / "checkpoints" / "last.pt").exists() for job in jobs):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
         time.sleep(0.1)
+    workers = descendants(proc.pid)
+    assert workers, "the sweep has no worker processes"
     proc.kill()  # SIGKILL: the sweep's process cannot tell its workers
     proc.wait()
     deadline = time.time() + 30
@@ -212,6 +214,10 @@ def test_a_killed_joblib_sweep_stops_its_workers_and_a_re_run_resumes_then_skips
         assert time.time() < deadline, "the workers went on training after the sweep was killed"
         time.sleep(0.2)
     assert [json.loads((job / "summary.json").read_text())["status"] for job in jobs] == ["interrupted"] * 2
+    deadline = time.time() + 10  # then every process the sweep started exits (none idles as an orphan)
+    while left := {pid for pid in workers if process_alive(pid)}:
+        assert time.time() < deadline, f"processes of the killed sweep still run: {sorted(left)}"
+        time.sleep(0.2)
     for job in jobs:  # and they let go of their runs
         with RunLock(job):
             pass
