@@ -46,6 +46,7 @@ msr-compare reads the archive as it reads a run dir.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -143,6 +144,7 @@ def archive(run_dir: Path, part: str, name: str) -> None:
             os.replace(tmp, dest / rel)
 
 
+@functools.cache  # composing a config takes a tenth of a second, and the plan is made every 30 s
 def default_lr(method: str, protocol: tuple[str, ...] = (PROTOCOL,)) -> float:
     with initialize_config_module("msr_train.conf", version_base="1.3"):
         return compose("config", [*protocol, f"method={method}"]).optimizer.lr

@@ -1,9 +1,11 @@
 """The config tree matches the code: every preset composes with every method, passes the
 up-front checks and trains; every model and method config names something registered."""
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -81,3 +83,44 @@ def test_the_comparison_preset_is_the_documented_protocol():
     assert (cfg.model.name, cfg.epochs, cfg.dataset.train_size, cfg.dataset.val_size) == ("resnet8", 3, 10_000, 5_000)
     assert cfg.optimizer.lr == cfg.method.lr == 0.2  # each method's own lr
     assert cfg.optimizer.lr_scaling == "sqrt"
+
+
+def authors_flags() -> dict[str, str]:
+    """The MSR authors' run flags as docs/methods.md quotes them (-name=value, or -name)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    quoted = re.search(r"\(`(-classunitydecay[^`]*)`\)", text, re.S).group(1)
+    return dict((f.lstrip("-").split("=") + ["true"])[:2] for f in quoted.split())
+
+
+def test_the_authors_msr_preset_is_their_run_as_docs_methods_quotes_it():
+    """experiment=cifar10_resnet110_msr trains what the authors' cited run trained: each
+    learning rate, init, operator, noise and anchor against their flags, and the recipe
+    (docs/methods.md "msr", item 7) against the optimizer and schedule actually built."""
+    from msr_train.methods.msr import MSRConv2d
+    from msr_train.models import build_model
+    from msr_train.optim import build_optimizer
+    flags = authors_flags()
+    cfg = make_cfg("experiment=cifar10_resnet110_msr")
+    m = cfg.method
+    assert (cfg.model.name, cfg.dataset.name, cfg.dataset.augment) == (flags["a"], "cifar10", "crop_flip")
+    assert (m.zmg_operator, m.zmg_m) == ("authors", float(flags["zmg"]))
+    assert (m.init_magnitude, m.scale_init) == (float(flags["convinitmag"]), float(flags["scalinginitmag"]))
+    assert m.anchor_weight == float(flags["filterl2scaleloss"]) == float(flags["classunitydecay"])
+    assert m.noise_at == "off"  # -noise without -inputnoise builds no noise layer (item 5)
+    assert (m.stem, m.stem_bias, m.weight_decay) == ("plain", flags["inputhasbias"] == "true", 0.0)
+    assert (cfg.batch_size, cfg.epochs, cfg.optimizer.momentum, cfg.trainer.label_smoothing) == (128, 200, 0.9, 0.0)
+    assert (list(cfg.scheduler.milestones), cfg.scheduler.gamma, cfg.scheduler.warmup_epochs) == ([100, 150], 0.1, 0)
+    method = build_method(m, batch_size=cfg.batch_size)
+    model = build_model(cfg.model.name, method, in_channels=3, num_classes=10, image_size=32)
+    optimizer = build_optimizer(cfg.optimizer, method.param_groups(model), cfg.batch_size)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)  # -l2decay unset
+    for module in model.modules():
+        if isinstance(module, MSRConv2d):  # the stem's weight too (their Conv1Weight is in the conv group)
+            assert lr_of[id(module.weight)] == pytest.approx(float(flags["lr"]))
+            if module.role != "stem":
+                assert lr_of[id(module.log_scale)] == pytest.approx(float(flags["scalinglr"]))
+            if module.bias is not None:
+                assert lr_of[id(module.bias)] == pytest.approx(float(flags["biaslr"]))
+        elif isinstance(module, torch.nn.Linear):
+            assert lr_of[id(module.weight)] == pytest.approx(float(flags["classlr"]))
