@@ -52,6 +52,12 @@ HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 HYDRA_SETTINGS = Path(".hydra") / "hydra.yaml"
 #: The status of a run without summary.json: still running, or killed.
 INCOMPLETE = "incomplete"
+#: A run that completed without learning: its best validation accuracy (the selected
+#: checkpoint's) within this many points of chance (100 / classes). Like a diverged run it
+#: is counted in its cell and is in no mean and no paired test: a failure, not a result.
+STALLED_WITHIN_POINTS = 1.0
+#: The statuses of runs that give no result.
+FAILURES = ("diverged", "failed", "stalled")
 _MISSING = object()
 #: summary.json's fields that are numbers (accuracies, losses, times, throughput).
 METRIC_SUFFIXES = ("_acc", "_loss", "_s", "step")
@@ -150,7 +156,14 @@ class RunFolder:
 
     @property
     def status(self) -> str:
-        return self.summary.get("status", INCOMPLETE)
+        """summary.json's status, or ``stalled`` for a completed run at chance (STALLED_WITHIN_POINTS)."""
+        status = self.summary.get("status", INCOMPLETE)
+        classes = (self.config.get("dataset") or {}).get("num_classes") if isinstance(self.config, dict) else None
+        best = self.summary.get("best_val_acc")
+        if status == "completed" and _is_number(best) and isinstance(classes, int) and classes > 0 \
+                and 100 * best <= 100 / classes + STALLED_WITHIN_POINTS:
+            return "stalled"
+        return status
 
     def get(self, key: str, default=_MISSING):
         """A summary field (method, batch_size, model, status, ...) or a dotted config path
@@ -332,8 +345,8 @@ STAT_COLUMNS = (*(f"{m}_pct{s}" for m in ACCURACIES for s in ("", "_std")), "tra
 
 
 def completed_values(runs: list[RunFolder], metric: str, scale: float = 1.0) -> list[float]:
-    """``metric`` from the summaries of the completed runs. Runs that diverged or have not
-    finished are left out: their last accuracy is not a final one."""
+    """``metric`` from the summaries of the completed runs. Runs that diverged, stalled or
+    have not finished are left out: their last accuracy is not a result."""
     return [scale * r.summary[metric] for r in runs if r.status == "completed" and r.summary.get(metric) is not None]
 
 
@@ -370,7 +383,9 @@ def _fmt(value: float, std: float | None = None) -> str:
 def write_markdown(path: Path, rows: list[dict], keys: list[str]) -> None:
     header = [*keys, "runs", "seeds", *ACCURACIES.values(), "train time (s)", "img/s", "status"]
     lines = [
-        "Accuracy (%), train time and throughput: mean ± sample std over the completed runs of each group. "
+        "Accuracy (%), train time and throughput: mean ± sample std over the completed runs of each group; "
+        f"a run that diverged or stalled (best validation accuracy within {STALLED_WITHIN_POINTS:g} point of "
+        "chance) is counted under status and is in no mean. "
         "'val-selected': the test accuracy of the checkpoint with the best validation accuracy (the test set "
         "takes no part in the choice); validation is held out of the training set.",
         "",
@@ -508,7 +523,7 @@ def _colours(labels) -> dict[str, tuple]:
 
 
 LINE_STYLES = ("-", "--", ":", "-.")
-#: Marks a run that diverged or failed, at its last logged point; such runs are in no mean.
+#: Marks a run that diverged, stalled or failed, at its last logged point; such runs are in no mean.
 FAILED_MARK = dict(marker="x", markersize=9, markeredgewidth=2, linestyle="none")
 
 
@@ -530,7 +545,7 @@ def _draw_series(ax, series: Series, x: str, panel: Panel, colour) -> None:
     """The mean over the series' completed runs at the x values they all share (a band
     from their min to max when there are several); a single point as a marker; a cross
     at the last point of each run that diverged or failed."""
-    curves = [_points(r, x, panel) for r in series.runs if r.status != "diverged" and r.status != "failed"]
+    curves = [_points(r, x, panel) for r in series.runs if r.status not in FAILURES]
     curves = [c for c in curves if c]
     if curves:
         xs = sorted(set.intersection(*(set(c) for c in curves)))
@@ -541,7 +556,7 @@ def _draw_series(ax, series: Series, x: str, panel: Panel, colour) -> None:
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.15, linewidth=0)
     for run in series.runs:
         points = _points(run, x, panel)
-        if run.status in ("diverged", "failed") and points:
+        if run.status in FAILURES and points:
             last = max(points)
             ax.plot([last], [points[last]], color=colour, **FAILED_MARK)
 
@@ -577,8 +592,9 @@ def series_figure(series: list[Series], x: str, panels, *, xlabel: str, legend_t
             _robust_log_limits(ax, [v for s in series for r in s.runs for v in _points(r, x, panel).values()])
         ax.set(xlabel=xlabel, ylabel=panel.label)
         ax.grid(alpha=0.3)
-    if any(r.status in ("diverged", "failed") for s in series for r in s.runs):
-        axes[-1].plot([], [], color="grey", label="x: diverged or failed (last point; in no mean)", **FAILED_MARK)
+    if any(r.status in FAILURES for s in series for r in s.runs):
+        axes[-1].plot([], [], color="grey", label="x: diverged, stalled or failed (last point; in no mean)",
+                      **FAILED_MARK)
     handles, labels = axes[-1].get_legend_handles_labels()
     if len(labels) > 12:  # many groups: below the panels, in columns, instead of over the curves
         fig.set_figheight(fig.get_figheight() + 0.16 * ((len(labels) - 1) // 4 + 1))
@@ -658,7 +674,7 @@ def _sweep_lines(ax, groups: dict, position: dict, metric: str, colours: dict, f
             continue
         ax.plot(pos, mean, marker="o", color=colour, label=label(by_value))
         ax.fill_between(pos, low, high, color=colour, alpha=0.2, linewidth=0)
-        failed = [p for p, group in cells if any(r.status in ("diverged", "failed") for r in group)]
+        failed = [p for p, group in cells if any(r.status in FAILURES for r in group)]
         ax.plot(failed, [0.03] * len(failed), color=colour, transform=bottom, **FAILED_MARK)
 
 
@@ -686,8 +702,8 @@ def sweep_figure(runs: list[RunFolder], by: str, x: str) -> Figure:
     ax.grid(alpha=0.3)
     ax.plot([], [], color="grey", label="solid: val-selected model")
     ax.plot([], [], color="grey", linestyle="--", linewidth=1, label="dashed: final model")
-    if any(r.status in ("diverged", "failed") for r in runs):
-        ax.plot([], [], color="grey", label="x: a run diverged or failed (in no mean)", **FAILED_MARK)
+    if any(r.status in FAILURES for r in runs):
+        ax.plot([], [], color="grey", label="x: a run diverged, stalled or failed (in no mean)", **FAILED_MARK)
     ax.legend(title=by, fontsize="small")
     counts = sorted({len(completed_values(g, "selected_test_acc")) for g in groups.values()} - {0})
     n = "no completed run" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"

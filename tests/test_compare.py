@@ -145,6 +145,37 @@ def test_table_numbers_equal_a_hand_computation(sweep, tmp_path, capsys):
     assert pivot[5].endswith("| incomplete: 1 |")
 
 
+def set_best_val(run, acc, classes=10):
+    """A run's best validation accuracy, with its dataset's class count in its config."""
+    summary = json.loads((run / "summary.json").read_text())
+    summary["best_val_acc"], summary["config"]["dataset"] = acc, {"num_classes": classes}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_a_run_at_chance_is_stalled_counted_as_a_failure_and_in_no_mean_or_test(tmp_path):
+    """Completed, but its best validation accuracy within 1 point of chance (10% for 10
+    classes): counted as stalled beside diverged, in no mean and no paired test."""
+    root = tmp_path / "runs"
+    for seed in range(4):
+        write_run(root / f"bn-{seed}", "bn", 128, seed)
+        write_run(root / f"msr-{seed}", "msr", 128, seed, status="diverged" if seed == 3 else "completed")
+    set_best_val(root / "msr-1", 0.11)   # 11.0%: within 1 point of chance
+    set_best_val(root / "msr-2", 0.111)  # 11.1%: learned something
+    set_best_val(root / "bn-0", 0.052, classes=20)  # 5.2% of 20 classes: chance + 0.2
+    runs = compare.find_runs([root])
+    assert {r.path.name: r.status for r in runs if r.status != "completed"} == \
+        {"msr-1": "stalled", "msr-3": "diverged", "bn-0": "stalled"}
+    out = tmp_path / "out"
+    compare.compare([root], out, "method", None, baseline="bn")
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert rows["msr"]["status"] == "completed: 2, diverged: 1, stalled: 1"
+    mean, std = hand_stats([100 * selected_acc("msr", 128, s) for s in (0, 2)])
+    assert (rows["msr"]["selected_test_acc_pct"], rows["msr"]["selected_test_acc_pct_std"]) == (f"{mean:.2f}", f"{std:.2f}")
+    (msr,) = [r for r in csv.DictReader(open(out / "stats.csv")) if r["test"] == "msr"]
+    assert msr["n"] == "5" and "2 vs 3 (Welch)" in (out / "stats.md").read_text()  # seeds with a result: 0, 2 vs 1-3
+    assert "stalled (best validation accuracy within 1 point of chance)" in (out / "table.md").read_text()
+
+
 def test_rows_group_by_a_config_path(sweep):
     runs = [r for r in compare.find_runs([sweep]) if r.get("method") == "msr"]
     rows = compare.table_rows(compare.group_runs(runs, ["method.zmg_alpha"]), ["method.zmg_alpha"])
@@ -209,7 +240,7 @@ def test_curves_average_the_seeds_of_each_group_with_a_band_and_a_style_per_x_va
     assert "(mean over 1-2 run(s) per line, band: min-max over them)" in fig.get_suptitle()
     assert fig.axes[-1].get_legend().get_title().get_text() == "method, batch_size"
     legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
-    assert "x: diverged or failed (last point; in no mean)" in legend
+    assert "x: diverged, stalled or failed (last point; in no mean)" in legend
 
 
 def test_single_evaluation_runs_are_markers_and_explosions_do_not_flatten_the_loss_axis(tmp_path):
