@@ -119,7 +119,7 @@ def _hparams_summary(tag: str, **plugin_data):
 
 
 def hparams_summaries(cfg):
-    """The HParams plugin's experiment, session start and session end summaries for a run:
+    """The HParams plugin's experiment, ``session_start_info`` and ``session_end_info`` summaries for a run:
     integers as text (TensorBoard would show batch size 128 as 128.00), booleans as
     booleans (torch's ``hparams`` writes them as 1.0), the key settings and the swept ones
     marked as differing so that TensorBoard lists them first."""

@@ -362,7 +362,7 @@ def hook_variant(model_name: str, name: str, batch_size: int, x, y):
         for conv in model.modules():
             if isinstance(conv, WSConv2d):
                 conv.standardized_weight = _ws_through_autograd.__get__(conv)
-    if name == "msr, scale always on the weight":  # before session 9: folded in at every layer
+    if name == "msr, scale always on the weight":  # the former form: folded in at every layer
         for conv in model.modules():
             if isinstance(conv, MSRConv2d):
                 conv.scales_output = lambda x: False

@@ -56,7 +56,7 @@ OWNER_ENV = "MSR_TRAIN_TEST_OWNER"
 
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind():
-    """When a test process's session ends, no process its tests started still runs (an
+    """When a test process has run its tests, no process they started still runs (an
     orphaned sweep worker, a server, a run never waited for): each is named in the error.
     Python's multiprocessing resource tracker is the exception: it serves this process and
     ends with it."""
@@ -66,5 +66,5 @@ def no_process_left_behind():
     while left := {pid: cmd for pid, cmd in processes_started_with(OWNER_ENV, str(os.getpid())).items()
                    if "resource_tracker" not in cmd}:
         if time.monotonic() > deadline:
-            pytest.fail(f"processes the tests started still run when the session ends: {left}")
+            pytest.fail(f"processes the tests started still run after the tests: {left}")
         time.sleep(0.5)

@@ -95,7 +95,7 @@ REPORTED = [
     (["dataset.mean=[abc]"], "dataset.mean"), (["dataset.std=[0,0.3,0.3]"], "dataset.std"),
     (["dataset.std=[0.3]"], "dataset.std"), (["method=bn", "method.sync_bn=maybe"], "method.sync_bn"),
     (["trainer.devices=3"], "trainer.devices"),
-    # accepted silently or with a misleading message before (issue 30, item 8)
+    # once accepted silently or with a misleading message
     (["scheduler=multistep", "scheduler.milestones=[]"], "scheduler.milestones"),
     (["scheduler.warmup_epochs=1"], "scheduler.warmup_epochs"),  # epochs=1: warming up to the end
     (["dataset.train_size=1000"], "dataset.train_size"), (["dataset.test_size=1000"], "dataset.test_size"),

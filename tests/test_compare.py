@@ -391,7 +391,7 @@ def test_clear_errors(sweep, tmp_path, capsys):
 
 
 def damage(run, what):
-    """One of the damaged inputs an operator found msr-compare crashing on (issue 30)."""
+    """One of the damaged inputs an operator found msr-compare crashing on."""
     summary, metrics = run / "summary.json", run / "metrics.jsonl"
     if what == "summary a list":
         summary.write_text("[1, 2]")

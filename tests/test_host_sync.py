@@ -1,4 +1,4 @@
-"""The optimizer step never waits for the device (issue 28): no operator in
+"""The optimizer step never waits for the device: no operator in
 ``train.train_step`` reads a tensor's value back to the host, for any method (MSR's noise
 on and off, nf's AGC on), with accumulation too. On a GPU such a read (``.item()``,
 ``bool(t)``, ``float(t)``) stalls the launch queue at every step; the loop reads its

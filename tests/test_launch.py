@@ -1,4 +1,4 @@
-"""A refused launch changes no run (issue 31): Hydra's config copies become a run's
+"""A refused launch changes no run: Hydra's config copies become a run's
 ``.hydra/`` only once the launch passes every check (msr_train.launch), and a refused
 launch into a new folder leaves no folder behind."""
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # real runs, processes or sweeps: deselect with -
 #: The methods' defaults on the plain data recipe: the default run's flips and label
 #: smoothing slow the first few hundred steps (nf at batch 32: 60% -> 43% here) and pay
 #: over its 18 epochs. At batch 32 nf reached 60.1%, on the threshold; at 16 every method
-#: has room (session 7, best validation accuracy: none 70.5%, gn 72.4%, bnp 74.2%, nf 75.6%,
+#: has room (measured 2026-11, best validation accuracy: none 70.5%, gn 72.4%, bnp 74.2%, nf 75.6%,
 #: msr 77.5%, bn 78.0%, gn_ws 78.3%, mimicnorm 79.4%).
 SHORT_RUN = ["model=resnet8", f"dataset.root={FASHION}", "dataset.download=false", "dataset.train_size=4000",
              "dataset.val_size=1000", "dataset.test_size=500", "batch_size=16", "epochs=2",

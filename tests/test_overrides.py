@@ -1,4 +1,4 @@
-"""The command line's overrides checked before Hydra composes them (issues 30 and 31): a
+"""The command line's overrides checked before Hydra composes them: a
 misspelled key or config choice, or an override Hydra cannot read, is one line with a
 did-you-mean or the choices, exit code 2; every preset and a real sweep still pass."""
 

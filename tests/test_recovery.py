@@ -1,4 +1,4 @@
-"""Nothing lost, round two (issue 30): the best model's files, metrics.jsonl's damaged
+"""Nothing lost: the best model's files, metrics.jsonl's damaged
 lines, a second fault during a recovery, and what the messages say. Each reproduced
 first (against an uninterrupted reference run), then fixed."""
 

@@ -186,7 +186,7 @@ class NFJoin(nn.Module):
     applied by a single ``addcmul``, and ``fold_input_scale`` moves 1 / beta into the convs
     that read act(h) / beta. Unfused, they were five extra passes over every block's
     activation forward and backward (docs/benchmarks.md, "Every method against the
-    unnormalised network, session 7")."""
+    unnormalised network")."""
 
     def __init__(self, act: nn.Module, alpha: float, transition: bool, beta: float = 1.0,
                  drop_rate: float = 0.0, skipinit: bool = False):
