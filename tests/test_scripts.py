@@ -257,3 +257,22 @@ def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_r
         == list(evidence.VGG_MULTS)
     assert "model=vgg16" in jobs["vgg", "vgg16-bn-lr0.01x-seed0"].overrides
     assert {("depth", f"{m}-msr_authors-seed{s}") for m in ("resnet56", "resnet110") for s in (0, 1, 2)} <= set(jobs)
+
+
+def test_param_trace_reports_each_convs_change_and_the_product_of_its_scales(tmp_path, monkeypatch, one_thread):
+    """The first-steps trace of an MSR run: every conv's relative weight change (0 before
+    the first step, then positive), its filter scales (exp(theta) = scale_init at step 0),
+    and the product of the mean scales, which at step 0 is scale_init ** convs."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("param_trace", None)
+    import param_trace
+    out = tmp_path / "trace.md"
+    param_trace.main(["debug=quick", "dataset.train_size=null", "dataset.val_size=32", "model=vgg11", "method=msr_paper",
+                      "--steps", "3", "--every", "1", "--out", str(out)])
+    trace = json.loads(out.with_suffix(".json").read_text())
+    convs, rows = trace["convs"], trace["rows"]
+    assert [r["step"] for r in rows] == [0, 1, 2] and len(convs) == 8  # VGG-11: 8 convs
+    assert all(rows[0][f"conv{i}_dw"] == 0 and rows[2][f"conv{i}_dw"] > 0 for i in range(len(convs)))
+    assert rows[0]["conv3_scale_max"] == pytest.approx(0.8)
+    assert rows[0]["scale_product"] == pytest.approx(0.8 ** len(convs), rel=1e-5)
+    assert out.read_text().count("\n| ") == 1 + 3  # the header and one line per step
