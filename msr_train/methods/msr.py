@@ -38,14 +38,14 @@ and the paper's text where they differ, as options (conf/method/msr.yaml):
   the authors' ResnetBiasScaling.py: the shifted input of a post-activation block would
   otherwise be negative, which no ReLU output is.
 
-Two presets name the two configurations compared in docs/results.md, "The converged
-protocol": ``method=msr_paper`` (the paper's text: projection, a zero-mean noised stem,
+Two presets name the two configurations compared in docs/results.md, "Batch 128: the
+10-epoch protocol": ``method=msr_paper`` (the paper's text: projection, a zero-mean noised stem,
 noise at every conv output, the optimizer's weight decay) and ``method=msr_authors``
 (their cited run: their operator, the plain stem at the conv rate, no noise, no weight
 decay). ``method=msr``'s defaults are described below.
 
 ``method=msr``'s defaults are the paper's settings (those of ``msr_paper``): on the
-converged protocol the authors' configuration against the paper's was inconclusive over 5
+10-epoch protocol the authors' configuration against the paper's was inconclusive over 5
 paired seeds, and by the project's rule an inconclusive comparison keeps the paper's
 method (the decision and its stats line: conf/method/msr.yaml). The projecting operator
 is also the stable one (the authors' operator diverged at 2x its rate there). The earlier
