@@ -29,7 +29,8 @@ The plan, in order of priority (short runs whose results decide others first):
 6. ``depth`` again: VGG-11/16 for bn, msr, none, as the ResNets.
 7. ``vgg``: VGG-11/16 for bn, msr_paper, msr_authors and none in the 10-epoch protocol,
    screened on seed 0 at 0.01x-1x of the method's ResNet-20 rate (and past a winning
-   edge), then seeds 1-2 at the chosen rate.
+   edge), then seeds 1-2 at the chosen rate; VGG-11 whole (screen and seeds) before any
+   VGG-16 run, so the cheaper network's answer comes first.
 
 Runs train in ``outputs/evidence/<part>/<name>``; each run's console output goes to
 ``outputs/evidence/logs/<part>-<name>.log``. A run whose summary says ``completed`` or
@@ -238,7 +239,8 @@ def first_choices(root: Path) -> dict[str, float | None]:
 
 def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
     """Every job whose inputs are known now (a screen's seeds wait for its choice). Stages,
-    in order: the converged screen (short runs), the long one, their seeds, the depth parts, VGG's screen."""
+    in order: the converged screen (short runs), the long one, their seeds, the depth parts,
+    VGG-11's screen and seeds, VGG-16's."""
     jobs, first = [], first_choices(root)
     for i, method in enumerate(METHODS):
         jobs += CONVERGED.jobs(root, method, lrs["converged"][method], ((0, i), (2, i)))
@@ -248,7 +250,7 @@ def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
     for k, screen in enumerate(VGG_SCREENS):
         for i, method in enumerate(VGG_SCREEN_METHODS):
             rate = None if first[method] is None else lrs["converged"][method] * first[method]
-            jobs += screen.jobs(root, method, rate, ((8, k, i), (9, k, i)))
+            jobs += screen.jobs(root, method, rate, ((8, k, 0, i), (8, k, 1, i)))
     return jobs + half_rate_retries(jobs, root)
 
 

@@ -256,6 +256,9 @@ def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_r
     assert [m for m in evidence.VGG_MULTS if f"optimizer.lr={lr * m:g}" in jobs["vgg", f"vgg16-bn-lr{m:g}x-seed0"].overrides] \
         == list(evidence.VGG_MULTS)
     assert "model=vgg16" in jobs["vgg", "vgg16-bn-lr0.01x-seed0"].overrides
+    # VGG-11 whole before VGG-16: its seeds outrank VGG-16's screen.
+    assert jobs["vgg", "vgg11-none-seed2"].priority < jobs["vgg", "vgg16-bn-lr0.01x-seed0"].priority
+    assert jobs["vgg", "vgg11-bn-lr1x-seed0"].priority < jobs["vgg", "vgg11-bn-seed1"].priority
     assert {("depth", f"{m}-msr_authors-seed{s}") for m in ("resnet56", "resnet110") for s in (0, 1, 2)} <= set(jobs)
 
 
