@@ -26,7 +26,7 @@ import re
 import statistics
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib import colormaps
@@ -142,6 +142,7 @@ class RunFolder:
     config: dict             # the run's config as nested dicts
     signal_prop: list[dict]  # signal_prop.jsonl
     choices: dict            # the config chosen in each group (Hydra's runtime.choices), {} if unknown
+    relabeled: dict = field(default_factory=dict)  # key -> the value it reads as (--same)
 
     @classmethod
     def load(cls, path: Path) -> RunFolder:
@@ -172,6 +173,8 @@ class RunFolder:
         ``choices.<group>`` is the config file chosen for it (``choices.method``:
         msr_paper, where method is msr). Without the key: ``default`` if given, else
         MissingKey."""
+        if key in self.relabeled:
+            return self.relabeled[key]
         if key == "status":
             return self.status
         if key.startswith("choices."):
@@ -233,6 +236,19 @@ def find_runs(paths) -> list[RunFolder]:
         if not (run.config or run.summary):
             warn(run.path, "no readable config nor summary, so nothing says what run it is; skipped")
     return [run for run in runs if run.config or run.summary]
+
+
+def relabel(runs: list[RunFolder], key: str, same: dict[str, str]) -> None:
+    """Runs whose ``key`` is OLD read it as NEW, for each ``--same OLD=NEW``: a config and
+    a preset that composes to the same settings (``msr`` and ``msr_paper``) are one group.
+    An OLD that no run has is refused: the option would do nothing."""
+    for old, new in same.items():
+        hits = [run for run in runs if str(run.get(key, None)) == old]
+        if not hits:
+            values = sorted({str(run.get(key, None)) for run in runs})
+            raise ConfigError(f"--same {old}={new}: no run has {key} {old!r}; its values are: {', '.join(values)}")
+        for run in hits:
+            run.relabeled[key] = new
 
 
 def _values(runs: list[RunFolder], key: str) -> list:
@@ -765,10 +781,12 @@ DPI = 120
 
 
 def compare(paths, out: Path, by: str, x: str | None, seeds: str = "mean", baseline: str | None = None,
-            margin: float = 0.5, allow_mixed: bool = False) -> list[Path]:
+            margin: float = 0.5, allow_mixed: bool = False, same: dict[str, str] | None = None) -> list[Path]:
     """Curves, table, (with ``x``) the sweep figure and (with ``baseline``) the statistics
-    into ``out``; returns the files. Unlike runs are refused unless ``allow_mixed``."""
+    into ``out``; returns the files. Unlike runs are refused unless ``allow_mixed``; ``same``
+    relabels values of ``by`` (relabel)."""
     runs = find_runs(paths)
+    relabel(runs, by, same or {})
     keys = [by] if x is None else [by, x]
     groups = group_runs(runs, keys)
     if not allow_mixed:
@@ -807,6 +825,28 @@ def compare_signal_prop(paths, out: Path, by: str, epoch: int) -> list[Path]:
     return [path]
 
 
+def _checked_args(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict[str, str]]:
+    """The parsed arguments and the --same relabels; a combination that cannot work exits 2, naming it."""
+    args = p.parse_args(argv)
+    given = [name for name, value in (("--x", args.x), ("--baseline", args.baseline), ("--same", args.same))
+             if value not in (None, [])]
+    if args.signal_prop and given:
+        p.error(f"{', '.join(given)}: for curves and tables only, not for --signal-prop")
+    if args.epoch is not None and not args.signal_prop:
+        p.error("--epoch applies to --signal-prop only")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        p.error(f"--margin {args.margin:g}: the equivalence margin is a number of accuracy points >= 0, e.g. 0.5")
+    if args.x is not None and args.x == args.by:
+        p.error(f"--x and --by are both {args.by!r}; group by another key, e.g. --by method --x {args.x}")
+    for pair in args.same:
+        if "=" not in pair.strip("="):
+            p.error(f"--same {pair}: it is OLD=NEW, two values of --by, e.g. --same msr=msr_paper")
+    same = dict(pair.split("=", 1) for pair in args.same)
+    if len(same) != len(args.same):
+        p.error(f"--same {' '.join(args.same)}: a value is relabeled twice; give each OLD once")
+    return args, same
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="msr-compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -825,26 +865,19 @@ def main(argv=None) -> None:
     p.add_argument("--allow-mixed", action="store_true",
                    help="pool runs that differ in model, dataset, batch size, epochs, optimizer, lr, scheduler or "
                    "method within a group (refused by default)")
+    p.add_argument("--same", action="append", default=[], metavar="OLD=NEW",
+                   help="runs whose --by value is OLD count as NEW, e.g. --same msr=msr_paper for a config and "
+                   "a preset that composes to the same settings (repeatable)")
     p.add_argument("--signal-prop", action="store_true",
                    help="plot the signal propagation records (signal_prop.jsonl) instead")
     p.add_argument("--epoch", type=int, metavar="N", help="with --signal-prop: the epoch to plot (default 0, init)")
-    args = p.parse_args(argv)
-    if args.signal_prop and args.x:
-        p.error("--x applies to curves and tables, not to --signal-prop")
-    if args.epoch is not None and not args.signal_prop:
-        p.error("--epoch applies to --signal-prop only")
-    if args.baseline is not None and args.signal_prop:
-        p.error("--baseline applies to curves and tables, not to --signal-prop")
-    if not (math.isfinite(args.margin) and args.margin >= 0):
-        p.error(f"--margin {args.margin:g}: the equivalence margin is a number of accuracy points >= 0, e.g. 0.5")
-    if args.x is not None and args.x == args.by:
-        p.error(f"--x and --by are both {args.by!r}; group by another key, e.g. --by method --x {args.x}")
+    args, same = _checked_args(p, argv)
     try:
         if args.signal_prop:
             written = compare_signal_prop(args.paths, args.out, args.by, args.epoch or 0)
         else:
             written = compare(args.paths, args.out, args.by, args.x, args.seeds, args.baseline, args.margin,
-                              args.allow_mixed)
+                              args.allow_mixed, same)
     except ConfigError as e:
         print(f"msr-compare: error: {e}", file=sys.stderr)
         sys.exit(2)

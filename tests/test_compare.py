@@ -449,6 +449,31 @@ def test_runs_that_differ_in_what_they_are_are_not_pooled(sweep, tmp_path, capsy
     assert "| msr | 6 |" in capsys.readouterr().out
 
 
+def test_same_pools_runs_of_a_config_with_those_of_the_preset_it_equals(tmp_path, capsys):
+    """Runs made under ``method=msr`` and under its preset ``msr_paper`` (same settings)
+    are two groups by choices.method; ``--same msr=msr_paper`` makes them one, paired by
+    seed with bn's; a relabel that matches no run is an error, not a silent no-op."""
+    root = tmp_path / "runs"
+    for seed in range(4):
+        for method, choice in (("bn", "bn"), ("msr", "msr" if seed < 2 else "msr_paper")):
+            write_run(root / f"{method}-{seed}", method, 128, seed)
+            (root / f"{method}-{seed}" / ".hydra" / "hydra.yaml").write_text(
+                json.dumps({"hydra": {"runtime": {"choices": {"method": choice}}}}))
+        summary = root / f"msr-{seed}" / "summary.json"  # differences that vary by seed, as real ones do
+        summary.write_text(json.dumps(json.loads(summary.read_text()) | {"selected_test_acc": 0.86 + 0.002 * seed ** 3}))
+    compare.main([str(root), "--by", "choices.method", "--baseline", "bn", "--out", str(tmp_path / "apart")])
+    out = capsys.readouterr().out
+    assert "| msr | 2 | 0,1 |" in out and "| msr_paper | 2 | 2,3 |" in out
+    compare.main([str(root), "--by", "choices.method", "--baseline", "bn", "--same", "msr=msr_paper",
+                  "--out", str(tmp_path / "pooled")])
+    out = capsys.readouterr().out
+    assert "| msr_paper | 4 | 0,1,2,3 |" in out and "| msr |" not in out and "| msr_paper vs bn | 4 pairs |" in out
+    err = error_of(capsys, root, "--by", "choices.method", "--same", "mrs=msr_paper", "--out", tmp_path / "typo")
+    assert "--same mrs=msr_paper: no run has choices.method 'mrs'; its values are: bn, msr, msr_paper" in err
+    assert "it is OLD=NEW" in error_of(capsys, root, "--by", "choices.method", "--same", "msr")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_path_over_the_length_limit_is_a_clear_error(capsys):
     err = error_of(capsys, "x" * 5000)
     assert "File name too long" in err and "Traceback" not in err
