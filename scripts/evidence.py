@@ -158,12 +158,20 @@ def default_lrs() -> dict[str, dict[str, float]]:
             "long": {m: default_lr(m, LONG.protocol) for m in LONG_METHODS}}
 
 
+def archived_dir(part: str, name: str) -> Path | None:
+    """The archive's folder of a finished run: its own, or the archived run it is (REUSED)."""
+    for run_dir in (ARCHIVE / part / name, ARCHIVE / REUSED.get((part, name), "-")):
+        if (run_dir / SUMMARY).is_file():
+            return run_dir
+    return None
+
+
 def run_summary(root: Path, part: str, name: str) -> dict:
-    """A run's summary from ``root``, the archive, or the archived run it is (REUSED)."""
-    for run_dir in (root / part / name, ARCHIVE / part / name, ARCHIVE / REUSED.get((part, name), "-")):
+    """A run's summary from ``root``, else from the archive (archived_dir)."""
+    for run_dir in (root / part / name, archived_dir(part, name)):
         try:
             return json.loads((run_dir / SUMMARY).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):  # TypeError: not archived (None)
             continue
     return {}
 

@@ -108,10 +108,10 @@ def comparisons(chosen: dict, running: dict) -> tuple[list[stats.Comparison], li
     return stats.judge(out, margin=0.5), notes
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="also write table.md, stats.md and stats.csv here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     text, chosen, running = table()
     found, notes = comparisons(chosen, running)
     verdicts = stats.markdown(found, x_key=None, margin=0.5, notes=notes, metric="The test accuracy") \

@@ -6,7 +6,7 @@ stack multiplies its signal by), beside the loss and the logits' RMS on a fixed 
 steps until ``--steps`` or a non-finite loss. Built and trained as msr-train builds and
 trains (its config, data, optimizer, schedule and step), one thread.
 
-    python scripts/param_trace.py model=vgg11 method=msr_paper optimizer.lr=0.2 --out docs/img/depth/trace_vgg11_msr.md
+    python scripts/param_trace.py model=vgg11 method=msr_paper optimizer.lr=0.2 --out docs/img/depth/trace_vgg11_msr_paper.md
 
 The overrides are msr-train's, on top of ``experiment=fashion_mnist_converged epochs=3``
 (the depth protocol). The table is markdown; the numbers go to the .json beside it.

@@ -279,3 +279,51 @@ def test_param_trace_reports_each_convs_change_and_the_product_of_its_scales(tmp
     assert rows[0]["conv3_scale_max"] == pytest.approx(0.8)
     assert rows[0]["scale_product"] == pytest.approx(0.8 ** len(convs), rel=1e-5)
     assert out.read_text().count("\n| ") == 1 + 3  # the header and one line per step
+
+
+def test_evidence_tables_take_each_methods_seeds_at_its_choice_and_name_what_is_left_out(tmp_path, evidence):
+    """scripts/evidence_tables.py follows the driver's screens: a method enters a table
+    with all its seeds at its chosen rate (the first grid's or the extended screen's), a
+    method with seeds missing there is left out and named, and a comparison without its
+    baseline holds no runs rather than a table of one group."""
+    sys.modules.pop("evidence_tables", None)
+    import evidence_tables
+    archive, screen = evidence.ARCHIVE, evidence.CONVERGED
+    for method, accs in (("bn", (0.90, 0.92, 0.91)), ("msr_paper", (0.89, 0.90, 0.91))):
+        for mult, acc in zip((0.5, 1.0, 2.0), accs):
+            write_summary(archive / "converged" / screen.name(method, mult, 0), "completed", acc)
+    write_summary(archive / "converged" / screen.name("msr_paper", 4.0, 0), "completed", 0.88)
+    for seed in (1, 2, 3, 4):
+        write_summary(archive / "converged" / screen.name("bn", 1.0, seed), "completed", 0.9)
+    for seed in (1, 2):  # msr_paper's seeds at its choice, 2x: 3 of 5
+        write_summary(archive / "converged" / screen.name("msr_paper", 2.0, seed), "completed", 0.9)
+    runs, left_out = evidence_tables.at_choice(screen, ("bn", "msr_paper", "gn"))
+    assert runs == {"bn": [archive / "converged" / f"bn-lr1x-seed{s}" for s in range(5)]}
+    assert left_out == ["msr_paper: 3 of 5 seeds archived at its choice, 2x", "gn: its screen has not chosen a rate yet"]
+    alone = evidence_tables.versus("x", runs, left_out, "bn")
+    assert alone.runs == () and alone.left_out == tuple(left_out)
+    for seed in (3, 4):
+        write_summary(archive / "converged" / screen.name("msr_paper", 2.0, seed), "completed", 0.9)
+    runs, _ = evidence_tables.at_choice(screen, ("bn", "msr_paper"))
+    section = evidence_tables.versus("x", runs, [], "bn")
+    assert len(section.runs) == 10 and section.options == ("--by", "choices.method", "--baseline", "bn")
+    # The first grid's choice stops at 2x however the screen was extended.
+    assert evidence_tables.at_choice(screen, ("msr_paper",), extend=False)[0]["msr_paper"][0].name == "msr_paper-lr2x-seed0"
+
+
+@pytest.mark.slow  # about 10 s: msr-compare over 95 archived runs
+def test_the_committed_10_epoch_tables_are_what_the_archive_gives(tmp_path, monkeypatch):
+    """docs/img's first-grid tables of the 10-epoch protocol, rebuilt from the committed
+    archive by the one command, equal the committed files: a table on the page cannot
+    drift from its runs."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.chdir(SCRIPTS.parent)
+    sys.modules.pop("evidence_tables", None)
+    import evidence_tables
+    monkeypatch.setattr(evidence_tables, "OUT", tmp_path)
+    evidence_tables.main(["--only", "converged_batch128/first_grid"])
+    tables = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in (".md", ".csv"))
+    assert len(tables) == 13  # 3 folders: table.md/.csv and made_by.md each, stats.md/.csv in 2
+    for rel in tables:
+        if rel.name != "made_by.md":  # it names its --out folder
+            assert (tmp_path / rel).read_text() == (SCRIPTS.parent / "docs" / "img" / rel).read_text(), rel
