@@ -9,13 +9,14 @@ rest, so a sweep of many hours survives kills, reboots and new machines.
     python scripts/evidence.py --report        # the learning-rate screen's table
     echo 1 > outputs/evidence/max_jobs         # one run at a time from now on (rm the file: --jobs again)
 
-The plan, in order of priority (short runs whose results decide others first):
+The plan, in order of priority (short runs, and runs whose results decide others, first):
 
 1. ``converged``: ``experiment=fashion_mnist_converged`` (the 10-epoch protocol) per method.
    The learning rate is screened on seed 0 at 0.5x / 1x / 2x the method's default, and
    past a winning edge (``Screen``): the rate with the best validation accuracy (never a
    test number; a diverged run never wins) then runs seeds 1-4, so seed 0 of the 5 is
-   the screen's run at that rate.
+   the screen's run at that rate. Its seeds come before the long part: its verdicts
+   complete in hours, the long part's in days.
 2. ``long``: bn, msr_paper and msr_authors in the default run's recipe (all 55,000 training
    images, 18 epochs), screened and seeded the same way; the archived default runs are
    its msr_paper runs at 1x (``REUSED``).
@@ -247,13 +248,14 @@ def first_choices(root: Path) -> dict[str, float | None]:
 
 def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
     """Every job whose inputs are known now (a screen's seeds wait for its choice). Stages,
-    in order: the converged screen (short runs), the long one, their seeds, the depth parts,
+    in order: the converged screen and its seeds (short runs: the 10-epoch verdicts whole
+    first), the long screen and its seeds, the depth parts,
     VGG-11's screen and seeds, VGG-16's."""
     jobs, first = [], first_choices(root)
     for i, method in enumerate(METHODS):
-        jobs += CONVERGED.jobs(root, method, lrs["converged"][method], ((0, i), (2, i)))
+        jobs += CONVERGED.jobs(root, method, lrs["converged"][method], ((0, i), (1, i)))
     for i, method in enumerate(LONG_METHODS):
-        jobs += LONG.jobs(root, method, lrs["long"][method], ((1, i), (3, i)))
+        jobs += LONG.jobs(root, method, lrs["long"][method], ((2, i), (3, i)))
     jobs += later_parts(lrs["converged"], first)
     for k, screen in enumerate(VGG_SCREENS):
         for i, method in enumerate(VGG_SCREEN_METHODS):
@@ -344,7 +346,8 @@ def archive_finished(jobs: list[Job], root: Path) -> None:
 
 def job_limit(root: Path, n_jobs: int) -> int:
     """``--jobs``, or the number in ``<root>/max_jobs`` while that file exists: lower it
-    to 1 while the test suite runs (the running runs finish; no new one starts)."""
+    to 1 while the test suite runs (the running runs finish; no new one starts), or to 0
+    to let the driver exit once the running runs end (to restart it on new code)."""
     try:
         return int((root / "max_jobs").read_text())
     except (OSError, ValueError):

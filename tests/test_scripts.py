@@ -259,6 +259,8 @@ def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_r
     # VGG-11 whole before VGG-16: its seeds outrank VGG-16's screen.
     assert jobs["vgg", "vgg11-none-seed2"].priority < jobs["vgg", "vgg16-bn-lr0.01x-seed0"].priority
     assert jobs["vgg", "vgg11-bn-lr1x-seed0"].priority < jobs["vgg", "vgg11-bn-seed1"].priority
+    # the 10-epoch protocol's seeds (a waiting one here) before the long screen
+    assert jobs["converged", "msr_authors-seed1"].priority < jobs["long", "bn-lr0.5x-seed0"].priority
     assert {("depth", f"{m}-msr_authors-seed{s}") for m in ("resnet56", "resnet110") for s in (0, 1, 2)} <= set(jobs)
 
 
