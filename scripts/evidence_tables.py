@@ -127,22 +127,24 @@ def made_by(section: Section) -> str:
 
 
 def build(section: Section) -> None:
-    """msr-compare into a scratch folder, then this section's files replace the folder's
-    own (its subfolders, other sections, stay); with no runs, the folder's files go."""
+    """msr-compare into a scratch folder; only once it succeeded do this section's files
+    replace the folder's own (its subfolders, other sections, stay). With no runs, the
+    folder holds only made_by.md, saying what is left out."""
     dest = OUT / section.folder
-    dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.iterdir():
-        if old.is_file():
-            old.unlink()
-    if not section.runs:
-        print(f"{dest}: no runs yet ({'; '.join(section.left_out) or 'none archived'})")
-        return
     with tempfile.TemporaryDirectory() as scratch:
-        try:
-            compare.main(section.argv(Path(scratch)))
-        except SystemExit as e:
-            if e.code:
-                raise SystemExit(f"evidence_tables: {section.folder}: msr-compare refused (its error above)") from None
+        if section.runs:
+            try:
+                compare.main(section.argv(Path(scratch)))
+            except SystemExit as e:
+                if e.code:
+                    raise SystemExit(f"evidence_tables: {section.folder}: msr-compare refused (its error above); "
+                                     "the folder is as it was") from None
+        else:
+            print(f"{dest}: no runs yet ({'; '.join(section.left_out) or 'none archived'})")
+        dest.mkdir(parents=True, exist_ok=True)
+        for old in dest.iterdir():
+            if old.is_file():
+                old.unlink()
         for made in Path(scratch).iterdir():
             if made.suffix != ".png" or made.name in section.figures:
                 shutil.copyfile(made, dest / made.name)

@@ -294,23 +294,25 @@ def test_evidence_tables_take_each_methods_seeds_at_its_choice_and_name_what_is_
     for method, accs in (("bn", (0.90, 0.92, 0.91)), ("msr_paper", (0.89, 0.90, 0.91))):
         for mult, acc in zip((0.5, 1.0, 2.0), accs):
             write_summary(archive / "converged" / screen.name(method, mult, 0), "completed", acc)
-    write_summary(archive / "converged" / screen.name("msr_paper", 4.0, 0), "completed", 0.88)
+    write_summary(archive / "converged" / screen.name("msr_paper", 4.0, 0), "completed", 0.95)
+    write_summary(archive / "converged" / screen.name("msr_paper", 8.0, 0), "diverged")
     for seed in (1, 2, 3, 4):
         write_summary(archive / "converged" / screen.name("bn", 1.0, seed), "completed", 0.9)
-    for seed in (1, 2):  # msr_paper's seeds at its choice, 2x: 3 of 5
-        write_summary(archive / "converged" / screen.name("msr_paper", 2.0, seed), "completed", 0.9)
+    for seed in (1, 2):  # msr_paper's seeds at its choice, 4x: 3 of 5
+        write_summary(archive / "converged" / screen.name("msr_paper", 4.0, seed), "completed", 0.9)
     runs, left_out = evidence_tables.at_choice(screen, ("bn", "msr_paper", "gn"))
     assert runs == {"bn": [archive / "converged" / f"bn-lr1x-seed{s}" for s in range(5)]}
-    assert left_out == ["msr_paper: 3 of 5 seeds archived at its choice, 2x", "gn: its screen has not chosen a rate yet"]
+    assert left_out == ["msr_paper: 3 of 5 seeds archived at its choice, 4x", "gn: its screen has not chosen a rate yet"]
     alone = evidence_tables.versus("x", runs, left_out, "bn")
     assert alone.runs == () and alone.left_out == tuple(left_out)
     for seed in (3, 4):
-        write_summary(archive / "converged" / screen.name("msr_paper", 2.0, seed), "completed", 0.9)
+        write_summary(archive / "converged" / screen.name("msr_paper", 4.0, seed), "completed", 0.9)
     runs, _ = evidence_tables.at_choice(screen, ("bn", "msr_paper"))
     section = evidence_tables.versus("x", runs, [], "bn")
     assert len(section.runs) == 10 and section.options == ("--by", "choices.method", "--baseline", "bn")
-    # The first grid's choice stops at 2x however the screen was extended.
-    assert evidence_tables.at_choice(screen, ("msr_paper",), extend=False)[0]["msr_paper"][0].name == "msr_paper-lr2x-seed0"
+    # The first grid's choice stays 2x although the extended screen chose 4x (its seeds 1-4 are not there).
+    assert evidence_tables.at_choice(screen, ("msr_paper",), extend=False)[1] == \
+        ["msr_paper: 1 of 5 seeds archived at its choice, 2x"]
 
 
 @pytest.mark.slow  # about 10 s: msr-compare over 95 archived runs
