@@ -839,7 +839,8 @@ def _checked_args(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace,
     if args.x is not None and args.x == args.by:
         p.error(f"--x and --by are both {args.by!r}; group by another key, e.g. --by method --x {args.x}")
     for pair in args.same:
-        if "=" not in pair.strip("="):
+        old, sep, new = pair.partition("=")
+        if not (sep and old and new):
             p.error(f"--same {pair}: it is OLD=NEW, two values of --by, e.g. --same msr=msr_paper")
     same = dict(pair.split("=", 1) for pair in args.same)
     if len(same) != len(args.same):

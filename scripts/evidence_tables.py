@@ -29,7 +29,6 @@ import norm_batch_table
 from msr_train import compare
 
 OUT = Path("docs/img")
-VS_BN = ("--by", "choices.method", "--baseline", "bn")
 BY_DEPTH = ("--by", "choices.method", "--x", "choices.model", "--baseline", "bn")
 CURVES, SWEEP, INIT = ("curves_epoch.png",), ("sweep_choices_model.png",), ("signal_prop_epoch0.png",)
 
