@@ -838,11 +838,11 @@ def _checked_args(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace,
         p.error(f"--margin {args.margin:g}: the equivalence margin is a number of accuracy points >= 0, e.g. 0.5")
     if args.x is not None and args.x == args.by:
         p.error(f"--x and --by are both {args.by!r}; group by another key, e.g. --by method --x {args.x}")
-    for pair in args.same:
-        old, sep, new = pair.partition("=")
+    pairs = [pair.partition("=") for pair in args.same]
+    for (old, sep, new), pair in zip(pairs, args.same):
         if not (sep and old and new):
             p.error(f"--same {pair}: it is OLD=NEW, two values of --by, e.g. --same msr=msr_paper")
-    same = dict(pair.split("=", 1) for pair in args.same)
+    same = {old: new for old, _, new in pairs}
     if len(same) != len(args.same):
         p.error(f"--same {' '.join(args.same)}: a value is relabeled twice; give each OLD once")
     return args, same

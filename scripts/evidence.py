@@ -169,10 +169,10 @@ def archived_dir(part: str, name: str) -> Path | None:
 
 def run_summary(root: Path, part: str, name: str) -> dict:
     """A run's summary from ``root``, else from the archive (archived_dir)."""
-    for run_dir in (root / part / name, archived_dir(part, name)):
+    for run_dir in filter(None, (root / part / name, archived_dir(part, name))):
         try:
             return json.loads((run_dir / SUMMARY).read_text())
-        except (OSError, ValueError, TypeError):  # TypeError: not archived (None)
+        except (OSError, ValueError):
             continue
     return {}
 
