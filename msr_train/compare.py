@@ -241,14 +241,17 @@ def find_runs(paths) -> list[RunFolder]:
 def relabel(runs: list[RunFolder], key: str, same: dict[str, str]) -> None:
     """Runs whose ``key`` is OLD read it as NEW, for each ``--same OLD=NEW``: a config and
     a preset that composes to the same settings (``msr`` and ``msr_paper``) are one group.
-    An OLD that no run has is refused: the option would do nothing."""
+    An OLD that no run has is refused: the option would do nothing. NEW takes the type the
+    runs that have it give it (a number on a numeric key), so the two groups become one;
+    check_like_runs then makes sure they compose alike."""
     for old, new in same.items():
         hits = [run for run in runs if str(run.get(key, None)) == old]
         if not hits:
             values = sorted({str(run.get(key, None)) for run in runs})
             raise ConfigError(f"--same {old}={new}: no run has {key} {old!r}; its values are: {', '.join(values)}")
+        typed = next((value for run in runs if str(value := run.get(key, None)) == new), new)
         for run in hits:
-            run.relabeled[key] = new
+            run.relabeled[key] = typed
 
 
 def _values(runs: list[RunFolder], key: str) -> list:
@@ -323,6 +326,29 @@ def _differences(runs: list[RunFolder], identity: tuple[str, ...], keys: list[st
     return out
 
 
+def _flat(node, prefix: str = "") -> dict:
+    """A nested config as {dotted key: leaf value}."""
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _relabel_differences(members: list[RunFolder], keys: list[str]) -> str:
+    """Where a group pools runs that --same relabeled, the settings of the relabeled key's
+    config group (``choices.method``: every ``method.*``) on which its members disagree,
+    as ``method.stem (msr: 2 run(s), plain: 1 run(s))``; "" when they agree."""
+    relabeled = [key for key in keys if any(key in run.relabeled for run in members)]
+    out = []
+    for key in relabeled:
+        group = key.removeprefix("choices.").split(".")[0]
+        flats = [_flat(run.config.get(group, None), f"{group}.") for run in members]
+        for leaf in sorted(set().union(*flats)):
+            counts = Counter(label(flat.get(leaf, "(absent)")) for flat in flats)
+            if len(counts) > 1:
+                out.append(f"{leaf} ({', '.join(f'{v}: {n} run(s)' for v, n in sorted(counts.items()))})")
+    return "; ".join(out)
+
+
 def check_like_runs(runs: list[RunFolder], groups: dict[tuple, list[RunFolder]], keys: list[str]) -> None:
     """Refuse to average or set side by side runs that are different experiments (e.g.
     ResNet-8 with ResNet-50 runs, or two batch sizes in one line): ConfigError naming the
@@ -330,6 +356,9 @@ def check_like_runs(runs: list[RunFolder], groups: dict[tuple, list[RunFolder]],
     problems = [f"the runs of {', '.join(f'{k}={label(v)}' for k, v in zip(keys, group))} differ in "
                 f"{'; '.join(diff)}" for group, members in groups.items()
                 if (diff := _differences(members, IDENTITY, keys))]
+    problems += [f"--same pooled runs of {', '.join(f'{k}={label(v)}' for k, v in zip(keys, group))} that do not "
+                 f"compose alike: {diff}" for group, members in groups.items()
+                 if (diff := _relabel_differences(members, keys))]
     across = _differences(runs, COMPARED_ALIKE, keys)
     if across:
         problems.append(f"the groups differ in {'; '.join(across)}")
@@ -845,6 +874,10 @@ def _checked_args(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace,
     same = {old: new for old, _, new in pairs}
     if len(same) != len(args.same):
         p.error(f"--same {' '.join(args.same)}: a value is relabeled twice; give each OLD once")
+    chained = sorted(set(same) & set(same.values()))
+    if chained:
+        p.error(f"--same {' '.join(args.same)}: {', '.join(chained)} is both an OLD and a NEW; relabel each OLD "
+                "to the value it ends as (a=c b=c, not a=b b=c)")
     return args, same
 
 

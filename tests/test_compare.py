@@ -474,6 +474,31 @@ def test_same_pools_runs_of_a_config_with_those_of_the_preset_it_equals(tmp_path
     assert not (tmp_path / "typo").exists()
 
 
+def test_same_refuses_to_pool_what_composes_differently(tmp_path, capsys):
+    """--same pools only runs whose relabeled config group agrees: a preset with another
+    method.* setting is refused, naming the setting; a numeric key's NEW is the number the
+    runs have; a chain of relabels is refused rather than applied in some order."""
+    root = tmp_path / "runs"
+    for seed in range(2):
+        for choice, alpha in (("msr_paper", 1.0), ("msr_authors", 0.5)):
+            write_run(root / f"{choice}-{seed}", "msr", 128, seed)
+            (root / f"{choice}-{seed}" / ".hydra" / "hydra.yaml").write_text(
+                json.dumps({"hydra": {"runtime": {"choices": {"method": choice}}}}))
+            summary = root / f"{choice}-{seed}" / "summary.json"
+            cfg = json.loads(summary.read_text())
+            cfg["config"]["method"]["zmg_alpha"] = alpha
+            summary.write_text(json.dumps(cfg))
+    err = error_of(capsys, root, "--by", "choices.method", "--same", "msr_authors=msr_paper", "--out", tmp_path / "a")
+    assert ("--same pooled runs of choices.method=msr_paper that do not compose alike: "
+            "method.zmg_alpha (0.5: 2 run(s), 1: 2 run(s))") in err and not (tmp_path / "a").exists()
+    err = error_of(capsys, root, "--by", "choices.method", "--same", "a=b", "--same", "b=c")
+    assert "b is both an OLD and a NEW" in err
+    # A numeric key: the relabeled runs join the group of the number, not a string twin.
+    runs = compare.find_runs([root])
+    compare.relabel(runs, "batch_size", {"128": "128"})
+    assert {run.get("batch_size") for run in runs} == {128}
+
+
 def test_a_path_over_the_length_limit_is_a_clear_error(capsys):
     err = error_of(capsys, "x" * 5000)
     assert "File name too long" in err and "Traceback" not in err
