@@ -85,7 +85,7 @@ def screened_sections() -> list[Section]:
         # none's band hides every other line: the page's figure leaves it out
         out.append(Section(f"converged_batch128/{tag}/without_none",
                            tuple(r for m, rs in runs.items() if m != "none" for r in rs), ("--by", "choices.method"),
-                           CURVES))
+                           CURVES, (*left_out, "none: its band hides every other line")))
         runs, left_out = at_choice(evidence.CONVERGED, ("msr_paper", "msr_authors"), extend)
         out.append(versus(f"converged_batch128/{tag}/msr_configs", runs, left_out, "msr_paper", ()))
     runs, left_out = at_choice(evidence.LONG, evidence.LONG_METHODS)
@@ -117,7 +117,8 @@ def depth_sections() -> list[Section]:
 def made_by(section: Section) -> str:
     command = " ".join(["msr-compare", "RUNS", *section.options, "--out", str(OUT / section.folder)])
     lines = [f"# {OUT / section.folder}", "",
-             f"Made by `python scripts/evidence_tables.py --only {section.folder}` from the archive:", "",
+             f"Made (with any folder under it) by `python scripts/evidence_tables.py --only {section.folder}` "
+             "from the archive:", "",
              f"    {command}", "", f"RUNS ({len(section.runs)}):", ""]
     lines += [f"- {run}" for run in section.runs]
     if section.left_out:
@@ -157,17 +158,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     every = [*screened_sections(), *depth_sections()]
     sections = [s for s in every if s.folder.startswith(args.only)]
-    others = [f for f in ("norm_batch", "screens.md") if f.startswith(args.only)]  # not msr-compare's
+    others = [name for name in OTHERS if name.startswith(args.only)]
     if not sections and not others:
-        p.error(f"--only {args.only}: no folder starts so; they are: "
-                + ", ".join([s.folder for s in every] + ["norm_batch", "screens.md"]))
+        p.error(f"--only {args.only}: no folder starts so; they are: " + ", ".join([s.folder for s in every] + [*OTHERS]))
     for section in sections:
         print(made_by(section)) if args.list else build(section)
-    if not args.list and "norm_batch" in others:
-        norm_batch_table.main(["--out", str(OUT / "norm_batch")])
-    if not args.list and "screens.md" in others:
-        (OUT / "screens.md").write_text(evidence.screen_report(evidence.ARCHIVE) + "\n")
+    for name in others:
+        print(f"# {OUT / name}\n\nMade by {OTHERS[name]}\n") if args.list else build_other(name)
     return 0
+
+
+#: The outputs msr-compare does not make, and what makes them.
+OTHERS = {"norm_batch": "scripts/norm_batch_table.py from docs/evidence/runs/norm_batch",
+          "screens.md": "evidence.screen_report: every screen's rates and best validation accuracy"}
+
+
+def build_other(name: str) -> None:
+    if name == "norm_batch":
+        norm_batch_table.main(["--out", str(OUT / "norm_batch")])
+    else:
+        (OUT / "screens.md").write_text(evidence.screen_report(evidence.ARCHIVE) + "\n")
 
 
 if __name__ == "__main__":
