@@ -134,6 +134,19 @@ def _records(path: Path, text_keys: tuple[str, ...] = ()) -> list[dict]:
     return clean
 
 
+def run_status(summary: dict, config: dict | None) -> str:
+    """A run's summary status, or ``stalled`` for a completed run whose best validation
+    accuracy is within STALLED_WITHIN_POINTS of chance (``dataset.num_classes`` of its
+    config): it ran to the end and learned nothing."""
+    status = summary.get("status", INCOMPLETE)
+    classes = (config.get("dataset") or {}).get("num_classes") if isinstance(config, dict) else None
+    best = summary.get("best_val_acc")
+    if status == "completed" and _is_number(best) and isinstance(classes, int) and classes > 0 \
+            and 100 * best <= 100 / classes + STALLED_WITHIN_POINTS:
+        return "stalled"
+    return status
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -157,14 +170,8 @@ class RunFolder:
 
     @property
     def status(self) -> str:
-        """summary.json's status, or ``stalled`` for a completed run at chance (STALLED_WITHIN_POINTS)."""
-        status = self.summary.get("status", INCOMPLETE)
-        classes = (self.config.get("dataset") or {}).get("num_classes") if isinstance(self.config, dict) else None
-        best = self.summary.get("best_val_acc")
-        if status == "completed" and _is_number(best) and isinstance(classes, int) and classes > 0 \
-                and 100 * best <= 100 / classes + STALLED_WITHIN_POINTS:
-            return "stalled"
-        return status
+        """summary.json's status, or ``stalled`` for a completed run at chance (run_status)."""
+        return run_status(self.summary, self.config)
 
     def get(self, key: str, default=_MISSING):
         """A summary field (method, batch_size, model, status, ...) or a dotted config path

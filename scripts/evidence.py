@@ -14,7 +14,8 @@ The plan, in order of priority (short runs, and runs whose results decide others
 1. ``converged``: ``experiment=fashion_mnist_converged`` (the 10-epoch protocol) per method.
    The learning rate is screened on seed 0 at 0.5x / 1x / 2x the method's default, and
    past a winning edge (``Screen``): the rate with the best validation accuracy (never a
-   test number; a diverged run never wins) then runs seeds 1-4, so seed 0 of the 5 is
+   test number; a run that diverged or stalled at chance never wins; where none trains,
+   the screen says so and no seeds run) then runs seeds 1-4, so seed 0 of the 5 is
    the screen's run at that rate. Its seeds come before the long part: its verdicts
    complete in hours, the long part's in days.
 2. ``long``: bn, msr_paper and msr_authors in the default run's recipe (all 55,000 training
@@ -61,6 +62,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+from msr_train import compare
 from msr_train.run_files import METRICS, SIGNAL_PROP, SUMMARY
 
 PROTOCOL = "experiment=fashion_mnist_converged"
@@ -177,13 +179,27 @@ def run_summary(root: Path, part: str, name: str) -> dict:
     return {}
 
 
+NO_RATE = "none trains"  # a finished screen's choice when no rate of its grid trained
+
+
+def screen_outcome(summary: dict) -> float | str:
+    """A finished screen run's best validation accuracy, or how it failed: ``diverged``, or
+    ``stalled`` (completed at chance: msr-compare's rule)."""
+    status = compare.run_status(summary, summary.get("config"))
+    if status == "completed" and summary.get("best_val_acc") is not None:
+        return summary["best_val_acc"]
+    return "stalled" if status == "stalled" else "diverged"
+
+
 @dataclass(frozen=True)
 class Screen:
-    """A learning-rate screen on seed 0 (validation accuracy chooses; a diverged run never
-    wins; a tie keeps the default), then the other seeds at the chosen multiple. While the
-    best multiple is an edge of the grid, the grid grows one step past it (x2 above, /2
-    below; all-diverged counts as the low edge winning), up to MAX_GRID multiples: a
-    method's seeds run at an interior optimum, not at the grid's edge."""
+    """A learning-rate screen on seed 0 (validation accuracy chooses; a run that diverged or
+    stalled never wins; a tie keeps the default), then the other seeds at the chosen
+    multiple. While the best multiple is an edge of the grid, the grid grows one step past
+    it (x2 above, /2 below), up to MAX_GRID multiples: a method's seeds run at an interior
+    optimum, not at the grid's edge. Where no rate trained, the grid grows away from the
+    failure: down while every run diverged, up while the highest rate stalled; stalled
+    below and diverged above (or MAX_GRID reached) ends it with NO_RATE, and no seeds run."""
     part: str
     protocol: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -194,22 +210,21 @@ class Screen:
         prefix = f"{self.model}-" if self.model else ""
         return f"{prefix}{method}-seed{seed}" if mult is None else f"{prefix}{method}-lr{mult:g}x-seed{seed}"
 
-    def progress(self, root: Path, method: str, extend: bool = True) -> tuple[list[float], float | None]:
-        """The multiples to screen so far, and the choice (None until they all finished)."""
+    def progress(self, root: Path, method: str, extend: bool = True) -> tuple[list[float], float | str | None]:
+        """The multiples to screen so far, and the choice: a multiple, NO_RATE, or None
+        until they all finished."""
         mults = sorted(self.grid)
         while True:
-            scores = {}
+            outcomes = {}
             for mult in mults:
                 summary = run_summary(root, self.part, self.name(method, mult, 0))
                 if summary.get("status") not in DONE:
                     return mults, None
-                ok = summary["status"] == "completed" and summary.get("best_val_acc") is not None
-                scores[mult] = summary["best_val_acc"] if ok else float("-inf")
-            best = max(mults, key=lambda m: (scores[m], m == 1.0))
-            best = mults[0] if scores[best] == float("-inf") else best
-            if not extend or len(mults) >= MAX_GRID or best not in (mults[0], mults[-1]):
+                outcomes[mult] = screen_outcome(summary)
+            best, step = next_step(mults, outcomes)
+            if step is None or not extend or len(mults) >= MAX_GRID:
                 return mults, best
-            mults = [best / 2, *mults] if best == mults[0] else [*mults, best * 2]
+            mults = sorted([*mults, step])
 
     def job(self, method: str, lr: float, mult: float, seed: int, priority: tuple) -> Job:
         return Job(self.part, self.name(method, mult, seed),
@@ -223,6 +238,8 @@ class Screen:
                     for s in self.seeds]
         mults, chosen = self.progress(root, method)
         jobs = [self.job(method, lr, mult, 0, ranks[0]) for mult in mults]
+        if chosen == NO_RATE:  # nothing to run the seeds at: the screen is the answer
+            return jobs
         for seed in self.seeds[1:]:
             jobs.append(self.job(method, lr, chosen, seed, (*ranks[1], seed)) if chosen is not None else
                         Job(self.part, self.name(method, None, seed), [], (*ranks[1], seed),
@@ -240,10 +257,25 @@ VGG_SCREENS = tuple(Screen("vgg", (PROTOCOL, f"model={m}"), DEPTH_SEEDS, VGG_MUL
 REUSED = {("long", LONG.name("msr_paper", 1.0, s)): f"default/seed{s}" for s in DEPTH_SEEDS}
 
 
+def next_step(mults: list[float], outcomes: dict[float, float | str]) -> tuple[float | str, float | None]:
+    """A screen's choice so far (the best rate that trained, or NO_RATE) and the multiple
+    to add next, None where the choice is final (Screen)."""
+    trained = {m: v for m, v in outcomes.items() if not isinstance(v, str)}
+    if trained:
+        best = max(trained, key=lambda m: (trained[m], m == 1.0))
+        edge = {mults[0]: best / 2, mults[-1]: best * 2}
+        return best, edge.get(best)
+    if all(v == "diverged" for v in outcomes.values()):
+        return NO_RATE, mults[0] / 2
+    return NO_RATE, mults[-1] * 2 if outcomes[mults[-1]] == "stalled" else None
+
+
 def first_choices(root: Path) -> dict[str, float | None]:
     """Each method's choice on the converged screen's first grid (0.5x-2x): the rate of
-    the normalization-batch and depth parts, which ran at it before the grid was extended."""
-    return {m: CONVERGED.progress(root, m, extend=False)[1] for m in METHODS}
+    the normalization-batch and depth parts, which ran at it before the grid was extended.
+    None also where no rate trained: the runs that need it then have no rate to run at."""
+    choices = {m: CONVERGED.progress(root, m, extend=False)[1] for m in METHODS}
+    return {m: None if chosen == NO_RATE else chosen for m, chosen in choices.items()}
 
 
 def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
@@ -412,17 +444,18 @@ def screen_table(root: Path, screen: Screen, methods: tuple[str, ...], lrs: dict
         cells = [screen_cell(run_summary(root, screen.part, screen.name(method, mult, 0)), lrs[method] * mult)
                  if mult in grids[method][0] else "" for mult in mults]
         chosen = grids[method][1]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if chosen is None else f'{chosen:g}x'} |")
+        shown = "-" if chosen is None else chosen if chosen == NO_RATE else f"{chosen:g}x"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {shown} |")
     return "\n".join(lines)
 
 
 def screen_cell(summary: dict, lr: float) -> str:
     if not summary:
         return "not run yet"
-    acc = summary.get("best_val_acc")
-    if summary["status"] != "completed" or acc is None:
-        return f"lr {lr:g}: {summary['status']}"
-    return f"lr {lr:g}: {100 * acc:.2f} (epoch {summary['best_val_epoch']:g})"
+    outcome = screen_outcome(summary) if summary["status"] in DONE else summary["status"]
+    if isinstance(outcome, str):
+        return f"lr {lr:g}: {outcome}"
+    return f"lr {lr:g}: {100 * outcome:.2f} (epoch {summary['best_val_epoch']:g})"
 
 
 def list_jobs(root: Path) -> None:

@@ -53,9 +53,13 @@ def at_choice(screen: evidence.Screen, methods: tuple[str, ...],
     method left out."""
     runs, left_out = {}, []
     for method in methods:
-        _, chosen = screen.progress(evidence.ARCHIVE, method, extend)
+        mults, chosen = screen.progress(evidence.ARCHIVE, method, extend)
         if chosen is None:
             left_out.append(f"{method}: its screen has not chosen a rate yet")
+            continue
+        if chosen == evidence.NO_RATE:
+            left_out.append(f"{method}: no screened rate trains ({', '.join(f'{m:g}x' for m in mults)}: each "
+                            "diverged or stalled at chance)")
             continue
         found = [evidence.archived_dir(screen.part, screen.name(method, chosen, s)) for s in screen.seeds]
         if None in found:

@@ -161,8 +161,10 @@ def test_norm_batch_table_chooses_each_runs_evaluation_on_validation_and_pairs_b
 
 
 def write_summary(run_dir: Path, status: str, best_val_acc: float | None = None) -> None:
+    """A finished run's summary, of a 10-class dataset (so 0.105 is a stalled run)."""
     run_dir.mkdir(parents=True)
-    (run_dir / "summary.json").write_text(json.dumps({"status": status, "best_val_acc": best_val_acc}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "best_val_acc": best_val_acc,
+                                                      "config": {"dataset": {"num_classes": 10}}}))
 
 
 @pytest.fixture
@@ -229,6 +231,30 @@ def test_evidence_screen_grows_past_a_winning_edge_and_seeds_wait_for_an_interio
         write_summary(root / "converged" / screen.name("gn", mult, 0), "completed", acc)
     assert screen.progress(root, "gn") == ([0.25, 0.5, 1.0, 2.0], None)
     assert screen.progress(root, "gn", extend=False) == ([0.5, 1.0, 2.0], 0.5)
+
+
+def test_evidence_screen_of_a_method_that_trains_at_no_rate_ends_without_seeds(tmp_path, evidence):
+    """A run that stalled at chance never wins, whatever its validation accuracy's noise; a
+    grid where every rate stalled grows upwards, and one stalled below and diverged above
+    ends with NO_RATE: no seeds run, the report and the tables say so."""
+    sys.modules.pop("evidence_tables", None)
+    import evidence_tables
+    root, screen = tmp_path / "root", evidence.VGG_SCREENS[1]
+    for mult, acc in ((0.01, 0.108), (0.05, 0.62), (0.2, 0.109), (1.0, 0.105)):  # stalled but 0.05x
+        write_summary(evidence.ARCHIVE / "vgg" / screen.name("bn", mult, 0), "completed", acc)
+    assert screen.progress(root, "bn") == ([0.01, 0.05, 0.2, 1.0], 0.05)
+    for mult in (0.01, 0.05, 0.2, 1.0):
+        write_summary(evidence.ARCHIVE / "vgg" / screen.name("none", mult, 0), "completed", 0.104 + mult / 1000)
+    assert screen.progress(root, "none") == ([0.01, 0.05, 0.2, 1.0, 2.0], None)
+    write_summary(evidence.ARCHIVE / "vgg" / screen.name("none", 2.0, 0), "diverged")
+    assert screen.progress(root, "none") == ([0.01, 0.05, 0.2, 1.0, 2.0], evidence.NO_RATE)
+    names = {j.name for j in screen.jobs(root, "none", 0.1, ((8, 1, 0, 3), (8, 1, 1, 3)))}
+    assert names == {screen.name("none", m, 0) for m in (0.01, 0.05, 0.2, 1.0, 2.0)}  # and no seeds
+    table = evidence.screen_table(root, screen, ("none",), {"none": 0.1})
+    assert "| none | lr 0.001: stalled | lr 0.005: stalled | lr 0.02: stalled | lr 0.1: stalled | lr 0.2: diverged " \
+           "| none trains |" in table
+    assert evidence_tables.at_choice(screen, ("none",))[1] == \
+        ["none: no screened rate trains (0.01x, 0.05x, 0.2x, 1x, 2x: each diverged or stalled at chance)"]
 
 
 def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_resnet20_rate(tmp_path, evidence):
