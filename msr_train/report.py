@@ -80,7 +80,8 @@ def plain_stack_note(method: str, model: str) -> list[str]:
         return []
     return [f"  note      msr has not trained a plain stack like {model} at the rates measured: in the paper's "
             "settings at its ResNet-20 rate and half of it (3 epochs, 3 seeds) VGG-16 stayed at chance and VGG-11 "
-            "diverged on 5 of 6 runs; other rates are untested (docs/results.md, \"VGG-11 and VGG-16\")"]
+            "diverged on 5 of 6 runs; a variance-preserving scale init (method=msr_vp) trained VGG-11 in short "
+            "probes at lower rates with warmup (what was run: docs/results.md, \"VGG-11 and VGG-16\")"]
 
 
 def precision_note(precision, device: torch.device) -> str:

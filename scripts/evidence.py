@@ -29,9 +29,10 @@ The plan, in order of priority (short runs, and runs whose results decide others
    depth). A depth run that diverges at its rate runs again at half of it (``depth_retry``).
 5. ``default``: ``msr-train`` with no arguments, seeds 0-2: the README's default-run figure.
 6. ``depth`` again: VGG-11/16 for bn, msr, none, as the ResNets.
-7. ``vgg``: VGG-11/16 for bn, msr_paper, msr_authors and none in the 10-epoch protocol,
-   screened on seed 0 at 0.01x-1x of the method's ResNet-20 rate (and past a winning
-   edge), then seeds 1-2 at the chosen rate; VGG-11 whole (screen and seeds) before any
+7. ``vgg``: VGG-11/16 for bn, msr_paper, msr_vp (msr_paper with a variance-preserving
+   scale init, at msr_paper's ResNet-20 rate), msr_authors and none in the 10-epoch
+   protocol with signal propagation recorded, screened on seed 0 at 0.01x-1x of the
+   method's ResNet-20 rate (and past a winning edge), then seeds 1-2 at the chosen rate; VGG-11 whole (screen and seeds) before any
    VGG-16 run, so the cheaper network's answer comes first.
 
 Runs train in ``outputs/evidence/<part>/<name>``; each run's console output goes to
@@ -76,7 +77,10 @@ GHOST_BATCHES = (1, 2, 8, 32)
 DEPTH_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110")
 DEPTH_METHODS = ("bn", "msr_paper", "nf", "gn_ws", "none")
 VGG_MODELS, VGG_METHODS = ("vgg11", "vgg16"), ("bn", "msr_paper", "none")
-VGG_SCREEN_METHODS = ("bn", "msr_paper", "msr_authors", "none")
+VGG_SCREEN_METHODS = ("bn", "msr_paper", "msr_vp", "msr_authors", "none")
+# A VGG screen scales its method's ResNet-20 rate; msr_vp (msr_paper with a variance-
+# preserving scale init, for plain stacks only) has none of its own and takes msr_paper's.
+VGG_RATE_OF = {"msr_vp": "msr_paper"}
 # (priority stage, models, methods) of the depth part: the ResNets, the VGGs at the
 # ResNet-20 rate, and msr_authors where msr_paper diverged at it.
 DEPTH_GRIDS = ((5, DEPTH_MODELS, DEPTH_METHODS), (7, VGG_MODELS, VGG_METHODS), (5, ("resnet56", "resnet110"), ("msr_authors",)))
@@ -251,7 +255,8 @@ CONVERGED = Screen("converged", (PROTOCOL,), SEEDS)
 # The default run's recipe (msr-train with no arguments: 55,000 images, 18 epochs) for any method.
 LONG = Screen("long", ("trainer.cpu_threads=1", "trainer.progress_bar=false"), SEEDS)
 LONG_METHODS = ("bn", "msr_paper", "msr_authors")
-VGG_SCREENS = tuple(Screen("vgg", (PROTOCOL, f"model={m}"), DEPTH_SEEDS, VGG_MULTS, model=m) for m in VGG_MODELS)
+VGG_SCREENS = tuple(Screen("vgg", (PROTOCOL, f"model={m}", "trainer.signal_prop=true"), DEPTH_SEEDS, VGG_MULTS, model=m)
+                    for m in VGG_MODELS)
 # The default run is LONG's msr_paper at 1x exactly (tests/test_scripts.py compares the
 # composed configs): its archived seeds are those runs.
 REUSED = {("long", LONG.name("msr_paper", 1.0, s)): f"default/seed{s}" for s in DEPTH_SEEDS}
@@ -291,9 +296,15 @@ def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
     jobs += later_parts(lrs["converged"], first)
     for k, screen in enumerate(VGG_SCREENS):
         for i, method in enumerate(VGG_SCREEN_METHODS):
-            rate = None if first[method] is None else lrs["converged"][method] * first[method]
-            jobs += screen.jobs(root, method, rate, ((8, k, 0, i), (8, k, 1, i)))
+            jobs += screen.jobs(root, method, vgg_rate(method, lrs, first), ((8, k, 0, i), (8, k, 1, i)))
     return jobs + half_rate_retries(jobs, root)
+
+
+def vgg_rate(method: str, lrs: dict[str, dict[str, float]], first: dict[str, float | None]) -> float | None:
+    """The ResNet-20 rate a VGG screen scales: the first grid's choice of the method (or
+    of the method in VGG_RATE_OF), None until it is chosen."""
+    resnet20 = VGG_RATE_OF.get(method, method)
+    return None if first[resnet20] is None else lrs["converged"][resnet20] * first[resnet20]
 
 
 def half_rate_retries(jobs: list[Job], root: Path) -> list[Job]:
@@ -429,8 +440,8 @@ def screen_report(root: Path) -> str:
     the epoch of the best one (a best before the last epoch: the run had flattened)."""
     lrs, first = default_lrs(), first_choices(root)
     screens = [(CONVERGED, METHODS, lrs["converged"]), (LONG, LONG_METHODS, lrs["long"])]
-    screens += [(s, VGG_SCREEN_METHODS, {m: lrs["converged"][m] * (first[m] or float("nan")) for m in VGG_SCREEN_METHODS})
-                for s in VGG_SCREENS]
+    vgg = {m: vgg_rate(m, lrs, first) or float("nan") for m in VGG_SCREEN_METHODS}
+    screens += [(s, VGG_SCREEN_METHODS, vgg) for s in VGG_SCREENS]
     return "\n\n".join(screen_table(root, *screen) for screen in screens)
 
 

@@ -56,6 +56,32 @@ def test_filter_scale_starts_at_0_8():
     assert all(torch.allclose(m.log_scale.exp(), torch.tensor(0.8)) for m in convs)
 
 
+def test_variance_preserving_scale_keeps_a_plain_stacks_signal_where_0_8_loses_it():
+    """scale_init=preserve_variance is 1 / sqrt(Var ReLU(z)) for z ~ N(0, 1) (the variance by
+    numerical integration, not the formula the code uses); at init a VGG-16 keeps its
+    activation variance through its 13 conv units with it and loses nearly all with 0.8."""
+    from scipy import integrate, stats
+    from msr_train.methods.msr import VARIANCE_PRESERVING_SCALE
+    mean = integrate.quad(lambda z: z * stats.norm.pdf(z), 0, math.inf)[0]
+    second = integrate.quad(lambda z: z * z * stats.norm.pdf(z), 0, math.inf)[0]
+    assert VARIANCE_PRESERVING_SCALE == pytest.approx((second - mean ** 2) ** -0.5, rel=1e-9)
+
+    def conv_output_variances(scale_init):
+        torch.manual_seed(0)
+        net, _ = build("vgg16", size=32, channels=1, scale_init=scale_init, noise_at="off")
+        variances = []
+        hooks = [m.register_forward_hook(lambda m, i, o: variances.append(float(o.var(dim=(0, 2, 3)).mean())))
+                 for m in net.modules() if isinstance(m, MSRConv2d)]
+        with torch.no_grad():
+            net.eval()(torch.randn(64, 1, 32, 32))
+        for h in hooks:
+            h.remove()
+        return variances
+    kept, lost = conv_output_variances("preserve_variance"), conv_output_variances(0.8)
+    assert len(kept) == 13 and all(0.3 < v / kept[0] < 3 for v in kept), kept
+    assert lost[-1] < 1e-6 * lost[0], lost
+
+
 def test_zmg_is_the_exact_projection_and_alpha_is_partial():
     for alpha in (1.0, 0.9):
         net, method = build(zmg_alpha=alpha)

@@ -281,7 +281,14 @@ def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_r
     lr = evidence.default_lrs()["converged"]["bn"]
     assert [m for m in evidence.VGG_MULTS if f"optimizer.lr={lr * m:g}" in jobs["vgg", f"vgg16-bn-lr{m:g}x-seed0"].overrides] \
         == list(evidence.VGG_MULTS)
-    assert "model=vgg16" in jobs["vgg", "vgg16-bn-lr0.01x-seed0"].overrides
+    assert {"model=vgg16", "trainer.signal_prop=true"} <= set(jobs["vgg", "vgg16-bn-lr0.01x-seed0"].overrides)
+    # msr_vp has no ResNet-20 screen: its VGG screen scales msr_paper's choice, once made.
+    assert jobs["vgg", "vgg11-msr_vp-seed0"].needs == ["msr_vp's ResNet-20 rate"]
+    for mult, acc in ((0.5, 0.90), (1.0, 0.89), (2.0, 0.88)):  # msr_paper: its first grid chooses 0.5x
+        write_summary(root / "converged" / evidence.CONVERGED.name("msr_paper", mult, 0), "completed", acc)
+    paper = evidence.default_lrs()["converged"]["msr_paper"] * 0.5
+    overrides = plan_jobs(evidence, root)["vgg", "vgg11-msr_vp-lr0.05x-seed0"].overrides
+    assert {"method=msr_vp", f"optimizer.lr={paper * 0.05:g}"} <= set(overrides)
     # VGG-11 whole before VGG-16: its seeds outrank VGG-16's screen.
     assert jobs["vgg", "vgg11-none-seed2"].priority < jobs["vgg", "vgg16-bn-lr0.01x-seed0"].priority
     assert jobs["vgg", "vgg11-bn-lr1x-seed0"].priority < jobs["vgg", "vgg11-bn-seed1"].priority

@@ -72,6 +72,15 @@ Other choices where the sources leave room:
   the mean of the features.
 - Only the stem conv may have a bias (``stem_bias``); architectures that ask for conv
   biases (VGG) get none elsewhere: a bias is a mean shift.
+- ``scale_init=preserve_variance`` (not the paper's; for plain stacks such as VGG; the
+  ``method=msr_vp`` preset): exp(theta) starts at 1 / sqrt(1/2 - 1/(2 pi)), about 1.712. A
+  unit-norm zero-mean filter passes its input's variance (about, for inputs uncorrelated
+  across the kernel) and none of its mean, and a ReLU of a zero-mean Gaussian keeps
+  1/2 - 1/(2 pi) of its variance, so a conv-ReLU unit multiplies the variance by
+  exp(theta)^2 (1/2 - 1/(2 pi)): 0.218 at the paper's 0.8, which a stack of 13 plain units
+  turns into 1e-9, and 1 at this value. A ResNet's skip path carries the signal past
+  each branch, so there the paper's value stays. docs/methods.md, "msr", has the
+  derivation; docs/results.md, the VGG screen, its runs.
 """
 
 from __future__ import annotations
@@ -83,8 +92,13 @@ from torch import nn
 
 from ..clipping import classifier_weight
 from ..distributed import rand_per_sample
-from ..rules import added_later, choice, flag, number
+from ..rules import added_later, choice, either, flag, number
 from .base import Method, PostActivationJoin
+
+
+#: exp(theta) at init that keeps a plain conv-ReLU stack's activation variance
+#: (``scale_init=preserve_variance``; the module docstring derives it).
+VARIANCE_PRESERVING_SCALE = 1 / math.sqrt(0.5 - 0.5 / math.pi)
 
 
 def noise_factors(batch: int, channels: int, delta: float, shift: float, *, device=None,
@@ -235,7 +249,8 @@ class MeanShiftRejection(Method):
     rules = {
         **Method.rules,
         "init_magnitude": number(0, 1e3, lo_open=True, note="every filter's L2 norm at init"),
-        "scale_init": number(0, 1e3, lo_open=True, note="exp(theta) at init"),
+        "scale_init": either(number(0, 1e3, lo_open=True, note="exp(theta) at init"),
+                             choice("preserve_variance", note="1 / sqrt(1/2 - 1/(2 pi)), for plain stacks")),
         "stem": choice("msr", "plain"),
         "stem_bias": flag(),
         "zmg_operator": choice("project", "authors"),
@@ -261,8 +276,13 @@ class MeanShiftRejection(Method):
         noise = self.cfg.noise_at == "conv"
         return MSRConv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2,
                          bias=role == "stem" and self.cfg.stem_bias, role=role,
-                         scale_init=self.cfg.scale_init, noise_delta=self.cfg.noise_delta if noise else 0.0,
+                         scale_init=self.scale_init(), noise_delta=self.cfg.noise_delta if noise else 0.0,
                          noise_shift=self.cfg.noise_shift if noise else 0.0)
+
+    def scale_init(self) -> float:
+        """exp(theta) at init: ``scale_init``, or VARIANCE_PRESERVING_SCALE."""
+        value = self.cfg.scale_init
+        return VARIANCE_PRESERVING_SCALE if value == "preserve_variance" else value
 
     def residual_join(self, position):
         if self.cfg.noise_at == "block_input":
