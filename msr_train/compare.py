@@ -141,7 +141,7 @@ def run_status(summary: dict, config: dict | None) -> str:
     status = summary.get("status", INCOMPLETE)
     classes = (config.get("dataset") or {}).get("num_classes") if isinstance(config, dict) else None
     best = summary.get("best_val_acc")
-    if status == "completed" and _is_number(best) and isinstance(classes, int) and classes > 0 \
+    if status == "completed" and isinstance(best, (int, float)) and isinstance(classes, int) and classes > 0 \
             and 100 * best <= 100 / classes + STALLED_WITHIN_POINTS:
         return "stalled"
     return status
@@ -343,13 +343,15 @@ def _flat(node, prefix: str = "") -> dict:
 def _relabel_differences(members: list[RunFolder], keys: list[str]) -> str:
     """Where a group pools runs that --same relabeled, the settings of the relabeled key's
     config group (``choices.method``: every ``method.*``) on which its members disagree,
-    as ``method.stem (msr: 2 run(s), plain: 1 run(s))``; "" when they agree."""
+    as ``method.stem (msr: 2 run(s), plain: 1 run(s))``, the relabeled setting itself aside
+    (``--by optimizer.lr --same 0.05=0.1`` pools two rates on purpose); "" when they agree.
+    A key outside the config's groups (``choices.experiment``) has nothing to check."""
     relabeled = [key for key in keys if any(key in run.relabeled for run in members)]
     out = []
     for key in relabeled:
         group = key.removeprefix("choices.").split(".")[0]
         flats = [_flat(run.config.get(group, None), f"{group}.") for run in members]
-        for leaf in sorted(set().union(*flats)):
+        for leaf in sorted(set().union(*flats) - {key, f"{key}.name"}):
             counts = Counter(label(flat.get(leaf, "(absent)")) for flat in flats)
             if len(counts) > 1:
                 out.append(f"{leaf} ({', '.join(f'{v}: {n} run(s)' for v, n in sorted(counts.items()))})")
@@ -881,6 +883,8 @@ def _checked_args(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace,
     same = {old: new for old, _, new in pairs}
     if len(same) != len(args.same):
         p.error(f"--same {' '.join(args.same)}: a value is relabeled twice; give each OLD once")
+    if any(old == new for old, new in same.items()):
+        p.error(f"--same {' '.join(args.same)}: OLD and NEW are the same value; leave it out")
     chained = sorted(set(same) & set(same.values()))
     if chained:
         p.error(f"--same {' '.join(args.same)}: {', '.join(chained)} is both an OLD and a NEW; relabel each OLD "

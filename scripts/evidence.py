@@ -238,7 +238,8 @@ class Screen:
         """The screen's runs (priority ``ranks[0]``) and the seeds' (``ranks[1]``); with
         ``lr`` None (a rate still being chosen elsewhere) every run waits."""
         if lr is None:
-            return [Job(self.part, self.name(method, None, s), [], (*ranks[0], s), needs=[f"{method}'s ResNet-20 rate"])
+            waits_for = f"{VGG_RATE_OF.get(method, method)}'s ResNet-20 rate"
+            return [Job(self.part, self.name(method, None, s), [], (*ranks[0], s), needs=[waits_for])
                     for s in self.seeds]
         mults, chosen = self.progress(root, method)
         jobs = [self.job(method, lr, mult, 0, ranks[0]) for mult in mults]
@@ -264,7 +265,9 @@ REUSED = {("long", LONG.name("msr_paper", 1.0, s)): f"default/seed{s}" for s in 
 
 def next_step(mults: list[float], outcomes: dict[float, float | str]) -> tuple[float | str, float | None]:
     """A screen's choice so far (the best rate that trained, or NO_RATE) and the multiple
-    to add next, None where the choice is final (Screen)."""
+    to add next, None where the choice is final (Screen). With no rate trained and a mix
+    of failures, only a stalled top grows (upwards): a grid that diverged at its lowest
+    rate but stalled above it (no monotone picture) ends there."""
     trained = {m: v for m, v in outcomes.items() if not isinstance(v, str)}
     if trained:
         best = max(trained, key=lambda m: (trained[m], m == 1.0))
@@ -278,9 +281,15 @@ def next_step(mults: list[float], outcomes: dict[float, float | str]) -> tuple[f
 def first_choices(root: Path) -> dict[str, float | None]:
     """Each method's choice on the converged screen's first grid (0.5x-2x): the rate of
     the normalization-batch and depth parts, which ran at it before the grid was extended.
-    None also where no rate trained: the runs that need it then have no rate to run at."""
-    choices = {m: CONVERGED.progress(root, m, extend=False)[1] for m in METHODS}
-    return {m: None if chosen == NO_RATE else chosen for m, chosen in choices.items()}
+    Where no rate of the first grid trained, the extended screen's choice once made; None
+    while it is not, or where no rate trained at all (the runs that need it never run)."""
+    choices = {}
+    for method in METHODS:
+        chosen = CONVERGED.progress(root, method, extend=False)[1]
+        if chosen == NO_RATE:
+            chosen = CONVERGED.progress(root, method)[1]
+        choices[method] = None if chosen == NO_RATE else chosen
+    return choices
 
 
 def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:

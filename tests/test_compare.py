@@ -493,10 +493,18 @@ def test_same_refuses_to_pool_what_composes_differently(tmp_path, capsys):
             "method.zmg_alpha (0.5: 2 run(s), 1: 2 run(s))") in err and not (tmp_path / "a").exists()
     err = error_of(capsys, root, "--by", "choices.method", "--same", "a=b", "--same", "b=c")
     assert "b is both an OLD and a NEW" in err
-    # A numeric key: the relabeled runs join the group of the number, not a string twin.
-    runs = compare.find_runs([root])
-    compare.relabel(runs, "batch_size", {"128": "128"})
-    assert {run.get("batch_size") for run in runs} == {128}
+    # A numeric key: the relabeled runs join the group of the number (not a string twin),
+    # and the setting relabeled is the one difference --same does not count against them.
+    rates = tmp_path / "rates"
+    for seed in range(4):
+        write_run(rates / f"bn-{seed}", "bn", 128, seed)
+        summary = rates / f"bn-{seed}" / "summary.json"
+        cfg = json.loads(summary.read_text())
+        cfg["config"]["optimizer"]["lr"] = 0.05 if seed >= 2 else 0.1
+        summary.write_text(json.dumps(cfg))
+    compare.main([str(rates), "--by", "optimizer.lr", "--same", "0.05=0.1", "--out", str(tmp_path / "pooled")])
+    assert "| 0.1 | 4 | 0,1,2,3 |" in capsys.readouterr().out
+    assert "OLD and NEW are the same" in error_of(capsys, rates, "--by", "optimizer.lr", "--same", "0.1=0.1")
 
 
 def test_a_path_over_the_length_limit_is_a_clear_error(capsys):

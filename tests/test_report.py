@@ -6,7 +6,7 @@ import torch
 from conftest import make_cfg
 from msr_train.data import DatasetInfo
 from msr_train.distributed import Context
-from msr_train.report import end_report, epoch_line, plain_stack_note, size_note, start_banner
+from msr_train.report import end_report, epoch_line, size_note, start_banner
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 INFO = DatasetInfo("synthetic", 1, 16, 10, 256, 128, 0, source="generated")
@@ -53,4 +53,7 @@ def test_the_banner_suggests_compiling_for_small_eager_cpu_batches_only():
 def test_the_banner_warns_that_msr_has_not_trained_a_plain_stack():
     assert any("msr has not trained a plain stack like vgg11 at the rates measured" in line for line in banner("model=vgg11", "method=msr"))
     assert any("plain stack" in line for line in banner("model=vgg16", "method=msr_authors"))
-    assert plain_stack_note("bn", "vgg16") == [] and plain_stack_note("msr", "resnet20") == []
+    assert any("scale_init=preserve_variance has trained a plain stack like vgg11 only in short" in line
+               for line in banner("model=vgg11", "method=msr_vp"))
+    assert not any("plain stack" in line for line in banner("model=vgg16", "method=bn"))
+    assert not any("plain stack" in line for line in banner("model=resnet20", "method=msr"))

@@ -223,10 +223,16 @@ def test_evidence_screen_grows_past_a_winning_edge_and_seeds_wait_for_an_interio
     write_summary(root / "converged" / screen.name("bn", 8.0, 0), "diverged")
     assert screen.progress(root, "bn") == ([0.5, 1.0, 2.0, 4.0, 8.0], 4.0)
     assert f"optimizer.lr={lr * 4:g}" in plan_jobs(evidence, root)["converged", "bn-lr4x-seed4"].overrides
-    # The low edge grows downward, and a grid that only diverged counts as the low edge winning.
+    # The low edge grows downward, and so does a grid that only diverged.
     for mult in (0.5, 1.0, 2.0):
         write_summary(root / "converged" / screen.name("none", mult, 0), "diverged")
     assert screen.progress(root, "none") == ([0.25, 0.5, 1.0, 2.0], None)
+    # The parts that run at the first grid's choice take the extended screen's where the
+    # first grid has none that trains, once it is made.
+    assert evidence.first_choices(root)["none"] is None
+    write_summary(root / "converged" / screen.name("none", 0.25, 0), "completed", 0.8)
+    write_summary(root / "converged" / screen.name("none", 0.125, 0), "completed", 0.7)
+    assert evidence.first_choices(root)["none"] == 0.25
     for mult, acc in ((0.5, 0.90), (1.0, 0.89), (2.0, 0.88)):
         write_summary(root / "converged" / screen.name("gn", mult, 0), "completed", acc)
     assert screen.progress(root, "gn") == ([0.25, 0.5, 1.0, 2.0], None)
@@ -283,7 +289,7 @@ def test_evidence_long_part_reuses_the_default_runs_and_screens_vgg_around_the_r
         == list(evidence.VGG_MULTS)
     assert {"model=vgg16", "trainer.signal_prop=true"} <= set(jobs["vgg", "vgg16-bn-lr0.01x-seed0"].overrides)
     # msr_vp has no ResNet-20 screen: its VGG screen scales msr_paper's choice, once made.
-    assert jobs["vgg", "vgg11-msr_vp-seed0"].needs == ["msr_vp's ResNet-20 rate"]
+    assert jobs["vgg", "vgg11-msr_vp-seed0"].needs == ["msr_paper's ResNet-20 rate"]
     for mult, acc in ((0.5, 0.90), (1.0, 0.89), (2.0, 0.88)):  # msr_paper: its first grid chooses 0.5x
         write_summary(root / "converged" / evidence.CONVERGED.name("msr_paper", mult, 0), "completed", acc)
     paper = evidence.default_lrs()["converged"]["msr_paper"] * 0.5

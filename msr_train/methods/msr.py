@@ -73,12 +73,12 @@ Other choices where the sources leave room:
 - Only the stem conv may have a bias (``stem_bias``); architectures that ask for conv
   biases (VGG) get none elsewhere: a bias is a mean shift.
 - ``scale_init=preserve_variance`` (not the paper's; for plain stacks such as VGG; the
-  ``method=msr_vp`` preset): exp(theta) starts at 1 / sqrt(1/2 - 1/(2 pi)), about 1.712. A
-  unit-norm zero-mean filter passes its input's variance (about, for inputs uncorrelated
+  ``method=msr_vp`` preset): exp(theta) starts at 1 / sqrt(1/2 - 1/(2 pi)), about 1.713. A
+  unit-norm zero-mean filter passes its input's variance (exactly for inputs uncorrelated
   across the kernel) and none of its mean, and a ReLU of a zero-mean Gaussian keeps
   1/2 - 1/(2 pi) of its variance, so a conv-ReLU unit multiplies the variance by
   exp(theta)^2 (1/2 - 1/(2 pi)): 0.218 at the paper's 0.8, which a stack of 13 plain units
-  turns into 1e-9, and 1 at this value. A ResNet's skip path carries the signal past
+  turns into 2.5e-9, and 1 at this value (max-pools and border padding aside). A ResNet's skip path carries the signal past
   each branch, so there the paper's value stays. docs/methods.md, "msr", has the
   derivation; docs/results.md, the VGG screen, its runs.
 """
