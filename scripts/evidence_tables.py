@@ -100,6 +100,11 @@ def screened_sections() -> list[Section]:
     out.append(section)
     for screen in evidence.VGG_SCREENS:
         out.append(versus(f"vgg/{screen.model}", *at_choice(screen, evidence.VGG_SCREEN_METHODS), "bn"))
+        # At init the rate plays no part: each method's seed-0 run at 1x of its screen.
+        at_init = {m: evidence.archived_dir(screen.part, screen.name(m, 1.0, 0)) for m in evidence.VGG_SCREEN_METHODS}
+        out.append(Section(f"vgg/init_{screen.model}", tuple(r for r in at_init.values() if r),
+                           ("--by", "choices.method", "--signal-prop"), INIT,
+                           tuple(f"{m}: its 1x seed-0 run is not archived" for m, r in at_init.items() if not r)))
     return out
 
 
