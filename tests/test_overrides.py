@@ -106,5 +106,5 @@ def test_a_sweep_with_a_bad_job_starts_none(tmp_path):
 def test_help_says_what_the_tool_does_and_lists_the_groups():
     res = subprocess.run([sys.executable, "-m", "msr_train.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("msr-train: train ResNet and VGG image classifiers")
-    assert "\nmethod: bn, bnp, gn, gn_ws, mimicnorm, msr, msr_authors, msr_paper, nf, none\n" in res.stdout
+    assert "\nmethod: bn, bnp, gn, gn_ws, mimicnorm, msr, msr_authors, msr_paper, msr_vp, nf, none\n" in res.stdout
     assert "The README (Install and run" in res.stdout and "powered by Hydra" not in res.stdout
