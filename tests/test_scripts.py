@@ -370,3 +370,25 @@ def test_the_committed_10_epoch_tables_are_what_the_archive_gives(tmp_path, monk
     for rel in tables:
         if rel.name != "made_by.md":  # it names its --out folder
             assert (tmp_path / rel).read_text() == (SCRIPTS.parent / "docs" / "img" / rel).read_text(), rel
+
+
+@pytest.mark.slow  # about 10 s: a composition per kind of planned run
+def test_every_run_the_evidence_driver_plans_is_a_valid_config(tmp_path, monkeypatch):
+    """The driver's plan over the committed archive (the VGG screens with msr_vp among them)
+    holds only runs msr-train accepts: a bad override would otherwise fail hours into a
+    sweep. One run per part, model and method is composed and checked."""
+    from hydra import compose, initialize_config_module
+    from msr_train.checks import validate_config
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.chdir(SCRIPTS.parent)
+    sys.modules.pop("evidence", None)
+    import evidence
+    kinds = {}
+    for job in evidence.plan(tmp_path, evidence.default_lrs()):
+        if not job.evaluates and not job.needs:
+            kind = tuple(o for o in job.overrides if not o.startswith(("seed=", "optimizer.lr=")))
+            kinds.setdefault(kind, job)
+    assert any("method=msr_vp" in kind for kind in kinds) and len(kinds) > 20
+    with initialize_config_module("msr_train.conf", version_base="1.3"):
+        for job in kinds.values():
+            validate_config(compose("config", job.overrides))
