@@ -334,8 +334,8 @@ def _differences(runs: list[RunFolder], identity: tuple[str, ...], keys: list[st
 
 
 def _flat(node, prefix: str = "") -> dict:
-    """A nested config as {dotted key: leaf value}."""
-    if not isinstance(node, dict):
+    """A nested config as {dotted key: leaf value}; an empty group is a leaf (not absent)."""
+    if not isinstance(node, dict) or not node:
         return {prefix.rstrip("."): node}
     return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
