@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from . import stats
 from .errors import ConfigError, describe
 from .run_files import METRICS, SIGNAL_PROP, SUMMARY
+from .rules import flatten
 from .safe_files import damaged_lines_text, read_jsonl
 
 # ---------------------------------------------------------------------------- reading
@@ -333,13 +334,6 @@ def _differences(runs: list[RunFolder], identity: tuple[str, ...], keys: list[st
     return out
 
 
-def _flat(node, prefix: str = "") -> dict:
-    """A nested config as {dotted key: leaf value}; an empty group is a leaf (not absent)."""
-    if not isinstance(node, dict) or not node:
-        return {prefix.rstrip("."): node}
-    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def _relabel_differences(members: list[RunFolder], keys: list[str]) -> str:
     """Where a group pools runs that --same relabeled, the settings of the relabeled key's
     config group (``choices.method``: every ``method.*``) on which its members disagree,
@@ -350,7 +344,7 @@ def _relabel_differences(members: list[RunFolder], keys: list[str]) -> str:
     out = []
     for key in relabeled:
         group = key.removeprefix("choices.").split(".")[0]
-        flats = [_flat(run.config.get(group, None), f"{group}.") for run in members]
+        flats = [flatten({group: run.config.get(group, None)}) for run in members]
         for leaf in sorted(set().union(*flats) - {key, f"{key}.name"}):
             counts = Counter(label(flat.get(leaf, "(absent)")) for flat in flats)
             if len(counts) > 1:

@@ -32,8 +32,9 @@ The plan, in order of priority (short runs, and runs whose results decide others
 7. ``vgg``: VGG-11/16 for bn, msr_paper, msr_vp (msr_paper with a variance-preserving
    scale init, at msr_paper's ResNet-20 rate), msr_authors and none in the 10-epoch
    protocol with signal propagation recorded, screened on seed 0 at 0.01x-1x of the
-   method's ResNet-20 rate (and past a winning edge), then seeds 1-2 at the chosen rate; VGG-11 whole (screen and seeds) before any
-   VGG-16 run, so the cheaper network's answer comes first.
+   method's ResNet-20 rate (and past a winning edge), then seeds 1-2 at the chosen rate;
+   VGG-11 whole (screen and seeds) before any VGG-16 run, so the cheaper network's answer
+   comes first.
 
 Runs train in ``outputs/evidence/<part>/<name>``; each run's console output goes to
 ``outputs/evidence/logs/<part>-<name>.log``. A run whose summary says ``completed`` or
@@ -234,12 +235,14 @@ class Screen:
         return Job(self.part, self.name(method, mult, seed),
                    [*self.protocol, f"method={method}", f"optimizer.lr={lr * mult:g}", f"seed={seed}"], priority)
 
-    def jobs(self, root: Path, method: str, lr: float | None, ranks: tuple[tuple, tuple]) -> list[Job]:
+    def jobs(self, root: Path, method: str, lr: float | None, ranks: tuple[tuple, tuple],
+             rate_of: str | None = None) -> list[Job]:
         """The screen's runs (priority ``ranks[0]``) and the seeds' (``ranks[1]``); with
-        ``lr`` None (a rate still being chosen elsewhere) every run waits."""
+        ``lr`` None (the ResNet-20 rate of ``rate_of``, default the method, still being
+        chosen) every run waits."""
         if lr is None:
-            waits_for = f"{VGG_RATE_OF.get(method, method)}'s ResNet-20 rate"
-            return [Job(self.part, self.name(method, None, s), [], (*ranks[0], s), needs=[waits_for])
+            return [Job(self.part, self.name(method, None, s), [], (*ranks[0], s),
+                        needs=[f"{rate_of or method}'s ResNet-20 rate"])
                     for s in self.seeds]
         mults, chosen = self.progress(root, method)
         jobs = [self.job(method, lr, mult, 0, ranks[0]) for mult in mults]
@@ -305,7 +308,8 @@ def plan(root: Path, lrs: dict[str, dict[str, float]]) -> list[Job]:
     jobs += later_parts(lrs["converged"], first)
     for k, screen in enumerate(VGG_SCREENS):
         for i, method in enumerate(VGG_SCREEN_METHODS):
-            jobs += screen.jobs(root, method, vgg_rate(method, lrs, first), ((8, k, 0, i), (8, k, 1, i)))
+            jobs += screen.jobs(root, method, vgg_rate(method, lrs, first), ((8, k, 0, i), (8, k, 1, i)),
+                                VGG_RATE_OF.get(method))
     return jobs + half_rate_retries(jobs, root)
 
 
